@@ -1,0 +1,51 @@
+# The README's commands. Everything runs in the project's venv (outside the repo, keyed by the
+# pinned dependencies) with operator/ on PYTHONPATH; nothing is installed into the repository.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV = $(shell hack/venv.sh)
+PY = $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)/operator
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+PYTEST_ARGS ?=
+
+.PHONY: help demo test lint typecheck unit crds bench cluster-up cluster-down venv
+
+help:
+	@echo "make demo   - start the local cluster and run the main job"
+	@echo "make test   - lint, typecheck and run every test tier"
+	@echo "make crds   - regenerate crds/ and the chart's copy from the typed API"
+	@echo "make bench  - run the benchmarks (they print figures)"
+
+venv:
+	@echo $(VENV)
+
+demo:
+	@PATH="$(VENV)/bin:$$PATH" $(PY) -m kubetune.demo
+
+lint:
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
+	cd operator && $(VENV)/bin/lint-imports --config ../pyproject.toml
+
+typecheck:
+	$(VENV)/bin/mypy
+
+test: lint typecheck
+	PATH="$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+unit:
+	PATH="$(VENV)/bin:$$PATH" $(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+crds:
+	$(PY) -m kubetune crds --out crds
+
+bench:
+	PATH="$(VENV)/bin:$$PATH" for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+cluster-up:
+	$(PY) -m kubetune dev cluster up
+
+cluster-down:
+	$(PY) -m kubetune dev cluster down

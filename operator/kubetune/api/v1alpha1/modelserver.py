@@ -1,0 +1,300 @@
+"""ModelServer: "serve this model" with NVIDIA Triton Inference Server."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field
+
+from kubetune.api.v1alpha1.base import (
+    DNS1123_NAME_PATTERN,
+    ApiModel,
+    Condition,
+    Quantity,
+    SchedulingSpec,
+)
+from kubetune.api.v1alpha1.base import SecretRef as SecretRef
+
+KIND = "ModelServer"
+PLURAL = "modelservers"
+DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+
+
+class ModelControlMode(StrEnum):
+    NONE = "none"
+    EXPLICIT = "explicit"
+
+
+class AutoscalingMetric(StrEnum):
+    QUEUE_TIME = "queue-time"
+    PENDING_REQUESTS = "pending-requests"
+    REQUESTS_PER_SECOND = "requests-per-second"
+    GPU_UTILIZATION = "gpu-utilization"
+    CPU = "cpu"
+
+
+class RolloutStrategy(StrEnum):
+    AUTO = "auto"
+    SURGE = "surge"
+    REPLACE = "replace"
+
+
+class ServiceType(StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+
+
+class FineTuneJobRef(ApiModel):
+    """A FineTuneJob in the same namespace whose output is served."""
+
+    name: str = Field(
+        description="Name of the FineTuneJob.", max_length=253, pattern=DNS1123_NAME_PATTERN
+    )
+
+
+class ServedModel(ApiModel):
+    """What to serve: the output of a FineTuneJob, or a model at a URI."""
+
+    fine_tune_job_ref: FineTuneJobRef | None = Field(
+        default=None,
+        description="Serve what this FineTuneJob produced; a new successful run rolls out.",
+    )
+    source: str | None = Field(
+        default=None,
+        description="pvc://claim/path or s3://bucket/prefix of a Triton model repository or of a "
+        "Hugging Face checkpoint (packaged for Triton on the fly).",
+        pattern=r"^(pvc|s3|hf)://[^\s]+$",
+        max_length=1024,
+    )
+    name: str | None = Field(
+        default=None,
+        description="Model name in Triton (the /v2/models/<name> path); the resource's name when "
+        "absent.",
+        pattern=r"^[a-zA-Z0-9_.-]+$",
+        max_length=128,
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None, description="Credentials for the source, mounted only into the downloader."
+    )
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.fineTuneJobRef) != has(self.source)",
+                    "message": "exactly one of spec.model.fineTuneJobRef and spec.model.source "
+                    "must be set",
+                }
+            ]
+        }
+    }
+
+
+class DynamicBatching(ApiModel):
+    """Triton's dynamic batcher: groups concurrent requests into one model execution."""
+
+    enabled: bool = Field(default=True, description="Turn the dynamic batcher on.")
+    max_queue_delay_microseconds: int = Field(
+        default=2000, description="How long a request may wait for a batch to fill.", ge=0
+    )
+    preferred_batch_sizes: list[int] = Field(
+        default_factory=list, description="Batch sizes the batcher aims for.", max_length=16
+    )
+
+
+class TritonSpec(ApiModel):
+    """Triton Inference Server settings."""
+
+    image: str = Field(
+        default=DEFAULT_TRITON_IMAGE, description="Triton server image.", max_length=512
+    )
+    max_batch_size: int = Field(
+        default=16, description="Largest batch one model execution takes.", ge=0, le=4096
+    )
+    dynamic_batching: DynamicBatching = Field(
+        default_factory=DynamicBatching, description="Dynamic batching settings."
+    )
+    instance_count: int = Field(
+        default=1, description="Model instances per GPU (or per CPU when no GPU).", ge=1, le=64
+    )
+    model_control_mode: ModelControlMode = Field(
+        default=ModelControlMode.NONE,
+        description="none (safe default) or explicit; explicit exposes the repository API, "
+        "which can load arbitrary code.",
+    )
+    shm_size: Quantity = Field(
+        default="1Gi", description="Size of /dev/shm; the python backend moves tensors through it."
+    )
+
+
+class ServingResources(SchedulingSpec):
+    """Hardware per replica, and where."""
+
+    gpus: int = Field(default=1, description="GPUs per replica (0 runs on CPU).", ge=0, le=16)
+    gpu_resource_name: str = Field(
+        default="nvidia.com/gpu",
+        description="Extended resource to request, e.g. a MIG profile.",
+        pattern=r"^[a-z0-9.-]+/[a-zA-Z0-9._-]+$",
+        max_length=253,
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit per replica.")
+    memory: Quantity | None = Field(
+        default=None, description="Memory request and limit per replica."
+    )
+
+
+class AutoscalingSpec(ApiModel):
+    """Horizontal autoscaling on Triton's load signals. The autoscaler then owns replicas."""
+
+    min_replicas: int = Field(default=1, description="Fewest replicas.", ge=1, le=1000)
+    max_replicas: int = Field(description="Most replicas.", ge=1, le=1000)
+    metric: AutoscalingMetric = Field(
+        default=AutoscalingMetric.QUEUE_TIME,
+        description="queue-time (microseconds of queueing per request), pending-requests, "
+        "requests-per-second, gpu-utilization (percent) or cpu (percent of request).",
+    )
+    target: int = Field(
+        description="Target value per replica, in the metric's unit.", ge=1, le=100000000
+    )
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.minReplicas <= self.maxReplicas",
+                    "message": "spec.autoscaling.minReplicas must not exceed maxReplicas",
+                }
+            ]
+        }
+    }
+
+
+class SmokeTestSpec(ApiModel):
+    """An inference request sent to every new pod after a rollout."""
+
+    enabled: bool = Field(default=True, description="Send the smoke test after each rollout.")
+    text: str = Field(
+        default="hello", description="Input text of the smoke-test request.", max_length=4096
+    )
+    expected_label: str | None = Field(
+        default=None, description="Label the answer must carry, when set.", max_length=256
+    )
+
+
+class RolloutSpec(ApiModel):
+    """How a new model or setting reaches the pods."""
+
+    strategy: RolloutStrategy = Field(
+        default=RolloutStrategy.AUTO,
+        description="auto (surge when a spare GPU exists, else replace one at a time), surge or "
+        "replace.",
+    )
+    smoke_test: SmokeTestSpec = Field(
+        default_factory=SmokeTestSpec, description="Post-rollout inference check."
+    )
+
+
+class ServiceSpec(ApiModel):
+    """The Service in front of the replicas."""
+
+    type: ServiceType = Field(default=ServiceType.CLUSTER_IP, description="Service type.")
+    http_port: int = Field(default=8000, description="HTTP/REST port.", ge=1, le=65535)
+    grpc_port: int = Field(default=8001, description="gRPC port.", ge=1, le=65535)
+    metrics_port: int = Field(default=8002, description="Prometheus metrics port.", ge=1, le=65535)
+
+
+class ModelServerSpec(ApiModel):
+    """Desired state of a ModelServer."""
+
+    model: ServedModel = Field(description="What to serve.")
+    triton: TritonSpec = Field(default_factory=TritonSpec, description="Triton settings.")
+    resources: ServingResources = Field(
+        default_factory=ServingResources, description="GPUs, CPU, memory, placement per replica."
+    )
+    replicas: int | None = Field(
+        default=None,
+        description="Fixed replica count (1 when neither this nor autoscaling is set).",
+        ge=0,
+        le=1000,
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Autoscale on Triton's load; excludes spec.replicas."
+    )
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rollout settings.")
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description="Service settings.")
+    network_policy: bool = Field(
+        default=False, description="Create a NetworkPolicy that admits only the serving ports."
+    )
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.replicas) && has(self.autoscaling))",
+                    "message": "spec.replicas and spec.autoscaling are mutually exclusive: the "
+                    "autoscaler owns the replica count",
+                }
+            ]
+        }
+    }
+
+
+class Endpoints(ApiModel):
+    """Where clients reach the model, inside the cluster."""
+
+    http: str | None = Field(default=None, description="HTTP endpoint (host:port).")
+    grpc: str | None = Field(default=None, description="gRPC endpoint (host:port).")
+
+
+class ServedRevision(ApiModel):
+    """Exactly which model the pods serve."""
+
+    uri: str | None = Field(default=None, description="Where the served model came from.")
+    fine_tune_job_uid: str | None = Field(
+        default=None, description="UID of the FineTuneJob run that produced it."
+    )
+    checksum: str | None = Field(default=None, description="Checksum of the model files.")
+
+
+class ModelServerStatus(ApiModel):
+    """Observed state of a ModelServer."""
+
+    phase: Phase | None = Field(default=None, description="Pending, Progressing, Ready, Degraded, Failed.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, ModelLoaded, Progressing, Degraded, SmokeTestPassed, metav1-style.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(default=None, description="Generation described.")
+    replicas: int = Field(default=0, description="Pods of the current Deployment.", ge=0)
+    ready_replicas: int = Field(default=0, description="Pods whose model answers.", ge=0)
+    desired_replicas: int | None = Field(default=None, description="Replicas wanted now.")
+    ready_text: str | None = Field(default=None, description="ready/desired for kubectl get.")
+    selector: str | None = Field(
+        default=None, description="Label selector of the pods (for the scale subresource)."
+    )
+    endpoints: Endpoints | None = Field(default=None, description="In-cluster endpoints.")
+    model_name: str | None = Field(default=None, description="Model name in Triton.")
+    served: ServedRevision | None = Field(default=None, description="The model actually served.")
+
+
+class ModelServer(ApiModel):
+    """A Triton Inference Server deployment that serves one model."""
+
+    api_version: str = Field(default="kubetune.io/v1alpha1", description="kubetune.io/v1alpha1")
+    kind: str = Field(default=KIND, description="ModelServer")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: ModelServerSpec = Field(description="Desired state.")
+    status: ModelServerStatus = Field(default_factory=ModelServerStatus, description="Observed state.")
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}

@@ -1,0 +1,439 @@
+"""A real Kubernetes control plane as local processes on loopback: etcd, kube-apiserver (TLS, RBAC,
+Pod Security admission), kube-controller-manager, kube-scheduler, and kwok simulating nodes (some
+with `nvidia.com/gpu` capacity) so that the real scheduler places or refuses pods by their GPUs.
+
+One cluster lives in one state folder (`<cache>/clusters/<name>`): its certificates, etcd data,
+component logs, a `state.json` with the processes and ports, and an admin kubeconfig. The
+processes outlive the command that started them (`kubetune dev cluster up` returns); `down` stops
+them and removes the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.devcluster.binaries import Binaries, cache_root, ensure_binaries
+from kubetune.devcluster.pki import CertPair, Pki
+
+SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.244.0.0/16"
+STAGES_FILE = Path(__file__).with_name("stages") / "kwok-stages.yaml"
+
+# Pod outcomes on demand: annotate a pod and kwok finishes it (see stages/kwok-stages.yaml).
+OUTCOME_ANNOTATION = "devcluster.kubetune.io/outcome"
+EXIT_CODE_ANNOTATION = "devcluster.kubetune.io/exit-code"
+TERMINATION_MESSAGE_ANNOTATION = "devcluster.kubetune.io/termination-message"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A simulated node."""
+
+    name: str
+    gpus: int = 0
+    cpu: str = "32"
+    memory: str = "256Gi"
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+DEFAULT_NODES = (
+    NodeSpec("gpu-node-0", gpus=8, labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}),
+    NodeSpec("gpu-node-1", gpus=8, labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}),
+    NodeSpec("cpu-node-0"),
+)
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not start or a component died; the message carries its log tail."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _alive(pid: int, binary: str) -> bool:
+    """True when `pid` runs `binary` (guards against a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    status = Path(f"/proc/{pid}/stat").read_text().split()
+    return binary.encode() in cmdline and status[2] != "Z"
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class ComponentState:
+    name: str
+    pid: int
+    binary: str
+    log: str
+
+
+class LocalCluster:
+    """One local cluster, addressed by name. All methods are safe to call repeatedly."""
+
+    def __init__(self, name: str = "kubetune", nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> None:
+        self.name = name
+        self.nodes = nodes
+        self.dir = cache_root() / "clusters" / name
+        self.state_file = self.dir / "state.json"
+        self.kubeconfig = self.dir / "kubeconfig"
+        self.logs = self.dir / "logs"
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any] | None:
+        try:
+            state: dict[str, Any] = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return state
+
+    def components(self) -> list[ComponentState]:
+        state = self._state() or {}
+        return [ComponentState(**c) for c in state.get("components", [])]
+
+    def dead_components(self) -> list[ComponentState]:
+        return [c for c in self.components() if not _alive(c.pid, c.binary)]
+
+    def is_running(self) -> bool:
+        comps = self.components()
+        return bool(comps) and not self.dead_components() and self._ready()
+
+    @property
+    def server(self) -> str | None:
+        state = self._state()
+        return None if state is None else str(state["server"])
+
+    def status(self) -> dict[str, Any]:
+        comps = self.components()
+        return {
+            "name": self.name,
+            "server": self.server,
+            "kubeconfig": str(self.kubeconfig) if self.kubeconfig.exists() else None,
+            "ready": bool(comps) and self._ready(),
+            "components": {
+                c.name: {
+                    "pid": c.pid,
+                    "alive": _alive(c.pid, c.binary),
+                    "log": c.log,
+                    **({} if _alive(c.pid, c.binary) else {"logTail": _tail(Path(c.log))}),
+                }
+                for c in comps
+            },
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def up(self, timeout: float = 120.0) -> bool:
+        """Start the cluster, or detect the one already running. Returns True when it started one."""
+        if self.components():
+            if self.is_running():
+                return False
+            dead = self.dead_components()
+            detail = "; ".join(f"{c.name} died:\n{_tail(Path(c.log))}" for c in dead)
+            # A half-dead cluster from an earlier run is cleaned and started again.
+            self.down()
+            if detail:
+                import sys
+
+                print(f"kubetune: restarting a broken cluster ({detail})", file=sys.stderr)
+        bins = ensure_binaries()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        try:
+            self._start(bins, timeout)
+        except BaseException:
+            self.down()
+            raise
+        return True
+
+    def down(self) -> None:
+        """Stop every component and remove the cluster's folder. Leaves no process or port."""
+        comps = self.components()
+        for comp in reversed(comps):
+            if _alive(comp.pid, comp.binary):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(comp.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for comp in comps:
+            while _alive(comp.pid, comp.binary) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(comp.pid, comp.binary):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(comp.pid, signal.SIGKILL)
+        if self.dir.exists():
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _start(self, bins: Binaries, timeout: float) -> None:
+        pki = Pki(self.dir / "pki")
+        pki.ensure([])
+        serving = pki.issue(
+            "apiserver",
+            "kube-apiserver",
+            sans=[
+                "127.0.0.1", "localhost", "10.96.0.1", "kubernetes", "kubernetes.default",
+                "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
+            ],
+            server=True,
+        )
+        etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
+        server = f"https://127.0.0.1:{api_port}"
+        state: dict[str, Any] = {"server": server, "components": []}
+
+        def kubeconfig(user: str, pair: CertPair, path: Path) -> Path:
+            path.write_text(yaml.safe_dump(_kubeconfig(self.name, server, pki.ca.cert, user, pair)))
+            path.chmod(0o600)
+            return path
+
+        admin = pki.issue("admin", "kubetune-admin", organization="system:masters")
+        kubeconfig("admin", admin, self.kubeconfig)
+        cm_kc = kubeconfig(
+            "kube-controller-manager",
+            pki.issue("controller-manager", "system:kube-controller-manager"),
+            self.dir / "controller-manager.kubeconfig",
+        )
+        sched_kc = kubeconfig(
+            "kube-scheduler",
+            pki.issue("scheduler", "system:kube-scheduler"),
+            self.dir / "scheduler.kubeconfig",
+        )
+        kwok_kc = kubeconfig(
+            "kwok",
+            pki.issue("kwok", "kwok-controller", organization="system:masters"),
+            self.dir / "kwok.kubeconfig",
+        )
+
+        def spawn(name: str, args: list[str]) -> None:
+            log = self.logs / f"{name}.log"
+            binary = str(bins.path(name))
+            with log.open("ab") as out:
+                proc = subprocess.Popen(
+                    [binary, *args],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    cwd=self.dir,
+                )
+            state["components"].append(
+                {"name": name, "pid": proc.pid, "binary": binary, "log": str(log)}
+            )
+            self.state_file.write_text(json.dumps(state, indent=2))
+
+        spawn(
+            "etcd",
+            [
+                "--name=kubetune",
+                f"--data-dir={self.dir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=kubetune=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes=2147483648",
+                "--log-level=warn",
+            ],
+        )
+        spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--tls-cert-file={serving.cert}",
+                f"--tls-private-key-file={serving.key}",
+                f"--client-ca-file={pki.ca.cert}",
+                f"--service-account-key-file={pki.sa_pub}",
+                f"--service-account-signing-key-file={pki.sa_key}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._wait_ready(server, pki, admin, timeout)
+        spawn(
+            "kube-controller-manager",
+            [
+                f"--kubeconfig={cm_kc}",
+                f"--authentication-kubeconfig={cm_kc}",
+                f"--authorization-kubeconfig={cm_kc}",
+                f"--service-account-private-key-file={pki.sa_key}",
+                f"--root-ca-file={pki.ca.cert}",
+                f"--cluster-signing-cert-file={pki.ca.cert}",
+                f"--cluster-signing-key-file={pki.ca.key}",
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={_free_port()}",
+                "--horizontal-pod-autoscaler-sync-period=5s",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        spawn(
+            "kube-scheduler",
+            [
+                f"--kubeconfig={sched_kc}",
+                f"--authentication-kubeconfig={sched_kc}",
+                f"--authorization-kubeconfig={sched_kc}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={_free_port()}",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        spawn(
+            "kwok",
+            [
+                f"--kubeconfig={kwok_kc}",
+                f"--config={STAGES_FILE}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--node-lease-duration-seconds=40",
+                f"--cidr={POD_CIDR}",
+                "--node-ip=127.0.0.1",
+                f"--server-address=127.0.0.1:{_free_port()}",
+                "--v=INFO",
+            ],
+        )
+        self._create_nodes(timeout)
+
+    def _check_components(self) -> None:
+        dead = self.dead_components()
+        if dead:
+            raise ClusterError(
+                "\n".join(f"{c.name} exited; last lines of {c.log}:\n{_tail(Path(c.log))}" for c in dead)
+            )
+
+    def _ssl_context(self, pki: Pki, client: CertPair) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+        ctx.load_cert_chain(str(client.cert), str(client.key))
+        return ctx
+
+    def _ready(self) -> bool:
+        server = self.server
+        if server is None:
+            return False
+        pki = Pki(self.dir / "pki")
+        admin = CertPair(pki.dir / "admin.crt", pki.dir / "admin.key")
+        try:
+            with urllib.request.urlopen(
+                f"{server}/readyz", context=self._ssl_context(pki, admin), timeout=2
+            ) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def _wait_ready(self, server: str, pki: Pki, admin: CertPair, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_components()
+            if self._ready():
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"kube-apiserver at {server} not ready after {timeout:.0f}s")
+
+    def _create_nodes(self, timeout: float) -> None:
+        from kubernetes import client, config
+
+        api = client.CoreV1Api(config.new_client_from_config(str(self.kubeconfig)))
+        for node in self.nodes:
+            api.create_node(_node_manifest(node))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_components()
+            ready = 0
+            for item in api.list_node().items:
+                conds = {c.type: c.status for c in (item.status.conditions or [])}
+                ready += conds.get("Ready") == "True"
+            # The default ServiceAccount must exist before pods can be created in `default`.
+            sas = api.list_namespaced_service_account("default").items
+            if ready == len(self.nodes) and sas:
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"nodes not Ready after {timeout:.0f}s")
+
+
+def _kubeconfig(cluster: str, server: str, ca: Path, user: str, pair: CertPair) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": cluster, "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [
+            {"name": user, "user": {"client-certificate": str(pair.cert), "client-key": str(pair.key)}}
+        ],
+        "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": user}}],
+        "current-context": cluster,
+    }
+
+
+def _node_manifest(node: NodeSpec) -> dict[str, Any]:
+    capacity = {"cpu": node.cpu, "memory": node.memory, "pods": "110"}
+    if node.gpus:
+        capacity["nvidia.com/gpu"] = str(node.gpus)
+    labels = {
+        "kubernetes.io/hostname": node.name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "type": "kwok",
+        **({"nvidia.com/gpu.present": "true"} if node.gpus else {}),
+        **node.labels,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": node.name,
+            "labels": labels,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+
+
+@contextlib.contextmanager
+def running_cluster(name: str) -> Iterator[LocalCluster]:
+    """A cluster for the duration of a `with` block (tests): started fresh, always stopped."""
+    cluster = LocalCluster(name)
+    cluster.down()
+    cluster.up()
+    try:
+        yield cluster
+    finally:
+        cluster.down()

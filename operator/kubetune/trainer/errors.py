@@ -1,0 +1,151 @@
+"""Failure classification: every way the trainer can fail ends as one reason a person can act on.
+
+The operator cannot read a Python traceback, but Kubernetes keeps a container's termination
+message (the file at `terminationMessagePath`) in the pod status. The trainer writes
+`Reason: message` there and exits with a code per reason, so the operator can copy the reason into
+`status.failureReason` and decide whether a retry can help (it cannot for BadData, ModelNotFound or
+AccessDenied; it might for OutOfMemory with a smaller batch, and for Other).
+
+This module imports nothing heavy, so it is usable (and testable) before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import IntEnum, StrEnum
+from pathlib import Path
+
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+# Kubernetes truncates the termination message to 4096 bytes; leave room for the reason line.
+MAX_TERMINATION_MESSAGE = 4000
+
+
+class Reason(StrEnum):
+    BAD_DATA = "BadData"
+    OUT_OF_MEMORY = "OutOfMemory"
+    ACCESS_DENIED = "AccessDenied"
+    MODEL_NOT_FOUND = "ModelNotFound"
+    OTHER = "Other"
+    PREEMPTED = "Preempted"
+
+
+class ExitCode(IntEnum):
+    """Exit codes of `python -m kubetune.trainer`, one per reason (documented in docs/trainer.md).
+
+    2 is left to argparse (usage errors); 143 (128 + SIGTERM) is the conventional code of a process
+    stopped by SIGTERM, used after the preemption checkpoint is safely written.
+    """
+
+    OK = 0
+    OTHER = 1
+    BAD_DATA = 3
+    MODEL_NOT_FOUND = 4
+    ACCESS_DENIED = 5
+    OUT_OF_MEMORY = 6
+    PREEMPTED = 143
+
+
+EXIT_CODES: dict[Reason, ExitCode] = {
+    Reason.OTHER: ExitCode.OTHER,
+    Reason.BAD_DATA: ExitCode.BAD_DATA,
+    Reason.MODEL_NOT_FOUND: ExitCode.MODEL_NOT_FOUND,
+    Reason.ACCESS_DENIED: ExitCode.ACCESS_DENIED,
+    Reason.OUT_OF_MEMORY: ExitCode.OUT_OF_MEMORY,
+    Reason.PREEMPTED: ExitCode.PREEMPTED,
+}
+
+
+class TrainerError(Exception):
+    """A failure the trainer understood: it carries its reason and a message that names the cause."""
+
+    reason: Reason = Reason.OTHER
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadDataError(TrainerError):
+    reason = Reason.BAD_DATA
+
+
+class ModelNotFoundError(TrainerError):
+    reason = Reason.MODEL_NOT_FOUND
+
+
+class AccessDeniedError(TrainerError):
+    reason = Reason.ACCESS_DENIED
+
+
+class OutOfMemoryError(TrainerError):
+    reason = Reason.OUT_OF_MEMORY
+
+
+class ConfigError(TrainerError):
+    """The config file is missing or does not validate: a bug in whoever wrote it, not in the data."""
+
+    reason = Reason.OTHER
+
+
+class Preempted(TrainerError):  # noqa: N818 - a stop, not an error, but it unwinds the same way
+    """SIGTERM arrived; the checkpoint is written and the process should stop now."""
+
+    reason = Reason.PREEMPTED
+
+
+_OOM_MARKERS = ("out of memory", "outofmemoryerror", "cuda error: out of memory", "cublas_status_alloc")
+_DENIED_MARKERS = ("401", "403", "unauthorized", "forbidden", "access denied", "accessdenied")
+_NOT_FOUND_TYPES = ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError")
+
+
+def classify(exc: BaseException) -> tuple[Reason, str]:
+    """Maps any exception to a reason and a one-line message.
+
+    Third-party exceptions are matched by type name and text rather than imported, so the
+    classification works whichever optional packages (huggingface_hub, botocore) are installed.
+    """
+    if isinstance(exc, TrainerError):
+        return exc.reason, exc.message
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = f"{type(exc).__name__}: {exc}"
+    lowered = text.lower()
+    if isinstance(exc, MemoryError) or "OutOfMemoryError" in names:
+        return Reason.OUT_OF_MEMORY, text
+    if any(marker in lowered for marker in _OOM_MARKERS):
+        return Reason.OUT_OF_MEMORY, text
+    if isinstance(exc, PermissionError) or "GatedRepoError" in names:
+        return Reason.ACCESS_DENIED, text
+    if names & set(_NOT_FOUND_TYPES):
+        return Reason.MODEL_NOT_FOUND, text
+    if ("HfHubHTTPError" in names or "ClientError" in names) and any(
+        marker in lowered for marker in _DENIED_MARKERS
+    ):
+        return Reason.ACCESS_DENIED, text
+    return Reason.OTHER, text
+
+
+def exit_code(reason: Reason) -> int:
+    return int(EXIT_CODES[reason])
+
+
+def termination_log_path() -> Path:
+    return Path(os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
+
+
+def write_termination_message(reason: Reason, message: str, path: Path | None = None) -> bool:
+    """Writes `Reason: message` where the kubelet reads it; silently skips an unwritable place.
+
+    Outside a pod /dev/termination-log usually does not exist and its directory is not writable
+    by an ordinary user: a local run must not fail because of that.
+    """
+    target = path or termination_log_path()
+    if not os.access(target.parent, os.W_OK):
+        return False
+    body = f"{reason}: {message}"[:MAX_TERMINATION_MESSAGE]
+    try:
+        target.write_text(body + "\n", encoding="utf-8")
+    except OSError:
+        return False
+    return True
+
