@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from typing import Any
 
@@ -183,7 +184,8 @@ def test_restricted_namespace_rejects_privileged_and_admits_compliant_pods(
     with pytest.raises(ApiException) as err:
         core.create_namespaced_pod(namespace, privileged)
     assert err.value.status == 403
-    assert 'violates PodSecurity "restricted' in err.value.body
+    message = json.loads(err.value.body)["message"]
+    assert 'violates PodSecurity "restricted:latest": privileged' in message
 
     compliant = {
         "metadata": {"name": "compliant"},

@@ -186,6 +186,9 @@ class LocalCluster:
             if _alive(comp.pid, comp.binary):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(comp.pid, signal.SIGKILL)
+            # Reap our own children (when this process started them) so no zombie is left.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(comp.pid, 0)
         if self.dir.exists():
             import shutil
 

@@ -2,18 +2,21 @@
 
 The server is the ``tritonserver`` binary that the PyPI wheel ``nvidia-pytriton`` carries (Triton
 2.51 with the python backend; it runs on CPU). Using it directly, outside pytriton, takes three
-preparations, all cached outside the repository under ``<cache>/triton/`` and reused:
+preparations, all cached outside the repository under ``<cache>/triton/`` and reused, and the
+process environment:
 
 - a backends folder: a copy of the wheel's ``tritonserver/backends`` with the python backend stub
   built for the running Python placed in ``backends/python/`` (the stub is Python-specific);
-- a numpy overlay: numpy 1.26 installed with ``pip --target``, first on the stub's PYTHONPATH.
+- a numpy overlay: numpy 1.26 installed with ``pip --target``, first on the stub's ``sys.path``.
   Triton 2.51's python backend corrupts string (BYTES) tensors under numpy 2, while the training
   stack needs numpy 2: the overlay gives the stub its own numpy, as the production Triton image
   has its own Python environment;
+- a stub environment: the stub embeds Python in isolated mode, which ignores PYTHONPATH, so a
+  tiny virtual environment (``pyvenv.cfg`` and a ``.pth`` file listing the overlay, then this
+  interpreter's site-packages) is put first on PATH, where the stub's Python finds it;
 - the process environment: ``LD_LIBRARY_PATH`` starts with the running interpreter's LIBDIR (the
   stub links ``libpython3.X.so``, which must be this interpreter's, or the venv's extension
-  modules fail with undefined symbols), then the wheel's ``nvidia_pytriton.libs``; PYTHONPATH is
-  the overlay, then this interpreter's site-packages, so the model imports torch and transformers.
+  modules fail with undefined symbols), then the wheel's ``nvidia_pytriton.libs``.
 
 The server listens on loopback only, on free ports, with model-control mode ``none`` unless asked
 otherwise (the repository API can load arbitrary code; see docs/serving.md).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -192,8 +196,55 @@ def ensure_numpy_overlay(numpy_version: str = STUB_NUMPY_VERSION) -> Path:
     return target
 
 
+def prepare_stub_environment(numpy_overlay: Path) -> Path:
+    """A minimal virtual environment that makes the stub's Python see numpy 1.26 first, then
+    this interpreter's packages; returns its ``bin`` folder, which goes first on PATH.
+
+    The stub embeds Python in ISOLATED mode: PYTHONPATH and PYTHONHOME are ignored. What it does
+    honour is the normal prefix search: with no path to itself it looks up ``python3`` on PATH
+    and, finding ``pyvenv.cfg`` next to it, runs as that virtual environment. This environment's
+    site-packages holds a single ``.pth`` file listing the numpy overlay and then this
+    interpreter's site-packages, so they are added to ``sys.path`` in exactly that order.
+    Keyed by this interpreter's prefix: several venvs can share the cache.
+    """
+    version = python_version()
+    paths = sysconfig.get_paths()
+    entries = [str(numpy_overlay)]
+    for key in ("purelib", "platlib"):
+        if paths[key] not in entries:
+            entries.append(paths[key])
+    base_executable = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
+    digest = hashlib.sha256("\n".join([sys.prefix, str(base_executable), *entries]).encode())
+    root = cache_root() / "triton" / "stub-env" / digest.hexdigest()[:16]
+    bin_dir = root / "bin"
+    pth = root / "lib" / f"python{version}" / "site-packages" / "kubetune-stub.pth"
+    if pth.is_file():
+        return bin_dir
+    with _cache_lock(root.parent):
+        if pth.is_file():
+            return bin_dir
+        staging = Path(tempfile.mkdtemp(prefix=".stub-env.", dir=root.parent))
+        try:
+            (staging / "bin").mkdir()
+            (staging / "bin" / "python3").symlink_to(base_executable)
+            (staging / "pyvenv.cfg").write_text(
+                f"home = {base_executable.parent}\n"
+                "include-system-site-packages = false\n"
+                f"version = {'.'.join(map(str, sys.version_info[:3]))}\n",
+                encoding="utf-8",
+            )
+            site = staging / "lib" / f"python{version}" / "site-packages"
+            site.mkdir(parents=True)
+            (site / pth.name).write_text("".join(f"{e}\n" for e in entries), encoding="utf-8")
+            shutil.rmtree(root, ignore_errors=True)
+            staging.rename(root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return bin_dir
+
+
 def server_environment(
-    dist: TritonDistribution, numpy_overlay: Path, base: dict[str, str] | None = None
+    dist: TritonDistribution, stub_bin: Path, base: dict[str, str] | None = None
 ) -> dict[str, str]:
     """The environment tritonserver (and through it the python backend stub) runs with."""
     env = dict(os.environ if base is None else base)
@@ -204,16 +255,10 @@ def server_environment(
     if existing := env.get("LD_LIBRARY_PATH"):
         library_path.append(existing)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(library_path)
-
-    paths = sysconfig.get_paths()
-    python_path = [str(numpy_overlay)]
-    for key in ("purelib", "platlib"):
-        if paths[key] not in python_path:
-            python_path.append(paths[key])
-    # Only the overlay and this interpreter's site-packages: an inherited PYTHONPATH could put
-    # a numpy 2 in front of the overlay again.
-    env["PYTHONPATH"] = os.pathsep.join(python_path)
-    env["PYTHONNOUSERSITE"] = "1"
+    env["PATH"] = os.pathsep.join([str(stub_bin), env.get("PATH", os.defpath)])
+    # The stub ignores these (isolated mode); dropped so nobody is misled into setting them.
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONHOME", None)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -304,10 +349,8 @@ class TritonServer:
         — the server and the stubs it started — if anything is still there."""
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -324,6 +367,7 @@ def start_triton(
     strict_readiness: bool = True,
     ports: tuple[int, int, int] | None = None,
     log_verbose: int = 0,
+    exit_timeout: int = 3,
     extra_args: Sequence[str] = (),
 ) -> TritonServer:
     """Start tritonserver on ``repository`` (one folder or several) and wait until it is ready.
@@ -342,7 +386,7 @@ def start_triton(
         raise ValueError(f"unknown model control mode {model_control_mode!r}")
     dist = find_distribution()
     backends = prepare_backends(dist)
-    env = server_environment(dist, ensure_numpy_overlay())
+    env = server_environment(dist, prepare_stub_environment(ensure_numpy_overlay()))
     if log_path is None:
         handle, name = tempfile.mkstemp(prefix="kubetune-triton-", suffix=".log")
         os.close(handle)
@@ -367,11 +411,12 @@ def start_triton(
             "--allow-gpu-metrics=false",
             f"--exit-on-error={str(exit_on_error).lower()}",
             f"--strict-readiness={str(strict_readiness).lower()}",
-            "--exit-timeout-secs=10",
+            # Local servers need no long drain: open keep-alive connections would hold it.
+            f"--exit-timeout-secs={exit_timeout}",
             f"--log-verbose={log_verbose}",
             *extra_args,
         ]
-        with log_path.open("ab") as log:
+        with log_path.open("ab" if attempt else "wb") as log:
             process = subprocess.Popen(
                 command,
                 stdout=log,

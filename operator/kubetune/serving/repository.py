@@ -257,9 +257,7 @@ def render_config_pbtxt(
 
 def weights_files(model_dir: Path) -> list[Path]:
     """The checkpoint's weight files (single or sharded, safetensors or pickled), sorted."""
-    return sorted(
-        p for p in model_dir.iterdir() if p.is_file() and WEIGHTS_PATTERN.match(p.name)
-    )
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and WEIGHTS_PATTERN.match(p.name))
 
 
 def sha256_file(path: Path) -> str:

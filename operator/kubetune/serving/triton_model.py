@@ -139,7 +139,7 @@ class TritonPythonModel:
         else:
             self._generate([WARMUP_TEXT], 1)
 
-    def _classify(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    def _classify(self, texts: list[str]) -> tuple[list[str], np.ndarray[Any, Any]]:
         encoded = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
@@ -230,15 +230,17 @@ class TritonPythonModel:
         for shape, limit in zip(shapes, limits, strict=True):
             rows = int(np.prod(shape))
             decoded = []
-            for tokens in generated[start : start + rows]:
-                tokens = tokens[:limit]
+            for row in generated[start : start + rows]:
+                tokens = row[:limit]
                 if eos is not None and eos in tokens:
                     tokens = tokens[: tokens.index(eos)]
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
                 decoded.append(text.encode("utf-8"))
             array = np.array(decoded, dtype=np.object_).reshape(shape)
             responses.append(
-                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(GENERATED_OUTPUT, array)])
+                pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(GENERATED_OUTPUT, array)]
+                )
             )
             start += rows
         return responses

@@ -57,7 +57,7 @@ EXIT_CODES: dict[Reason, ExitCode] = {
 
 
 class TrainerError(Exception):
-    """A failure the trainer understood: it carries its reason and a message that names the cause."""
+    """A failure the trainer understood: it carries a reason and a message naming the cause."""
 
     reason: Reason = Reason.OTHER
 
@@ -83,7 +83,7 @@ class OutOfMemoryError(TrainerError):
 
 
 class ConfigError(TrainerError):
-    """The config file is missing or does not validate: a bug in whoever wrote it, not in the data."""
+    """The config is missing or invalid: a bug in whoever wrote it, not in the data."""
 
     reason = Reason.OTHER
 
@@ -94,7 +94,12 @@ class Preempted(TrainerError):  # noqa: N818 - a stop, not an error, but it unwi
     reason = Reason.PREEMPTED
 
 
-_OOM_MARKERS = ("out of memory", "outofmemoryerror", "cuda error: out of memory", "cublas_status_alloc")
+_OOM_MARKERS = (
+    "out of memory",
+    "outofmemoryerror",
+    "cuda error: out of memory",
+    "cublas_status_alloc",
+)
 _DENIED_MARKERS = ("401", "403", "unauthorized", "forbidden", "access denied", "accessdenied")
 _NOT_FOUND_TYPES = ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError")
 
@@ -148,4 +153,3 @@ def write_termination_message(reason: Reason, message: str, path: Path | None = 
     except OSError:
         return False
     return True
-

@@ -8,6 +8,7 @@ text that libraries print on stderr.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -20,7 +21,5 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def finite(value: float | None) -> float | None:
-    """JSON has no NaN or infinity: a diverged loss is reported as null rather than crash logging."""
-    if value is None or value != value or value in (float("inf"), float("-inf")):
-        return None
-    return value
+    """JSON has no NaN or infinity: a diverged loss is reported as null, not a logging crash."""
+    return value if value is not None and math.isfinite(value) else None

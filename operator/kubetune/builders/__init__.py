@@ -1,0 +1,1 @@
+"""Pure functions: a typed resource (+ settings) -> child manifests as dicts. No I/O."""

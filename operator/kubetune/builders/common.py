@@ -1,0 +1,155 @@
+"""Pieces every child manifest shares: names, labels, owner references, restricted security."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune import __version__
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+PART_OF = "app.kubernetes.io/part-of"
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+FTJ_LABEL = "kubetune.io/finetunejob"
+MS_LABEL = "kubetune.io/modelserver"
+NON_ROOT_UID = 1000
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The custom resource that owns the children being built."""
+
+    api_version: str
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Owner:
+        meta = body["metadata"]
+        return cls(
+            api_version=body["apiVersion"],
+            kind=body["kind"],
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=int(meta.get("generation") or 1),
+        )
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-wide settings that shape the children (images, defaults)."""
+
+    trainer_image: str = f"ghcr.io/kubetune/trainer:{__version__}"
+    fetcher_image: str = f"ghcr.io/kubetune/trainer:{__version__}"
+    master_port: int = 29500
+
+
+def child_name(owner_name: str, suffix: str = "", limit: int = 63) -> str:
+    """A DNS-1123 label from the owner's name; long names are shortened with a stable hash."""
+    name = f"{owner_name}-{suffix}" if suffix else owner_name
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    keep = limit - len(digest) - len(suffix) - 2
+    return f"{owner_name[:keep].rstrip('-')}-{digest}-{suffix}" if suffix else f"{name[: limit - 9]}-{digest}"
+
+
+def labels(owner: Owner, component: str) -> dict[str, str]:
+    kind_label = FTJ_LABEL if owner.kind == "FineTuneJob" else MS_LABEL
+    return {
+        MANAGED_BY: "kubetune",
+        PART_OF: "kubetune",
+        NAME_LABEL: owner.kind.lower(),
+        INSTANCE_LABEL: owner.name,
+        COMPONENT_LABEL: component,
+        kind_label: owner.name,
+    }
+
+
+def selector_labels(owner: Owner) -> dict[str, str]:
+    """The immutable subset used in selectors (a Deployment's selector cannot change)."""
+    kind_label = FTJ_LABEL if owner.kind == "FineTuneJob" else MS_LABEL
+    return {MANAGED_BY: "kubetune", kind_label: owner.name}
+
+
+def metadata(owner: Owner, name: str, component: str, **extra: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner, component),
+        "ownerReferences": [owner.reference()],
+    }
+    meta.update(extra)
+    return meta
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Pod-level settings of the Pod Security "restricted" profile."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": NON_ROOT_UID,
+        "runAsGroup": NON_ROOT_UID,
+        "fsGroup": NON_ROOT_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """Container-level settings of the Pod Security "restricted" profile."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def resource_requirements(
+    cpu: str | None, memory: str | None, gpus: int, gpu_resource: str
+) -> dict[str, Any]:
+    """Requests equal to limits (Guaranteed QoS when cpu and memory are set); GPUs both ways."""
+    amounts: dict[str, str] = {}
+    if cpu:
+        amounts["cpu"] = cpu
+    if memory:
+        amounts["memory"] = memory
+    if gpus:
+        amounts[gpu_resource] = str(gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def gpu_tolerations(gpus: int, gpu_resource: str) -> list[dict[str, Any]]:
+    """GPU nodes are commonly tainted with the GPU resource name; tolerate it when we ask for GPUs."""
+    if not gpus:
+        return []
+    return [{"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def shm_volume(size: str) -> dict[str, Any]:
+    """/dev/shm as memory: Kubernetes gives containers 64 MB, too little for data loaders and
+    Triton's python backend."""
+    return {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}
+
+
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """'pvc://claim/some/path' -> ('pvc', 'claim', 'some/path')."""
+    scheme, _, rest = uri.partition("://")
+    head, _, tail = rest.partition("/")
+    return scheme, head, tail.strip("/")

@@ -1,0 +1,344 @@
+"""ModelServer -> a Triton Deployment, its Service, and (when asked) HPA, PDB and NetworkPolicy.
+
+The model reaches Triton through an init container that fetches it from its source into an
+emptyDir model repository (credentials mounted there only) and records its checksum; Triton runs
+with model control `none`, strict readiness, and probes on its own health endpoints, so a pod is
+Ready only when the model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api.v1alpha1.modelserver import (
+    AutoscalingMetric,
+    ModelServer,
+    ModelServerSpec,
+    RolloutStrategy,
+)
+from kubetune.builders.common import (
+    Owner,
+    Settings,
+    child_name,
+    container_security_context,
+    gpu_tolerations,
+    metadata,
+    pod_security_context,
+    resource_requirements,
+    selector_labels,
+    shm_volume,
+    split_uri,
+)
+
+MODEL_REPOSITORY = "/models"
+SOURCE_ROOT = "/mnt/source"
+REVISION_ANNOTATION = "kubetune.io/model-revision"
+DRAIN_SECONDS = 15
+STARTUP_BUDGET_SECONDS = 900
+PODS_METRICS = {
+    # Served by prometheus-adapter from Triton's own counters (rules in docs/serving.md).
+    AutoscalingMetric.QUEUE_TIME: "triton_queue_time_per_request_us",
+    AutoscalingMetric.PENDING_REQUESTS: "nv_inference_pending_request_count",
+    AutoscalingMetric.REQUESTS_PER_SECOND: "triton_requests_per_second",
+    AutoscalingMetric.GPU_UTILIZATION: "triton_gpu_utilization_percent",
+}
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What the pods will serve: where it comes from, and a revision that changes with it."""
+
+    uri: str
+    revision: str
+    task: str = "sequence-classification"
+
+
+def model_name(ms: ModelServer, owner: Owner) -> str:
+    return ms.spec.model.name or owner.name.replace("-", "_")
+
+
+def desired_replicas(spec: ModelServerSpec) -> int | None:
+    """None when the autoscaler owns the count."""
+    if spec.autoscaling is not None:
+        return None
+    return 1 if spec.replicas is None else spec.replicas
+
+
+def max_replicas(spec: ModelServerSpec) -> int:
+    return spec.autoscaling.max_replicas if spec.autoscaling else (desired_replicas(spec) or 0)
+
+
+def rollout_strategy(spec: ModelServerSpec, spare_gpus: int) -> dict[str, Any]:
+    """Surge when a spare GPU exists (no capacity lost), else replace one pod at a time (a surge
+    pod would wait forever for a GPU and deadlock the rollout)."""
+    strategy = RolloutStrategy(spec.rollout.strategy)
+    per_pod = spec.resources.gpus
+    if strategy == RolloutStrategy.AUTO:
+        strategy = (
+            RolloutStrategy.SURGE if per_pod == 0 or spare_gpus >= per_pod else RolloutStrategy.REPLACE
+        )
+    if strategy == RolloutStrategy.SURGE:
+        update = {"maxSurge": 1, "maxUnavailable": 0}
+    else:
+        update = {"maxSurge": 0, "maxUnavailable": 1}
+    return {"type": "RollingUpdate", "rollingUpdate": update}
+
+
+def _fetch_container(
+    ms: ModelServer, owner: Owner, model: ResolvedModel, settings: Settings
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    scheme, claim, path = split_uri(model.uri)
+    mounts = [{"name": "model-repository", "mountPath": MODEL_REPOSITORY}, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = []
+    source = model.uri
+    if scheme == "pvc":
+        volumes.append(
+            {"name": "source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": "source", "mountPath": f"{SOURCE_ROOT}/{claim}", "readOnly": True})
+        source = f"{SOURCE_ROOT}/{claim}/{path}"
+    env: list[dict[str, Any]] = []
+    ref = ms.spec.model.secret_ref
+    if ref is not None:
+        keys = ("HF_TOKEN",) if scheme == "hf" else S3_KEYS
+        env = [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}}}
+            for key in keys
+        ]
+    container = {
+        "name": "fetch-model",
+        "image": settings.fetcher_image,
+        "command": ["python", "-m", "kubetune.serving.fetch"],
+        "args": [
+            f"--source={source}",
+            f"--dest={MODEL_REPOSITORY}",
+            f"--model-name={model_name(ms, owner)}",
+            f"--task={model.task}",
+            f"--max-batch-size={ms.spec.triton.max_batch_size}",
+            f"--instance-count={ms.spec.triton.instance_count}",
+            f"--dynamic-batching={'true' if ms.spec.triton.dynamic_batching.enabled else 'false'}",
+            f"--max-queue-delay-us={ms.spec.triton.dynamic_batching.max_queue_delay_microseconds}",
+            *[f"--preferred-batch-size={s}" for s in ms.spec.triton.dynamic_batching.preferred_batch_sizes],
+            f"--gpus={ms.spec.resources.gpus}",
+        ],
+        "env": env,
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    return container, volumes
+
+
+def _triton_container(ms: ModelServer) -> dict[str, Any]:
+    spec = ms.spec
+    svc = spec.service
+    res = spec.resources
+    health = {"path": "/v2/health/ready", "port": "http"}
+    return {
+        "name": "triton",
+        "image": spec.triton.image,
+        "command": ["tritonserver"],
+        "args": [
+            f"--model-repository={MODEL_REPOSITORY}",
+            f"--model-control-mode={spec.triton.model_control_mode}",
+            "--strict-readiness=true",
+            f"--http-port={svc.http_port}",
+            f"--grpc-port={svc.grpc_port}",
+            f"--metrics-port={svc.metrics_port}",
+            "--allow-metrics=true",
+            "--exit-timeout-secs=30",
+        ],
+        "ports": [
+            {"name": "http", "containerPort": svc.http_port},
+            {"name": "grpc", "containerPort": svc.grpc_port},
+            {"name": "metrics", "containerPort": svc.metrics_port},
+        ],
+        "resources": resource_requirements(res.cpu, res.memory, res.gpus, res.gpu_resource_name),
+        "startupProbe": {
+            "httpGet": health,
+            "periodSeconds": 5,
+            "failureThreshold": STARTUP_BUDGET_SECONDS // 5,
+        },
+        "readinessProbe": {"httpGet": health, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        # Endpoints drop the pod first; in-flight requests finish before Triton is told to stop.
+        "lifecycle": {"preStop": {"sleep": {"seconds": DRAIN_SECONDS}}},
+        "volumeMounts": [
+            {"name": "model-repository", "mountPath": MODEL_REPOSITORY, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def build_deployment(
+    ms: ModelServer, owner: Owner, model: ResolvedModel, settings: Settings, spare_gpus: int
+) -> dict[str, Any]:
+    spec = ms.spec
+    res = spec.resources
+    fetch, source_volumes = _fetch_container(ms, owner, model, settings)
+    pod_spec: dict[str, Any] = {
+        "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,
+        "initContainers": [fetch],
+        "containers": [_triton_container(ms)],
+        "volumes": [
+            {"name": "model-repository", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            shm_volume(spec.triton.shm_size),
+            *source_volumes,
+        ],
+        "terminationGracePeriodSeconds": DRAIN_SECONDS + 30,
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    tolerations = gpu_tolerations(res.gpus, res.gpu_resource_name) + [t.to_wire() for t in res.tolerations]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if res.affinity:
+        pod_spec["affinity"] = res.affinity
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    deploy_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(owner)},
+        "strategy": rollout_strategy(spec, spare_gpus),
+        "revisionHistoryLimit": 5,
+        "minReadySeconds": 0,
+        "progressDeadlineSeconds": STARTUP_BUDGET_SECONDS + 60,
+        "template": {
+            "metadata": {
+                "labels": selector_labels(owner) | {"app.kubernetes.io/component": "triton"},
+                "annotations": {
+                    REVISION_ANNOTATION: model.revision,
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(spec.service.metrics_port),
+                },
+            },
+            "spec": pod_spec,
+        },
+    }
+    replicas = desired_replicas(spec)
+    if replicas is not None:  # with autoscaling the HPA owns .spec.replicas: never write it
+        deploy_spec["replicas"] = replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(owner, owner.name, "triton"),
+        "spec": deploy_spec,
+    }
+
+
+def build_service(ms: ModelServer, owner: Owner) -> dict[str, Any]:
+    svc = ms.spec.service
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, owner.name, "triton"),
+        "spec": {
+            "type": svc.type,
+            "selector": selector_labels(owner),
+            "ports": [
+                {"name": "http", "port": svc.http_port, "targetPort": "http"},
+                {"name": "grpc", "port": svc.grpc_port, "targetPort": "grpc"},
+                {"name": "metrics", "port": svc.metrics_port, "targetPort": "metrics"},
+            ],
+        },
+    }
+
+
+def build_hpa(ms: ModelServer, owner: Owner) -> dict[str, Any] | None:
+    auto = ms.spec.autoscaling
+    if auto is None:
+        return None
+    metric = AutoscalingMetric(auto.metric)
+    if metric == AutoscalingMetric.CPU:
+        target: dict[str, Any] = {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": auto.target}},
+        }
+    else:
+        target = {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": PODS_METRICS[metric]},
+                "target": {"type": "AverageValue", "averageValue": str(auto.target)},
+            },
+        }
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(owner, owner.name, "autoscaler"),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
+            "minReplicas": auto.min_replicas,
+            "maxReplicas": auto.max_replicas,
+            "metrics": [target],
+            "behavior": {
+                # Model servers are slow to start: scale up promptly, scale down carefully.
+                "scaleUp": {"stabilizationWindowSeconds": 0},
+                "scaleDown": {"stabilizationWindowSeconds": 300},
+            },
+        },
+    }
+
+
+def build_pdb(ms: ModelServer, owner: Owner) -> dict[str, Any] | None:
+    if max_replicas(ms.spec) <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(owner, owner.name, "triton"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(owner)}},
+    }
+
+
+def build_network_policy(ms: ModelServer, owner: Owner) -> dict[str, Any] | None:
+    if not ms.spec.network_policy:
+        return None
+    svc = ms.spec.service
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(owner, owner.name, "triton"),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(owner)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"ports": [{"port": p, "protocol": "TCP"} for p in (svc.http_port, svc.grpc_port, svc.metrics_port)]}
+            ],
+        },
+    }
+
+
+OPTIONAL_KINDS = (
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+)
+
+
+def build_children(
+    ms: ModelServer, owner: Owner, model: ResolvedModel, settings: Settings, spare_gpus: int
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The children to apply, and the optional kinds that must NOT exist (to delete)."""
+    optional = {
+        "HorizontalPodAutoscaler": build_hpa(ms, owner),
+        "PodDisruptionBudget": build_pdb(ms, owner),
+        "NetworkPolicy": build_network_policy(ms, owner),
+    }
+    children = [
+        build_service(ms, owner),
+        build_deployment(ms, owner, model, settings, spare_gpus),
+        *[c for c in optional.values() if c is not None],
+    ]
+    absent = [(api, kind) for api, kind in OPTIONAL_KINDS if optional[kind] is None]
+    return children, absent

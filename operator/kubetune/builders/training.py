@@ -1,0 +1,343 @@
+"""FineTuneJob -> the children that run it.
+
+- a ServiceAccount, Role and RoleBinding that let the trainer patch this one FineTuneJob's status;
+- a ConfigMap with the rendered trainer config (the same typed models the trainer parses);
+- a headless Service, so every training pod has a stable DNS name;
+- an Indexed Job with completions = parallelism = nodes running torchrun, whose settings come from
+  `PET_*` environment variables (torchrun reads them): node rank = the completion index, master
+  address = the index-0 pod's DNS name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from kubetune.api.v1alpha1.finetunejob import FineTuneJob, FineTuneJobSpec
+from kubetune.api.v1alpha1.trainerconfig import JobRef, ReportingSpec, TrainerConfig, TrainerPaths
+from kubetune.builders.common import (
+    Owner,
+    Settings,
+    child_name,
+    container_security_context,
+    gpu_tolerations,
+    metadata,
+    pod_security_context,
+    resource_requirements,
+    selector_labels,
+    shm_volume,
+    split_uri,
+)
+
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_KEY = "config.json"
+SCRATCH = "/scratch"
+PVC_ROOT = "/mnt/pvc"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+TEMPLATE_HASH = "kubetune.io/template-hash"
+FORMAT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+SECRET_KEYS = {
+    "hf": ("HF_TOKEN",),
+    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"),
+}
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """Something only the operator can judge: which field, and what is wrong with it."""
+
+    field: str
+    message: str
+    reason: str = "InvalidSpec"
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """An object that must exist before the job can run (checked by the handler)."""
+
+    kind: str
+    name: str
+    field: str
+
+
+def names(owner_name: str) -> dict[str, str]:
+    return {
+        "job": child_name(owner_name, "train", limit=52),  # pod hostnames add "-<index>"
+        "service": child_name(owner_name, "workers"),
+        "config": child_name(owner_name, "config"),
+        "account": child_name(owner_name, "trainer"),
+    }
+
+
+def check_spec(spec: FineTuneJobSpec) -> list[SpecProblem]:
+    """Checks the CRD schema cannot express."""
+    problems = []
+    if spec.dataset.format is None and not spec.dataset.source.startswith("hf://"):
+        suffix = PurePosixPath(spec.dataset.source).suffix
+        if suffix not in FORMAT_SUFFIXES:
+            problems.append(
+                SpecProblem(
+                    "spec.dataset.format",
+                    f"cannot infer the format of {spec.dataset.source!r} from its suffix "
+                    f"{suffix or '(none)'}; set jsonl, csv or parquet",
+                )
+            )
+    if spec.dataset.source.startswith("pvc://") and not split_uri(spec.dataset.source)[2]:
+        problems.append(
+            SpecProblem("spec.dataset.source", "a pvc:// dataset needs a file path after the claim")
+        )
+    return problems
+
+
+def dependencies(spec: FineTuneJobSpec) -> list[Dependency]:
+    deps: list[Dependency] = []
+    for field, uri in _uris(spec).items():
+        if uri.startswith("pvc://"):
+            deps.append(Dependency("PersistentVolumeClaim", split_uri(uri)[1], f"spec.{field}"))
+    for field, ref in (
+        ("model", spec.model.secret_ref),
+        ("dataset", spec.dataset.secret_ref),
+        ("output", spec.output.secret_ref),
+    ):
+        if ref is not None:
+            deps.append(Dependency("Secret", ref.name, f"spec.{field}.secretRef.name"))
+    return deps
+
+
+def _uris(spec: FineTuneJobSpec) -> dict[str, str]:
+    return {
+        "model.source": spec.model.source,
+        "dataset.source": spec.dataset.source,
+        "output.uri": spec.output.uri,
+    }
+
+
+def _claims(spec: FineTuneJobSpec) -> list[str]:
+    claims = []
+    for uri in _uris(spec).values():
+        scheme, claim, _ = split_uri(uri)
+        if scheme == "pvc" and claim not in claims:
+            claims.append(claim)
+    return claims
+
+
+def _local_path(uri: str) -> str:
+    """Where a URI is read from inside the pod: pvc:// is mounted, hf:// and s3:// are fetched."""
+    scheme, claim, path = split_uri(uri)
+    if scheme == "pvc":
+        return str(PurePosixPath(PVC_ROOT) / claim / path)
+    return uri
+
+
+def trainer_config(ftj: FineTuneJob, owner: Owner) -> TrainerConfig:
+    spec = ftj.spec
+    if spec.output.uri.startswith("pvc://"):
+        output, upload = _local_path(spec.output.uri), None
+    else:
+        output, upload = f"{SCRATCH}/output", spec.output.uri
+    return TrainerConfig(
+        job=JobRef(name=owner.name, namespace=owner.namespace, uid=owner.uid),
+        spec=spec,
+        paths=TrainerPaths(
+            model=_local_path(spec.model.source),
+            dataset=_local_path(spec.dataset.source),
+            output=output,
+            checkpoints=f"{output}/checkpoints",
+            upload_uri=upload,
+        ),
+        reporting=ReportingSpec(to_api_server=True),
+    )
+
+
+def build_rbac(owner: Owner) -> list[dict[str, Any]]:
+    """A credential that can read and patch this FineTuneJob's status, and nothing else."""
+    n = names(owner.name)
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(owner, n["account"], "trainer"),
+        "automountServiceAccountToken": False,
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": metadata(owner, n["account"], "trainer"),
+        "rules": [
+            {
+                "apiGroups": ["kubetune.io"],
+                "resources": ["finetunejobs/status"],
+                "resourceNames": [owner.name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": metadata(owner, n["account"], "trainer"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n["account"]},
+        "subjects": [{"kind": "ServiceAccount", "name": n["account"], "namespace": owner.namespace}],
+    }
+    return [account, role, binding]
+
+
+def build_configmap(ftj: FineTuneJob, owner: Owner) -> dict[str, Any]:
+    config = trainer_config(ftj, owner)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner, names(owner.name)["config"], "trainer-config"),
+        "data": {CONFIG_KEY: json.dumps(config.to_wire(), indent=2, sort_keys=True)},
+    }
+
+
+def build_service(owner: Owner) -> dict[str, Any]:
+    n = names(owner.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, n["service"], "trainer"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rank 0 must resolve before it is Ready
+            "selector": {**selector_labels(owner), "batch.kubernetes.io/job-name": n["job"]},
+            "ports": [{"name": "rendezvous", "port": Settings.master_port, "protocol": "TCP"}],
+        },
+    }
+
+
+def _secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for uri, ref in (
+        (spec.model.source, spec.model.secret_ref),
+        (spec.dataset.source, spec.dataset.secret_ref),
+        (spec.output.uri, spec.output.secret_ref),
+    ):
+        if ref is None:
+            continue
+        for key in SECRET_KEYS.get(split_uri(uri)[0], ()):
+            if key in seen:
+                continue
+            seen.add(key)
+            env.append(
+                {
+                    "name": key,
+                    "valueFrom": {
+                        "secretKeyRef": {"name": ref.name, "key": key, "optional": True}
+                    },
+                }
+            )
+    return env
+
+
+def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, Any]:
+    spec = ftj.spec
+    res = spec.resources
+    n = names(owner.name)
+    master = f"{n['job']}-0.{n['service']}.{owner.namespace}.svc"
+    env = [
+        {"name": "PET_NNODES", "value": str(res.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(max(res.gpus_per_node, 1))},
+        {
+            "name": "PET_NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {
+                    "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+                }
+            },
+        },
+        {"name": "PET_MASTER_ADDR", "value": master},
+        {"name": "PET_MASTER_PORT", "value": str(settings.master_port)},
+        {"name": "KUBETUNE_TRAINER_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": "/dev/termination-log"},
+        {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
+        {"name": "TMPDIR", "value": f"{SCRATCH}/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *_secret_env(spec),
+    ]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "scratch", "mountPath": SCRATCH},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": n["config"]}},
+        shm_volume(res.shm_size),
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    for index, claim in enumerate(_claims(spec)):
+        volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"pvc-{index}", "mountPath": f"{PVC_ROOT}/{claim}"})
+    container = {
+        "name": "trainer",
+        "image": spec.image or settings.trainer_image,
+        "command": ["torchrun"],
+        "args": ["--module", "kubetune.trainer"],
+        "env": env,
+        "resources": resource_requirements(
+            res.cpu, res.memory, res.gpus_per_node, res.gpu_resource_name
+        ),
+        "volumeMounts": mounts,
+        "ports": [{"name": "rendezvous", "containerPort": settings.master_port}],
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": n["service"],
+        "serviceAccountName": n["account"],
+        "automountServiceAccountToken": True,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 120,  # time for the SIGTERM checkpoint
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    tolerations = gpu_tolerations(res.gpus_per_node, res.gpu_resource_name) + [
+        t.to_wire() for t in res.tolerations
+    ]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if res.affinity:
+        pod_spec["affinity"] = res.affinity
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    policy = spec.run_policy
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": res.nodes,
+        "parallelism": res.nodes,
+        "backoffLimit": policy.backoff_limit,
+        "suspend": policy.suspend,
+        "template": {
+            "metadata": {"labels": selector_labels(owner) | {"app.kubernetes.io/component": "trainer"}},
+            "spec": pod_spec,
+        },
+    }
+    if policy.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    digest = hashlib.sha256(json.dumps(job_spec["template"], sort_keys=True).encode()).hexdigest()
+    meta = metadata(owner, n["job"], "trainer", annotations={TEMPLATE_HASH: digest[:16]})
+    if spec.queue_name:
+        meta["labels"][QUEUE_LABEL] = spec.queue_name
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def build_children(ftj: FineTuneJob, owner: Owner, settings: Settings) -> list[dict[str, Any]]:
+    """Every child, in the order they are applied (the Job last: it needs the others)."""
+    return [
+        *build_rbac(owner),
+        build_configmap(ftj, owner),
+        build_service(owner),
+        build_job(ftj, owner, settings),
+    ]

@@ -1,0 +1,97 @@
+"""What both resources' handlers share: parsing errors into field messages, events, status writes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
+from kubetune.builders.common import Settings
+from kubetune.conditions import set_condition
+from kubetune.kube import Kube, KubeError
+
+log = logging.getLogger("kubetune")
+
+
+@dataclass
+class Context:
+    """What handlers get through kopf's memo: set up once at startup."""
+
+    kube: Kube
+    settings: Settings = field(default_factory=Settings)
+    _locks: defaultdict[tuple[str, str, str], threading.Lock] = field(
+        default_factory=lambda: defaultdict(threading.Lock)
+    )
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock(self, kind: str, namespace: str, name: str) -> threading.Lock:
+        """One lock per resource: its own handler and its children's events never interleave,
+        so each reconcile sees the status the previous one wrote (one Event per transition)."""
+        with self._guard:
+            return self._locks[(kind, namespace, name)]
+
+
+def context(memo: Any) -> Context:
+    ctx: Context = memo.kubetune
+    return ctx
+
+
+def describe_validation_error(err: ValidationError, root: str = "") -> str:
+    """'spec.resources.nodes: Input should be greater than or equal to 1' — one line per problem."""
+    lines = []
+    for problem in err.errors():
+        path = ".".join(str(part) for part in problem["loc"])
+        lines.append(f"{root + '.' if root and path else root}{path}: {problem['msg']}")
+    return "; ".join(lines)
+
+
+def write_status(
+    kube: Kube,
+    kind: str,
+    plural_kind: str,
+    body: dict[str, Any],
+    status: dict[str, Any],
+) -> None:
+    meta = body["metadata"]
+    try:
+        kube.patch_status(API_VERSION, kind, meta["name"], meta["namespace"], status)
+    except KubeError as err:
+        raise kopf.TemporaryError(f"could not write the {plural_kind} status: {err}", delay=5) from err
+
+
+def conditions_of(body: dict[str, Any]) -> list[Condition]:
+    raw = (body.get("status") or {}).get("conditions") or []
+    result = []
+    for item in raw:
+        try:
+            result.append(Condition.model_validate(item))
+        except ValidationError:
+            continue  # a condition someone else wrote badly is dropped, not fatal
+    return result
+
+
+def with_conditions(
+    conditions: list[Condition],
+    generation: int,
+    updates: list[tuple[str, bool | ConditionStatus, str, str]],
+) -> list[Condition]:
+    for type_, status, reason, message in updates:
+        conditions = set_condition(conditions, type_, status, reason, message, generation)
+    return conditions
+
+
+def post_event(body: dict[str, Any], warning: bool, reason: str, message: str) -> None:
+    """An Event on the resource; never fails the reconcile (events are best-effort)."""
+    try:
+        if warning:
+            kopf.warn(body, reason=reason, message=message)
+        else:
+            kopf.info(body, reason=reason, message=message)
+    except Exception:  # noqa: BLE001 - posting events must never break a reconcile
+        log.debug("could not post event %s", reason, exc_info=True)

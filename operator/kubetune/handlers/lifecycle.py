@@ -1,0 +1,45 @@
+"""Operator start-up: kopf's settings, and the clients every handler shares (through memo)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from kubetune.builders.common import Settings
+from kubetune.handlers.common import Context
+from kubetune.kube import Kube
+
+PREFIX = "kubetune.io"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # kopf's own bookkeeping lives in annotations: the CRDs' strict status schema would prune it.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+    defaults = Settings()
+    memo.kubetune = Context(
+        kube=Kube.from_environment(os.environ.get("KUBECONFIG")),
+        settings=Settings(
+            trainer_image=os.environ.get("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
+            fetcher_image=os.environ.get("KUBETUNE_FETCHER_IMAGE", defaults.fetcher_image),
+        ),
+    )
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The official client's configuration: in-cluster in a pod, else $KUBECONFIG."""
+    info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+    return info

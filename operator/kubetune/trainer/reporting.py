@@ -1,0 +1,188 @@
+"""Progress to stdout (always) and to the FineTuneJob's status (when configured).
+
+The status write goes through the official `kubernetes` client with the pod's service-account
+token, as a JSON merge patch on the `finetunejobs/status` subresource that touches only
+`status.progress`, `status.lastCheckpoint` and `status.output`: the operator owns phase and
+conditions, and a merge patch leaves every field it does not name alone.
+
+Writes happen on a background thread, latest-wins and at most one per
+`reporting.minIntervalSeconds`, so a slow or unreachable API server never stalls a training step.
+When no API server can be reached the trainer logs a warning event and keeps training.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune.api.v1alpha1.base import GROUP, VERSION
+from kubetune.api.v1alpha1.finetunejob import PLURAL, Checkpoint, OutputStatus, Progress
+from kubetune.api.v1alpha1.trainerconfig import JobRef, TrainerConfig
+from kubetune.trainer import events
+
+FIELD_MANAGER = "kubetune-trainer"
+REQUEST_TIMEOUT_S = 10.0
+WARN_EVERY = 20  # after the first failed write, warn again only every this many failures
+
+
+class StatusWriter:
+    """Patches the FineTuneJob's status from a background thread, rate-limited."""
+
+    def __init__(self, job: JobRef, min_interval: float) -> None:
+        self.job = job
+        self.min_interval = min_interval
+        self._api = _connect()
+        self._pending: dict[str, Any] = {}
+        self._closing = False
+        self._last_sent = 0.0
+        self._failures = 0
+        self._enabled = self._api is not None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="kubetune-status", daemon=True)
+        if self._enabled:
+            self._thread.start()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def due(self) -> bool:
+        """Whether a write would go out now; lets the loop read the loss only when it is needed."""
+        return self._enabled and time.monotonic() - self._last_sent >= self.min_interval
+
+    def submit(self, status: dict[str, Any]) -> None:
+        """Queues status fields; a later value of the same field replaces an unsent one."""
+        if not self._enabled:
+            return
+        with self._cond:
+            self._pending.update(status)
+            self._cond.notify()
+
+    def close(self, timeout: float = REQUEST_TIMEOUT_S * 2) -> None:
+        """Sends what is pending now, ignoring the interval (the final status must land)."""
+        if not self._enabled:
+            return
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                delay = self._last_sent + self.min_interval - time.monotonic()
+                if delay > 0 and not self._closing:
+                    self._cond.wait(delay)
+                    continue
+                body, self._pending = self._pending, {}
+            self._send(body)
+            self._last_sent = time.monotonic()
+
+    def _send(self, status: dict[str, Any]) -> None:
+        body: dict[str, Any] = {"status": status}
+        if self.job.uid:  # a UID in the patch is a precondition: never write into a new namesake
+            body["metadata"] = {"uid": self.job.uid}
+        api: Any = self._api
+        try:
+            api.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                self.job.namespace,
+                PLURAL,
+                self.job.name,
+                body,
+                field_manager=FIELD_MANAGER,
+                _content_type="application/merge-patch+json",
+                _request_timeout=REQUEST_TIMEOUT_S,
+            )
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            if self._failures:
+                events.emit("warning", message="status writes to the API server work again")
+            self._failures = 0
+
+    def _failed(self, exc: Exception) -> None:
+        status = getattr(exc, "status", None)
+        if status in (404, 409):
+            self._enabled = False
+            events.emit(
+                "warning",
+                message=f"FineTuneJob {self.job.namespace}/{self.job.name} is gone or was "
+                f"recreated (HTTP {status}); status reporting stops, training goes on",
+            )
+            return
+        if self._failures % WARN_EVERY == 0:
+            events.emit(
+                "warning",
+                message=f"cannot write the FineTuneJob status ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); training goes on",
+            )
+        self._failures += 1
+
+
+def _connect() -> Any | None:
+    """The in-cluster client, or a kubeconfig's when $KUBECONFIG is set (local runs)."""
+    try:
+        from kubernetes import client, config  # noqa: PLC0415
+
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            if not os.environ.get("KUBECONFIG"):
+                raise
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        return client.CustomObjectsApi()
+    except Exception as exc:
+        events.emit(
+            "warning",
+            message=f"no API server to report to ({type(exc).__name__}: {exc}); progress goes "
+            "to stdout only",
+        )
+        return None
+
+
+class Reporter:
+    """The one place progress leaves the process: stdout lines and (rank 0) status patches."""
+
+    def __init__(self, config: TrainerConfig, is_main: bool) -> None:
+        self.is_main = is_main
+        self.status: StatusWriter | None = None
+        if is_main and config.reporting.to_api_server and config.job is not None:
+            self.status = StatusWriter(config.job, config.reporting.min_interval_seconds)
+
+    def status_due(self) -> bool:
+        """Whether a status write would go out now (so the loop only then reads the loss)."""
+        return self.status is not None and self.status.due()
+
+    def progress(self, progress: Progress, to_stdout: bool = True) -> None:
+        if not self.is_main:
+            return
+        wire = progress.to_wire()
+        if to_stdout:
+            events.emit("progress", **wire)
+        if self.status:
+            self.status.submit({"progress": wire})
+
+    def checkpoint(self, step: int, path: str) -> None:
+        if not self.is_main:
+            return
+        record = Checkpoint(step=step, path=path, time=datetime.now(UTC).replace(microsecond=0))
+        events.emit("checkpoint", step=step, path=path)
+        if self.status:
+            self.status.submit({"lastCheckpoint": record.to_wire()})
+
+    def output(self, output: OutputStatus, progress: Progress) -> None:
+        if self.is_main and self.status:
+            self.status.submit({"output": output.to_wire(), "progress": progress.to_wire()})
+
+    def close(self) -> None:
+        if self.status:
+            self.status.close()
