@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -44,6 +45,8 @@ class Run:
     latencies: list[float]
     executions: int
     inferences: int
+    queue_ns: int
+    compute_ns: int
 
     @property
     def rps(self) -> float:
@@ -55,6 +58,15 @@ class Run:
     @property
     def mean_batch(self) -> float:
         return self.inferences / max(1, self.executions)
+
+    @property
+    def queue_ms_per_request(self) -> float:
+        """Triton's own view: time in its queue (what the autoscaler's metric measures)."""
+        return self.queue_ns / max(1, self.inferences) / 1e6
+
+    @property
+    def compute_ms_per_execution(self) -> float:
+        return self.compute_ns / max(1, self.executions) / 1e6
 
 
 def stand_in_checkpoint(folder: Path) -> Path:
@@ -80,13 +92,20 @@ def stand_in_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def statistics_of(server: TritonServer) -> tuple[int, int]:
+def statistics_of(server: TritonServer) -> tuple[int, int, int, int]:
+    """Inferences, executions, queue ns, compute ns (cumulative, from /v2/models/<m>/stats)."""
     client = triton_http.InferenceServerClient(server.http_url)
     try:
         [stats] = client.get_inference_statistics(MODEL_NAME)["model_stats"]
     finally:
         client.close()
-    return int(stats["inference_count"]), int(stats["execution_count"])
+    timing = stats["inference_stats"]
+    return (
+        int(stats["inference_count"]),
+        int(stats["execution_count"]),
+        int(timing["queue"]["ns"]),
+        int(timing["compute_infer"]["ns"]),
+    )
 
 
 async def load(url: str, texts: list[str], clients: int, seconds: float) -> list[float]:
@@ -114,23 +133,19 @@ async def load(url: str, texts: list[str], clients: int, seconds: float) -> list
     return latencies
 
 
-def measure(
-    name: str, repository: Path, texts: list[str], clients: int, seconds: float
-) -> Run:
+def measure(name: str, repository: Path, texts: list[str], clients: int, seconds: float) -> Run:
     with running_triton(repository) as server:
         asyncio.run(load(server.http_url, texts, clients, 2.0))  # warm the whole path
-        inferences_before, executions_before = statistics_of(server)
+        before = statistics_of(server)
         started = time.perf_counter()
         latencies = asyncio.run(load(server.http_url, texts, clients, seconds))
         elapsed = time.perf_counter() - started
-        inferences_after, executions_after = statistics_of(server)
+        after = statistics_of(server)
+    inferences, executions, queue_ns, compute_ns = (
+        a - b for a, b in zip(after, before, strict=True)
+    )
     return Run(
-        name,
-        len(latencies),
-        elapsed,
-        latencies,
-        executions_after - executions_before,
-        inferences_after - inferences_before,
+        name, len(latencies), elapsed, latencies, executions, inferences, queue_ns, compute_ns
     )
 
 
@@ -144,6 +159,7 @@ def main() -> None:
     args = parser.parse_args()
 
     texts = [json.loads(line)["text"] for line in DATASET.read_text().splitlines()]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-serving-") as work:
         checkpoint = args.model_dir or stand_in_checkpoint(Path(work) / "checkpoint")
         runs = []
@@ -167,12 +183,19 @@ def main() -> None:
         f"\nTriton python backend, {args.clients} concurrent clients, {args.seconds:.0f}s each, "
         f"max batch {args.max_batch_size}, queue delay {args.max_queue_delay_us}us"
     )
-    header = f"{'':14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean batch':>12}{'requests':>10}"
+    print(
+        f"load average before: {' '.join(f'{x:.2f}' for x in load_before)} on {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'':14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean batch':>12}"
+        f"{'queue ms/req':>14}{'compute ms/exec':>17}{'requests':>10}"
+    )
     print(header)
     for run in runs:
         print(
             f"{run.name:14}{run.rps:9.1f}{run.percentile(50):9.1f}{run.percentile(99):9.1f}"
-            f"{run.mean_batch:12.2f}{run.requests:10d}"
+            f"{run.mean_batch:12.2f}{run.queue_ms_per_request:14.1f}"
+            f"{run.compute_ms_per_execution:17.1f}{run.requests:10d}"
         )
     off, on = runs
     print(

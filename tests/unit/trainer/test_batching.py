@@ -9,7 +9,8 @@ import pytest
 from kubetune.trainer.data import BatchPlan, eval_batches
 from kubetune.trainer.errors import BadDataError
 
-LENGTHS = [random.Random(3).randint(4, 60) for _ in range(203)]
+_RNG = random.Random(3)
+LENGTHS = [_RNG.randint(4, 60) for _ in range(203)]
 
 
 def test_one_process_sees_every_example_once_per_epoch() -> None:

