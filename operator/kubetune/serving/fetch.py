@@ -155,6 +155,12 @@ def fetch(
     records."""
     kind, folder, packaged_task = resolve(download(source, work))
     if kind == "foreign-repository":
+        if not (folder / model_name / "config.pbtxt").is_file():
+            names = ", ".join(sorted(p.parent.name for p in folder.glob("*/config.pbtxt")))
+            raise FetchError(
+                f"the Triton repository at {source} has no model {model_name!r} (it has "
+                f"{names or 'none'}): set spec.model.name to the model to serve"
+            )
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copytree(folder, dest, dirs_exist_ok=True)
         return {"modelName": model_name, "source": source, "packaged": False}

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from kubetune.trainer.checkpoint import (
-    CheckpointMeta,
     Checkpointer,
+    CheckpointMeta,
     Position,
     capture_rng,
     restore_rng,

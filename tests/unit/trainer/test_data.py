@@ -70,7 +70,7 @@ def test_malformed_json_line_names_line_and_file(tmp_path: Path) -> None:
 
 def test_a_json_line_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "list.jsonl", [["text", "label"]])
-    with pytest.raises(BadDataError, match="line 1 of .* is not a JSON object"):
+    with pytest.raises(BadDataError, match=r"line 1 of .* is not a JSON object"):
         load(path)
 
 
@@ -142,7 +142,7 @@ def test_causal_data_is_plain_text_or_prompt_response(tmp_path: Path) -> None:
 def test_format_comes_from_spec_then_suffix(tmp_path: Path) -> None:
     assert data.detect_format(tmp_path / "a.csv", None) is DatasetFormat.CSV
     assert data.detect_format(tmp_path / "a.txt", "jsonl") is DatasetFormat.JSONL
-    with pytest.raises(BadDataError, match="spec.dataset.format"):
+    with pytest.raises(BadDataError, match=r"spec\.dataset\.format"):
         data.detect_format(tmp_path / "a.txt", None)
 
 

@@ -11,7 +11,9 @@ from kubetune.trainer.loop import classification_metrics, collate
 
 
 def confusion_of(truth: list[int], predicted: list[int], classes: int) -> torch.Tensor:
-    flat = torch.bincount(torch.tensor(truth) * classes + torch.tensor(predicted), minlength=classes**2)
+    flat = torch.bincount(
+        torch.tensor(truth) * classes + torch.tensor(predicted), minlength=classes**2
+    )
     return flat.view(classes, classes).double()
 
 

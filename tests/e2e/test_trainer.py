@@ -1,0 +1,393 @@
+"""The real trainer, end to end: accuracy, LoRA, DDP under torchrun, preemption and resume,
+bad data, and status reports to a real API server.
+
+Every run is `python -m kubetune.trainer` as a subprocess on the shipped MiniLM checkpoint, as in
+a training pod. The slow paths use small subsets of the shipped dataset (1 epoch, 32 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from tests.waiting import wait_for
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from kubetune.api.v1alpha1.finetunejob import DatasetSpec
+from kubetune.crdgen import all_crds
+from kubetune.devcluster.cluster import LocalCluster
+from kubetune.serving.repository import sha256_file
+from kubetune.trainer import data
+from kubetune.trainer.errors import ExitCode
+
+# The harness and run types live in tests/e2e/conftest.py and arrive through fixtures.
+TrainerHarness = TrainedClassifier = TrainerRun = Any
+
+DATASET = Path(__file__).resolve().parents[2] / "examples" / "data" / "support-intents.jsonl"
+
+CHANCE = 1 / 6  # six intents
+ACCURACY_BAR = 0.9  # the full fine-tune must reach this on the held-out 20%
+
+
+def subset(path: Path, count: int) -> Path:
+    """The first `count` rows of the shipped dataset (it is shuffled, so every intent is in)."""
+    lines = DATASET.read_text(encoding="utf-8").splitlines()[:count]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def progress_steps(run: TrainerRun) -> list[int]:
+    return [e["step"] for e in run.of("progress")]
+
+
+def heldout_accuracy(model_dir: Path, seed: int = 42, split: float = 0.2) -> float:
+    """Accuracy of an exported model, loaded with plain transformers, on the trainer's own
+    validation split (recomputed from the seed)."""
+    table = data.read_table(DATASET, data.detect_format(DATASET, None))
+    classes = data.classification_data(table, DatasetSpec(source="pvc://d/x.jsonl"))
+    _, val = data.split_indices(len(table.rows), classes.label_ids, split, seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    texts = [classes.texts[i] for i in val]
+    with torch.no_grad():
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        predicted = model(**batch).logits.argmax(-1).tolist()
+    names = [model.config.id2label[p] for p in predicted]
+    truth = [classes.labels[classes.label_ids[i]] for i in val]
+    return sum(n == t for n, t in zip(names, truth, strict=True)) / len(val)
+
+
+# ---------------------------------------------------------------------------- the real fine-tune
+
+
+def test_full_finetune_reaches_high_accuracy(trained_classifier: TrainedClassifier) -> None:
+    metrics = trained_classifier.metrics
+    assert metrics["accuracy"] >= ACCURACY_BAR, metrics
+    assert metrics["macro_f1"] >= ACCURACY_BAR - 0.05, metrics
+    events = trained_classifier.events
+    [started] = [e for e in events if e["event"] == "started"]
+    steps = [e["step"] for e in events if e["event"] == "progress"]
+    assert started["totalSteps"] == 3 * math.ceil(started["trainExamples"] / 16)
+    assert steps == list(range(1, started["totalSteps"] + 1))
+    losses = [e["loss"] for e in events if e["event"] == "progress"]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5  # the loss really went down
+    assert len([e for e in events if e["event"] == "eval"]) == 3  # once per epoch
+    last = [e for e in events if e["event"] == "progress"][-1]
+    assert last["percent"] == 100
+    assert last["etaSeconds"] == 0
+    assert last["samplesPerSecond"] > 0
+
+
+def test_export_is_a_plain_checkpoint_with_label_map_and_metadata(
+    trained_classifier: TrainedClassifier,
+) -> None:
+    out = trained_classifier.output_dir
+    config = json.loads((out / "config.json").read_text())
+    labels = trained_classifier.labels
+    assert config["id2label"] == {str(i): name for i, name in enumerate(labels)}
+    assert config["label2id"] == {name: i for i, name in enumerate(labels)}
+    meta = json.loads((out / "kubetune-model.json").read_text())
+    assert meta["task"] == "sequence-classification"
+    assert meta["labels"] == labels
+    assert meta["metrics"] == trained_classifier.metrics
+    assert meta["weightsSha256"] == "sha256:" + sha256_file(out / "model.safetensors")
+    assert (trained_classifier.triton_repository / "support-intents" / "config.pbtxt").is_file()
+    # The exported model, loaded by plain transformers, scores what the trainer reported.
+    assert heldout_accuracy(out) == pytest.approx(trained_classifier.metrics["accuracy"])
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+
+def test_lora_learns_and_its_merged_export_loads_without_peft(
+    trainer: TrainerHarness, tmp_path: Path
+) -> None:
+    config = trainer.write_config(
+        tmp_path,
+        DATASET,
+        {
+            "method": "lora",
+            "lora": {"rank": 8, "alpha": 16, "merge": True},
+            "hyperparameters": {"learningRate": 2e-3, "maxSeqLength": 64, "epochs": 2},
+        },
+        # A job to report to, but no API server: it must warn and train on.
+        job={"name": "lora-run", "namespace": "default"},
+        reporting={"toApiServer": True},
+    )
+    run = trainer.run(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert any("no API server" in e["message"] for e in run.of("warning"))
+    losses = [e["loss"] for e in run.of("progress")]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert run.metrics["accuracy"] >= 3 * CHANCE, run.metrics
+    out = run.output_dir
+    assert not (out / "adapter_config.json").exists()
+    assert json.loads((out / "kubetune-model.json").read_text())["loraMerged"] is True
+    # Merged weights reproduce the adapter model's own evaluation.
+    assert heldout_accuracy(out) == pytest.approx(run.metrics["accuracy"])
+
+
+# ---------------------------------------------------------------------------- DDP
+
+
+def test_two_processes_under_torchrun_agree_on_global_batch_steps(
+    trainer: TrainerHarness, tmp_path: Path
+) -> None:
+    """batch_size is per process: 2 processes take ceil(n / (8 x 2)) steps per epoch."""
+    config = trainer.write_config(
+        tmp_path,
+        subset(tmp_path / "train.jsonl", 150),
+        {"hyperparameters": {"batchSize": 8, "epochs": 2, "learningRate": 1e-4}},
+    )
+    run = trainer.run(config, nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    started = sorted(run.of("started"), key=lambda e: e["rank"])
+    assert [e["rank"] for e in started] == [0, 1]
+    n_train = started[0]["trainExamples"]
+    expected = math.ceil(n_train / (8 * 2)) * 2
+    assert {e["totalSteps"] for e in started} == {expected}
+    assert {e["globalBatch"] for e in started} == {16}
+    finished = run.of("finished")
+    assert sorted(e["rank"] for e in finished) == [0, 1]
+    assert {(e["step"], e["totalSteps"]) for e in finished} == {(expected, expected)}
+    assert progress_steps(run) == list(range(1, expected + 1))  # rank 0 alone reports
+    assert len(run.of("exported")) == 1  # and exports
+    assert (run.output_dir / "kubetune-model.json").is_file()
+
+
+# ---------------------------------------------------------------------------- preemption, resume
+
+
+def test_kill_preempt_and_resume_finish_like_an_uninterrupted_run(
+    trainer: TrainerHarness, tmp_path: Path
+) -> None:
+    """SIGKILL after a periodic checkpoint, then SIGTERM (which checkpoints), then a clean
+    finish: each restart resumes right after the saved step, and the run ends with the same
+    step count and the same weights as one that was never interrupted."""
+    dataset = subset(tmp_path / "train.jsonl", 200)
+    spec = {
+        "hyperparameters": {"batchSize": 8, "learningRate": 1e-4},
+        "checkpointing": {"enabled": True, "everySteps": 4, "keepLast": 2},
+    }
+    reference = trainer.run(trainer.write_config(tmp_path / "reference", dataset, spec))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    total = reference.of("started")[0]["totalSteps"]
+    config = trainer.write_config(tmp_path / "interrupted", dataset, spec)
+
+    # 1. SIGKILL once a periodic checkpoint exists: whatever was in flight is lost.
+    proc = trainer.start(config)
+    seen = trainer.read_until(proc, lambda e: e["event"] == "checkpoint" and e["step"] >= 4)
+    proc.kill()
+    killed = trainer.finish(proc, seen, config)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in killed.checkpoints_dir.glob("step-*"))
+    saved = int(checkpoints[-1].removeprefix("step-"))
+
+    # 2. Restart: resumes after the last complete checkpoint; SIGTERM mid-way checkpoints.
+    proc = trainer.start(config)
+    seen = trainer.read_until(proc, lambda e: e["event"] == "progress" and e["step"] >= saved + 3)
+    proc.send_signal(signal.SIGTERM)
+    preempted = trainer.finish(proc, seen, config)
+    assert preempted.of("resumed")[0]["step"] == saved
+    assert progress_steps(preempted)[0] == saved + 1
+    assert preempted.returncode == ExitCode.PREEMPTED, preempted.stderr[-3000:]
+    [stop] = preempted.of("preempted")
+    stopped_at = preempted.of("checkpoint")[-1]["step"]
+    assert saved + 3 <= stopped_at < total
+    assert preempted.termination_log.read_text().startswith("Preempted: stopped by SIGTERM")
+    assert f"step {stopped_at}/{total}" in stop["message"]
+
+    # 3. Restart again: resumes at the SIGTERM checkpoint and finishes.
+    resumed = trainer.run(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.of("resumed")[0]["step"] == stopped_at
+    assert progress_steps(resumed) == list(range(stopped_at + 1, total + 1))
+    assert resumed.of("finished")[0]["totalSteps"] == total
+    assert resumed.of("finished")[0]["step"] == total
+    assert len(list(resumed.checkpoints_dir.glob("step-*"))) == 2  # keepLast
+
+    # Exact data position and RNG restore: the same weights as the uninterrupted run.
+    assert resumed.metrics["loss"] == pytest.approx(reference.metrics["loss"], rel=1e-4)
+    ref_meta = json.loads((reference.output_dir / "kubetune-model.json").read_text())
+    new_meta = json.loads((resumed.output_dir / "kubetune-model.json").read_text())
+    assert new_meta["trainedSteps"] == ref_meta["trainedSteps"] == total
+
+    # 4. A restart whose data grew a label the checkpoint does not know fails before training.
+    with dataset.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"text": "where do I leave feedback", "label": "feedback"}) + "\n")
+    grown = trainer.run(config)
+    assert grown.returncode == ExitCode.BAD_DATA
+    [failed] = grown.of("failed")
+    assert "unknown label 'feedback'" in failed["message"]
+    assert str(dataset) in failed["message"]
+    assert not grown.of("progress")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+BAD_DATA = {
+    "missing-label": (
+        '{"text": "hi", "label": "a"}\n{"text": "no label"}\n',
+        ["field 'label' (spec.dataset.labelField) is missing", "line 2 of"],
+    ),
+    "empty-file": ("", ["has no rows"]),
+    "malformed-line": (
+        '{"text": "hi", "label": "a"}\n{"text": "broken", "label": \n',
+        ["line 2 of", "is not valid JSON"],
+    ),
+    "unusable-label": (
+        '{"text": "hi", "label": "a"}\n{"text": "x", "label": null}\n',
+        ["line 2 of", "unusable label None"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_fails_before_training_naming_field_and_file(
+    trainer: TrainerHarness, tmp_path: Path, case: str
+) -> None:
+    content, phrases = BAD_DATA[case]
+    dataset = tmp_path / f"{case}.jsonl"
+    dataset.write_text(content, encoding="utf-8")
+    run = trainer.run(trainer.write_config(tmp_path, dataset))
+    assert run.returncode == ExitCode.BAD_DATA, run.stderr[-2000:]
+    [failed] = run.of("failed")
+    assert failed["reason"] == "BadData"
+    for phrase in [str(dataset), *phrases]:
+        assert phrase in failed["message"]
+    first_line = run.termination_log.read_text().splitlines()[0]
+    assert first_line == f"BadData: {failed['message']}"
+    assert not run.of("started")  # nothing was trained
+    assert not run.output_dir.exists()
+
+
+def test_missing_model_is_model_not_found(trainer: TrainerHarness, tmp_path: Path) -> None:
+    config = trainer.write_config(tmp_path, subset(tmp_path / "d.jsonl", 20))
+    raw = json.loads(config.read_text())
+    raw["paths"]["model"] = str(tmp_path / "no-such-model")
+    config.write_text(json.dumps(raw))
+    run = trainer.run(config)
+    assert run.returncode == ExitCode.MODEL_NOT_FOUND
+    assert run.termination_log.read_text().startswith(
+        f"ModelNotFound: model folder {tmp_path / 'no-such-model'} (paths.model) does not exist"
+    )
+
+
+# ---------------------------------------------------------------------------- status reporting
+
+
+@pytest.fixture
+def finetunejobs(cluster: LocalCluster, namespace: str) -> Iterator[client.CustomObjectsApi]:
+    """The FineTuneJob CRD on the real local API server.
+
+    Created here only when absent, and then deleted again (waiting until it is gone), so the
+    integration tier's own CRD fixture still finds a clean server later in the session.
+    """
+    api = config.new_client_from_config(str(cluster.kubeconfig))
+    ext = client.ApiextensionsV1Api(api)
+    crd = all_crds()["finetunejob.yaml"]
+    name = crd["metadata"]["name"]
+    try:
+        ext.create_custom_resource_definition(crd)
+        created = True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        created = False
+    wait_for(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition(name).status.conditions or []
+        ),
+        30,
+        f"CRD {name} to be established",
+    )
+    yield client.CustomObjectsApi(api)
+    if created:
+        ext.delete_custom_resource_definition(name)
+        wait_for(lambda: not _crd_exists(ext, name), 60, f"CRD {name} to be deleted")
+
+
+def _crd_exists(ext: client.ApiextensionsV1Api, name: str) -> bool:
+    try:
+        ext.read_custom_resource_definition(name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+@pytest.mark.cluster
+def test_progress_checkpoint_and_output_reach_the_finetunejob_status(
+    trainer: TrainerHarness,
+    tmp_path: Path,
+    cluster: LocalCluster,
+    namespace: str,
+    finetunejobs: client.CustomObjectsApi,
+) -> None:
+    """A merge patch on the status subresource writes progress, lastCheckpoint and output,
+    and leaves the operator's phase and conditions exactly as they were."""
+    group, version, plural, name = "kubetune.io", "v1alpha1", "finetunejobs", "status-run"
+    body = {
+        "apiVersion": f"{group}/{version}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "pvc://models/minilm"},
+            "dataset": {"source": "pvc://datasets/train.jsonl"},
+            "output": {"uri": "pvc://models/out"},
+        },
+    }
+    job = finetunejobs.create_namespaced_custom_object(group, version, namespace, plural, body)
+    operator_status = {
+        "phase": "Running",
+        "conditions": [
+            {
+                "type": "Running",
+                "status": "True",
+                "reason": "PodsRunning",
+                "message": "set by the operator",
+                "lastTransitionTime": "2024-01-01T00:00:00Z",
+            }
+        ],
+    }
+    finetunejobs.patch_namespaced_custom_object_status(
+        group, version, namespace, plural, name, {"status": operator_status}
+    )
+    config = trainer.write_config(
+        tmp_path,
+        subset(tmp_path / "train.jsonl", 60),
+        {"checkpointing": {"enabled": True, "everySteps": 2}},
+        job={"name": name, "namespace": namespace, "uid": job["metadata"]["uid"]},
+        reporting={"toApiServer": True, "minIntervalSeconds": 0.5},
+    )
+    env_kubeconfig = {"KUBECONFIG": str(cluster.kubeconfig)}
+    run = trainer.run(config, extra_env=env_kubeconfig)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not run.of("warning"), run.of("warning")
+    status = finetunejobs.get_namespaced_custom_object_status(
+        group, version, namespace, plural, name
+    )["status"]
+    total = run.of("started")[0]["totalSteps"]
+    assert status["phase"] == "Running"
+    assert status["conditions"] == operator_status["conditions"]
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == total
+    assert status["progress"]["percent"] == 100
+    assert status["progress"]["evalMetrics"]["accuracy"] == run.metrics["accuracy"]
+    assert status["progress"]["lastHeartbeat"].endswith("Z")
+    assert status["lastCheckpoint"]["step"] == total
+    assert status["lastCheckpoint"]["path"].endswith(f"step-{total:08d}")
+    assert status["output"] == {
+        "modelUri": "pvc://models/out",
+        "metrics": run.metrics,
+    }
