@@ -1,9 +1,9 @@
 """The `kubetune` command: run the operator, manage the local cluster, print the CRDs.
 
-    kubetune run [--namespace NS ...]        run the operator against the current kubeconfig
-    kubetune dev cluster up|down|status|kubeconfig [--name NAME]
-    kubetune crds [--out DIR]                the CRDs generated from the typed API
-    kubetune version
+kubetune run [--namespace NS ...]        run the operator against the current kubeconfig
+kubetune dev cluster up|down|status|kubeconfig [--name NAME]
+kubetune crds [--out DIR]                the CRDs generated from the typed API
+kubetune version
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def _cluster_cmd(args: argparse.Namespace) -> int:
             print(f"kubetune: the local cluster failed to start:\n{err}", file=sys.stderr)
             return 1
         verb = "started" if created else "already running"
-        print(f"cluster {args.name!r} {verb} in {time.monotonic() - started:.1f}s at {cluster.server}")
+        print(
+            f"cluster {args.name!r} {verb} in {time.monotonic() - started:.1f}s at {cluster.server}"
+        )
         print(f"export KUBECONFIG={cluster.kubeconfig}")
         return 0
     if args.action == "down":
@@ -38,7 +40,10 @@ def _cluster_cmd(args: argparse.Namespace) -> int:
         return 0
     if args.action == "kubeconfig":
         if not cluster.kubeconfig.exists():
-            print(f"kubetune: no cluster {args.name!r}; run `kubetune dev cluster up`", file=sys.stderr)
+            print(
+                f"kubetune: no cluster {args.name!r}; run `kubetune dev cluster up`",
+                file=sys.stderr,
+            )
             return 1
         print(cluster.kubeconfig)
         return 0
@@ -68,13 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the operator")
     run.add_argument(
-        "--namespace", "-n", action="append", default=[], help="watch only this namespace (repeatable)"
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable)",
     )
     run.set_defaults(func=_run_cmd)
 
     dev = sub.add_parser("dev", help="local development tools")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)
-    cluster = dev_sub.add_parser("cluster", help="the local control plane (real binaries, kwok nodes)")
+    cluster = dev_sub.add_parser(
+        "cluster", help="the local control plane (real binaries, kwok nodes)"
+    )
     cluster.add_argument("action", choices=["up", "down", "status", "kubeconfig"])
     cluster.add_argument("--name", default="kubetune", help="cluster name (default: kubetune)")
     cluster.set_defaults(func=_cluster_cmd)

@@ -130,7 +130,9 @@ class Kube:
         applied: dict[str, Any] = result.to_dict()
         return applied
 
-    def get(self, api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any] | None:
+    def get(
+        self, api_version: str, kind: str, name: str, namespace: str | None
+    ) -> dict[str, Any] | None:
         resource = self._resource(api_version, kind)
         try:
             with _translated():
@@ -165,7 +167,7 @@ class Kube:
     def patch_status(
         self, api_version: str, kind: str, name: str, namespace: str, status: dict[str, Any]
     ) -> dict[str, Any]:
-        """JSON merge patch of the status subresource (lists, like conditions, are replaced whole)."""
+        """JSON merge patch of the status subresource (lists, like conditions, are replaced)."""
         resource = self._resource(api_version, kind)
         with _translated():
             result = resource.status.patch(

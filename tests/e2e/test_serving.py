@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from transformers import (
 )
 from tritonclient.utils import InferenceServerException
 
-from kubetune.serving.local import TritonServer, running_triton
+from kubetune.serving.local import TritonError, TritonServer, running_triton
 from kubetune.serving.repository import read_manifest, write_model_repository
 from kubetune.serving.smoketest import smoke_test
 
@@ -320,3 +321,26 @@ def test_model_control_mode_none_refuses_the_repository_api(
         assert client.is_model_ready(classifier_name)
     finally:
         client.close()
+
+
+def test_the_launcher_reports_a_server_that_exits(tmp_path: Path) -> None:
+    """A model Triton refuses makes the server exit (exit-on-error, as in the pods): the
+    launcher raises with the log tail instead of waiting for readiness until its timeout."""
+    model = tmp_path / "repository" / "refused"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 4\n'
+        'input [ { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+        'output [ { name: "LABEL" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+        "dynamic_batching { preferred_batch_size: [ 8 ] }\n"
+    )
+    (model / "1" / "model.py").write_text("")
+    log = tmp_path / "tritonserver.log"
+    started = time.monotonic()
+    with (
+        pytest.raises(TritonError, match="exited with code") as failure,
+        running_triton(tmp_path / "repository", log_path=log, ready_timeout=120),
+    ):
+        pass
+    assert time.monotonic() - started < 60
+    assert "preferred size must be <= max batch size" in str(failure.value)

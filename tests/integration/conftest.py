@@ -1,4 +1,4 @@
-"""The operator under test: `python -m kubetune run` as a real subprocess against the local cluster."""
+"""The operator under test: `python -m kubetune run` as a subprocess against the local cluster."""
 
 from __future__ import annotations
 
@@ -43,8 +43,11 @@ class OperatorProcess:
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
-        wait_for(lambda: b"Initial authentication has finished" in self.log.read_bytes(), 30,
-                 "the operator to start")
+        wait_for(
+            lambda: b"Initial authentication has finished" in self.log.read_bytes(),
+            30,
+            "the operator to start",
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -81,7 +84,9 @@ def crds(api_client: client.ApiClient) -> None:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(
+    cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     proc = OperatorProcess(cluster, log)
     proc.start()
@@ -127,7 +132,9 @@ class Resources:
         return result
 
     def delete(self, plural: str, name: str) -> None:
-        self.api.delete_namespaced_custom_object("kubetune.io", "v1alpha1", self.namespace, plural, name)
+        self.api.delete_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", self.namespace, plural, name
+        )
 
     def condition(self, plural: str, name: str, type_: str) -> dict[str, Any] | None:
         for cond in (self.get(plural, name).get("status") or {}).get("conditions") or []:

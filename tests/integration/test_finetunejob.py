@@ -33,19 +33,34 @@ def finetunejob(name: str, **spec: Any) -> dict[str, Any]:
     }
     for key, value in spec.items():
         base[key] = value
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": base}
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": base,
+    }
 
 
 def _pods(core: client.CoreV1Api, namespace: str, job: str) -> list[Any]:
-    return list(core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job}").items)
+    return list(
+        core.list_namespaced_pod(
+            namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
+        ).items
+    )
 
 
-def _finish_pods(core: client.CoreV1Api, namespace: str, job: str, count: int, **annotations: str) -> None:
-    pods = wait_for(lambda: (p := _pods(core, namespace, job)) and len(p) >= count and p, what="training pods")
+def _finish_pods(
+    core: client.CoreV1Api, namespace: str, job: str, count: int, **annotations: str
+) -> None:
+    pods = wait_for(
+        lambda: (p := _pods(core, namespace, job)) and len(p) >= count and p, what="training pods"
+    )
     for pod in pods:
         if pod.status.phase in ("Succeeded", "Failed"):
             continue
-        core.patch_namespaced_pod(pod.metadata.name, namespace, {"metadata": {"annotations": annotations}})
+        core.patch_namespaced_pod(
+            pod.metadata.name, namespace, {"metadata": {"annotations": annotations}}
+        )
 
 
 def test_apply_creates_children_with_the_right_fields(
@@ -57,8 +72,14 @@ def test_apply_creates_children_with_the_right_fields(
         client.CoreV1Api(api_client),
         client.RbacAuthorizationV1Api(api_client),
     )
-    job = wait_for(lambda: _read(batch.read_namespaced_job, "shape-train", namespace), what="the Job")
-    assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism) == ("Indexed", 2, 2)
+    job = wait_for(
+        lambda: _read(batch.read_namespaced_job, "shape-train", namespace), what="the Job"
+    )
+    assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism) == (
+        "Indexed",
+        2,
+        2,
+    )
     container = job.spec.template.spec.containers[0]
     env = {e.name: e.value for e in container.env}
     assert env["PET_NNODES"] == "2"
@@ -79,7 +100,9 @@ def test_apply_creates_children_with_the_right_fields(
     assert [(r.resources, r.resource_names, sorted(r.verbs)) for r in role.rules] == [
         (["finetunejobs/status"], ["shape"], ["get", "patch"])
     ]
-    pods = wait_for(lambda: (p := _pods(core, namespace, "shape-train")) and len(p) == 2 and p, what="pods")
+    pods = wait_for(
+        lambda: (p := _pods(core, namespace, "shape-train")) and len(p) == 2 and p, what="pods"
+    )
     assert {p.spec.node_name for p in pods} <= {"gpu-node-0", "gpu-node-1"}
     obj = resources.wait_phase(FTJ, "shape", "Running")
     assert obj["status"]["gpus"] == 8
@@ -90,7 +113,9 @@ def test_pods_succeed_then_the_job_succeeds_with_output(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:
     resources.create(FTJ, finetunejob("ok", resources={"nodes": 1, "gpusPerNode": 1}))
-    _finish_pods(client.CoreV1Api(api_client), namespace, "ok-train", 1, **{OUTCOME_ANNOTATION: "succeed"})
+    _finish_pods(
+        client.CoreV1Api(api_client), namespace, "ok-train", 1, **{OUTCOME_ANNOTATION: "succeed"}
+    )
     obj = resources.wait_phase(FTJ, "ok", "Succeeded")
     assert obj["status"]["output"] == {
         "modelUri": "pvc://models/out/ok",
@@ -103,7 +128,9 @@ def test_pods_succeed_then_the_job_succeeds_with_output(
 def test_failing_pods_are_retried_then_the_job_fails_with_the_classified_reason(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:
-    body = finetunejob("oom", resources={"nodes": 1, "gpusPerNode": 1}, runPolicy={"backoffLimit": 1})
+    body = finetunejob(
+        "oom", resources={"nodes": 1, "gpusPerNode": 1}, runPolicy={"backoffLimit": 1}
+    )
     resources.create(FTJ, body)
     core = client.CoreV1Api(api_client)
     failure = {
@@ -127,7 +154,9 @@ def test_more_gpus_than_any_node_has_is_reported_unschedulable(
 ) -> None:
     resources.create(FTJ, finetunejob("huge", resources={"nodes": 1, "gpusPerNode": 16}))
     cond = wait_for(
-        lambda: (c := resources.condition(FTJ, "huge", "Scheduled")) and c["status"] == "False" and c,
+        lambda: (
+            (c := resources.condition(FTJ, "huge", "Scheduled")) and c["status"] == "False" and c
+        ),
         what="the Scheduled=False condition",
     )
     assert cond["reason"] == "Unschedulable"
@@ -143,9 +172,13 @@ def test_deleted_and_edited_children_are_restored(
 ) -> None:
     resources.create(FTJ, finetunejob("heal", resources={"nodes": 1, "gpusPerNode": 1}))
     core = client.CoreV1Api(api_client)
-    original = wait_for(lambda: _read(core.read_namespaced_config_map, "heal-config", namespace), what="config")
+    original = wait_for(
+        lambda: _read(core.read_namespaced_config_map, "heal-config", namespace), what="config"
+    )
     core.delete_namespaced_config_map("heal-config", namespace)
-    restored = wait_for(lambda: _read(core.read_namespaced_config_map, "heal-config", namespace), what="restore")
+    restored = wait_for(
+        lambda: _read(core.read_namespaced_config_map, "heal-config", namespace), what="restore"
+    )
     assert restored.metadata.uid != original.metadata.uid
     assert restored.data == original.data
 
@@ -158,7 +191,10 @@ def test_deleted_and_edited_children_are_restored(
     job = wait_for(lambda: _read(batch.read_namespaced_job, "heal-train", namespace), what="job")
     batch.delete_namespaced_job("heal-train", namespace, propagation_policy="Background")
     wait_for(
-        lambda: (j := _read(batch.read_namespaced_job, "heal-train", namespace)) and j.metadata.uid != job.metadata.uid,
+        lambda: (
+            (j := _read(batch.read_namespaced_job, "heal-train", namespace))
+            and j.metadata.uid != job.metadata.uid
+        ),
         what="the Job to be recreated",
     )
 
@@ -170,9 +206,18 @@ def test_deleting_the_resource_deletes_its_children(
     batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
     wait_for(lambda: _read(batch.read_namespaced_job, "gone-train", namespace), what="the Job")
     resources.delete(FTJ, "gone")
-    wait_for(lambda: _read(batch.read_namespaced_job, "gone-train", namespace) is None, what="Job deletion")
-    wait_for(lambda: _read(core.read_namespaced_config_map, "gone-config", namespace) is None, what="CM deletion")
-    wait_for(lambda: _read(core.read_namespaced_service, "gone-workers", namespace) is None, what="Svc deletion")
+    wait_for(
+        lambda: _read(batch.read_namespaced_job, "gone-train", namespace) is None,
+        what="Job deletion",
+    )
+    wait_for(
+        lambda: _read(core.read_namespaced_config_map, "gone-config", namespace) is None,
+        what="CM deletion",
+    )
+    wait_for(
+        lambda: _read(core.read_namespaced_service, "gone-workers", namespace) is None,
+        what="Svc deletion",
+    )
 
 
 def test_spec_edits_converge_suspend_and_resume(
@@ -182,8 +227,13 @@ def test_spec_edits_converge_suspend_and_resume(
     batch = client.BatchV1Api(api_client)
     resources.wait_phase(FTJ, "edit", "Running")
     resources.patch(FTJ, "edit", {"spec": {"runPolicy": {"suspend": True, "backoffLimit": 4}}})
-    wait_for(lambda: (j := batch.read_namespaced_job("edit-train", namespace)).spec.suspend and j.spec.backoff_limit == 4,
-             what="the Job to be suspended")
+    wait_for(
+        lambda: (
+            (j := batch.read_namespaced_job("edit-train", namespace)).spec.suspend
+            and j.spec.backoff_limit == 4
+        ),
+        what="the Job to be suspended",
+    )
     obj = resources.wait_phase(FTJ, "edit", "Suspended")
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
     resources.patch(FTJ, "edit", {"spec": {"runPolicy": {"suspend": False}}})
@@ -193,9 +243,13 @@ def test_spec_edits_converge_suspend_and_resume(
 def test_kueue_queue_label_and_initial_suspend(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:
-    resources.create(FTJ, finetunejob("queued", queueName="team-a", resources={"nodes": 1, "gpusPerNode": 1}))
+    resources.create(
+        FTJ, finetunejob("queued", queueName="team-a", resources={"nodes": 1, "gpusPerNode": 1})
+    )
     batch = client.BatchV1Api(api_client)
-    job = wait_for(lambda: _read(batch.read_namespaced_job, "queued-train", namespace), what="the Job")
+    job = wait_for(
+        lambda: _read(batch.read_namespaced_job, "queued-train", namespace), what="the Job"
+    )
     assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job.spec.suspend is True
     obj = resources.wait_phase(FTJ, "queued", "Suspended")
@@ -210,10 +264,22 @@ def test_kueue_queue_label_and_initial_suspend(
 @pytest.mark.parametrize(
     ("change", "field", "message"),
     [
-        ({"resources": {"nodes": 0}}, "spec.resources.nodes", "should be greater than or equal to 1"),
-        ({"method": "full", "lora": {"rank": 4}}, "spec.lora", "only allowed with spec.method 'lora'"),
+        (
+            {"resources": {"nodes": 0}},
+            "spec.resources.nodes",
+            "should be greater than or equal to 1",
+        ),
+        (
+            {"method": "full", "lora": {"rank": 4}},
+            "spec.lora",
+            "only allowed with spec.method 'lora'",
+        ),
         ({"model": {"source": "ftp://x/y"}}, "spec.model.source", "should match"),
-        ({"hyperparameters": {"precision": "int3"}}, "spec.hyperparameters.precision", "Unsupported value"),
+        (
+            {"hyperparameters": {"precision": "int3"}},
+            "spec.hyperparameters.precision",
+            "Unsupported value",
+        ),
     ],
 )
 def test_bad_specs_are_rejected_by_the_server_naming_the_field(
@@ -246,10 +312,14 @@ def test_what_only_the_operator_can_judge_becomes_ready_false_and_no_children(
 ) -> None:
     resources.create(FTJ, finetunejob("nofmt", dataset={"source": "pvc://datasets/data.bin"}))
     resources.create(FTJ, finetunejob("nopvc", output={"uri": "pvc://missing-claim/out"}))
-    cond = wait_for(lambda: (c := resources.condition(FTJ, "nofmt", "Ready")) and c, what="Ready condition")
+    cond = wait_for(
+        lambda: (c := resources.condition(FTJ, "nofmt", "Ready")) and c, what="Ready condition"
+    )
     assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
     assert "spec.dataset.format" in cond["message"]
-    cond = wait_for(lambda: (c := resources.condition(FTJ, "nopvc", "Ready")) and c, what="Ready condition")
+    cond = wait_for(
+        lambda: (c := resources.condition(FTJ, "nopvc", "Ready")) and c, what="Ready condition"
+    )
     assert cond["reason"] == "MissingDependency"
     assert "spec.output.uri: PersistentVolumeClaim 'missing-claim' not found" in cond["message"]
     core = client.CoreV1Api(api_client)
@@ -263,7 +333,11 @@ def test_what_only_the_operator_can_judge_becomes_ready_false_and_no_children(
 
 
 def test_operator_restart_loses_nothing_and_duplicates_nothing(
-    resources: Resources, operator: OperatorProcess, api_client: client.ApiClient, namespace: str, volumes: Any
+    resources: Resources,
+    operator: OperatorProcess,
+    api_client: client.ApiClient,
+    namespace: str,
+    volumes: Any,
 ) -> None:
     batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
     resources.create(FTJ, finetunejob("before", resources={"nodes": 1, "gpusPerNode": 1}))
@@ -275,7 +349,10 @@ def test_operator_restart_loses_nothing_and_duplicates_nothing(
     finally:
         operator.start()
     resources.wait_phase(FTJ, "during", "Running")
-    wait_for(lambda: _read(core.read_namespaced_config_map, "before-config", namespace), what="restored config")
+    wait_for(
+        lambda: _read(core.read_namespaced_config_map, "before-config", namespace),
+        what="restored config",
+    )
     jobs = sorted(j.metadata.name for j in batch.list_namespaced_job(namespace).items)
     assert jobs == ["before-train", "during-train"]
     assert len(_pods(core, namespace, "before-train")) == 1
@@ -285,7 +362,9 @@ def test_every_generated_pod_passes_the_restricted_profile(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:
     core = client.CoreV1Api(api_client)
-    core.patch_namespace(namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    core.patch_namespace(
+        namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
     resources.create(FTJ, finetunejob("strict", resources={"nodes": 2, "gpusPerNode": 1}))
     resources.create(
         "modelservers",
@@ -296,12 +375,23 @@ def test_every_generated_pod_passes_the_restricted_profile(
             "spec": {"model": {"source": "pvc://models/repo"}, "replicas": 2},
         },
     )
-    wait_for(lambda: len(_pods(core, namespace, "strict-train")) == 2, what="2 training pods admitted")
     wait_for(
-        lambda: len(core.list_namespaced_pod(namespace, label_selector="kubetune.io/modelserver=strict-serve").items) == 2,
+        lambda: len(_pods(core, namespace, "strict-train")) == 2, what="2 training pods admitted"
+    )
+    wait_for(
+        lambda: (
+            len(
+                core.list_namespaced_pod(
+                    namespace, label_selector="kubetune.io/modelserver=strict-serve"
+                ).items
+            )
+            == 2
+        ),
         what="2 Triton pods admitted",
     )
-    warnings = [e for e in core.list_namespaced_event(namespace).items if e.reason == "FailedCreate"]
+    warnings = [
+        e for e in core.list_namespaced_event(namespace).items if e.reason == "FailedCreate"
+    ]
     assert warnings == []
 
 

@@ -176,9 +176,7 @@ def test_restricted_namespace_rejects_privileged_and_admits_compliant_pods(
     privileged = {
         "metadata": {"name": "privileged"},
         "spec": {
-            "containers": [
-                {"name": "c", "image": PAUSE, "securityContext": {"privileged": True}}
-            ]
+            "containers": [{"name": "c", "image": PAUSE, "securityContext": {"privileged": True}}]
         },
     }
     with pytest.raises(ApiException) as err:
@@ -250,14 +248,17 @@ def test_crd_is_served_and_its_schema_rejects_bad_objects(
     def create(size: int) -> Any:
         body = {"apiVersion": "example.test/v1", "kind": "Widget", "metadata": {"name": f"w{size}"}}
         body["spec"] = {"size": size}
-        return custom.create_namespaced_custom_object("example.test", "v1", namespace, "widgets", body)
+        return custom.create_namespaced_custom_object(
+            "example.test", "v1", namespace, "widgets", body
+        )
 
     wait_for(lambda: _served(create, 1), what="the CRD to be served")
     with pytest.raises(ApiException) as err:
         create(0)
     assert err.value.status == 422
-    assert "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1" in (
-        err.value.body
+    assert (
+        "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1"
+        in (err.value.body)
     )
 
 

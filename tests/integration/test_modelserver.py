@@ -23,7 +23,12 @@ MS = "modelservers"
 def modelserver(name: str, **spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"model": {"source": "pvc://models/repo"}, "resources": {"gpus": 1}}
     base.update(spec)
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "ModelServer", "metadata": {"name": name}, "spec": base}
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": {"name": name},
+        "spec": base,
+    }
 
 
 def test_serves_a_source_with_probes_shm_and_a_ready_status(
@@ -50,57 +55,111 @@ def test_serves_a_source_with_probes_shm_and_a_ready_status(
     assert pdb.spec.max_unavailable == 1
     # The scale subresource: `kubectl scale` works on the ModelServer itself.
     resources.patch(MS, "plain", {"spec": {"replicas": 1}})
-    wait_for(lambda: apps.read_namespaced_deployment("plain", namespace).spec.replicas == 1, what="scale down")
     wait_for(
-        lambda: _read(client.PolicyV1Api(api_client).read_namespaced_pod_disruption_budget, "plain", namespace) is None,
+        lambda: apps.read_namespaced_deployment("plain", namespace).spec.replicas == 1,
+        what="scale down",
+    )
+    wait_for(
+        lambda: (
+            _read(
+                client.PolicyV1Api(api_client).read_namespaced_pod_disruption_budget,
+                "plain",
+                namespace,
+            )
+            is None
+        ),
         what="the PDB to go when one replica is left",
     )
 
 
 def test_kubectl_scale_uses_the_scale_subresource(
-    resources: Resources, cluster: LocalCluster, api_client: client.ApiClient, namespace: str, volumes: Any
+    resources: Resources,
+    cluster: LocalCluster,
+    api_client: client.ApiClient,
+    namespace: str,
+    volumes: Any,
 ) -> None:
     resources.create(MS, modelserver("scaled", replicas=1, resources={"gpus": 0}))
     resources.wait_phase(MS, "scaled", "Ready")
     subprocess.run(
-        [str(kubectl_path()), f"--kubeconfig={cluster.kubeconfig}", "-n", namespace, "scale", "ms/scaled",
-         "--replicas=3"],
-        check=True, capture_output=True,
+        [
+            str(kubectl_path()),
+            f"--kubeconfig={cluster.kubeconfig}",
+            "-n",
+            namespace,
+            "scale",
+            "ms/scaled",
+            "--replicas=3",
+        ],
+        check=True,
+        capture_output=True,
     )
     apps = client.AppsV1Api(api_client)
-    wait_for(lambda: apps.read_namespaced_deployment("scaled", namespace).spec.replicas == 3, what="3 replicas")
-    obj = wait_for(lambda: (o := resources.get(MS, "scaled"))["status"].get("readyReplicas") == 3 and o, what="3 ready")
-    assert obj["status"]["selector"] == "app.kubernetes.io/managed-by=kubetune,kubetune.io/modelserver=scaled"
+    wait_for(
+        lambda: apps.read_namespaced_deployment("scaled", namespace).spec.replicas == 3,
+        what="3 replicas",
+    )
+    obj = wait_for(
+        lambda: (o := resources.get(MS, "scaled"))["status"].get("readyReplicas") == 3 and o,
+        what="3 ready",
+    )
+    assert (
+        obj["status"]["selector"]
+        == "app.kubernetes.io/managed-by=kubetune,kubetune.io/modelserver=scaled"
+    )
 
 
 def test_waits_for_its_finetunejob_then_serves_and_rolls_out_a_new_run(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:
     resources.create(MS, modelserver("follow", model={"fineTuneJobRef": {"name": "trainer"}}))
-    cond = wait_for(lambda: (c := resources.condition(MS, "follow", "Ready")) and c, what="Ready condition")
+    cond = wait_for(
+        lambda: (c := resources.condition(MS, "follow", "Ready")) and c, what="Ready condition"
+    )
     assert cond["reason"] == "FineTuneJobNotFound"
     core, apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
-    resources.create("finetunejobs", finetunejob("trainer", resources={"nodes": 1, "gpusPerNode": 1}))
-    wait_for(lambda: (c := resources.condition(MS, "follow", "Ready")) and c["reason"] == "WaitingForFineTuneJob",
-             what="WaitingForFineTuneJob")
+    resources.create(
+        "finetunejobs", finetunejob("trainer", resources={"nodes": 1, "gpusPerNode": 1})
+    )
+    wait_for(
+        lambda: (
+            (c := resources.condition(MS, "follow", "Ready"))
+            and c["reason"] == "WaitingForFineTuneJob"
+        ),
+        what="WaitingForFineTuneJob",
+    )
     assert _read(apps.read_namespaced_deployment, "follow", namespace) is None
     _finish_pods(core, namespace, "trainer-train", 1, **{OUTCOME_ANNOTATION: "succeed"})
     obj = resources.wait_phase(MS, "follow", "Ready")
     first = apps.read_namespaced_deployment("follow", namespace)
     revision = first.spec.template.metadata.annotations["kubetune.io/model-revision"]
     assert obj["status"]["served"]["uri"] == "pvc://models/out/trainer/triton-repository"
-    assert "--source=/mnt/source/models/out/trainer/triton-repository" in first.spec.template.spec.init_containers[0].args
+    assert (
+        "--source=/mnt/source/models/out/trainer/triton-repository"
+        in first.spec.template.spec.init_containers[0].args
+    )
 
     # A new run of the job (same name, new object) rolls out a new revision; the old one serves
     # meanwhile: the Deployment is never deleted.
     resources.delete("finetunejobs", "trainer")
-    wait_for(lambda: _read(client.BatchV1Api(api_client).read_namespaced_job, "trainer-train", namespace) is None,
-             what="old job gone")
-    resources.create("finetunejobs", finetunejob("trainer", resources={"nodes": 1, "gpusPerNode": 1}))
+    wait_for(
+        lambda: (
+            _read(client.BatchV1Api(api_client).read_namespaced_job, "trainer-train", namespace)
+            is None
+        ),
+        what="old job gone",
+    )
+    resources.create(
+        "finetunejobs", finetunejob("trainer", resources={"nodes": 1, "gpusPerNode": 1})
+    )
     _finish_pods(core, namespace, "trainer-train", 1, **{OUTCOME_ANNOTATION: "succeed"})
     wait_for(
-        lambda: apps.read_namespaced_deployment("follow", namespace).spec.template.metadata.annotations[
-            "kubetune.io/model-revision"] != revision,
+        lambda: (
+            apps.read_namespaced_deployment("follow", namespace).spec.template.metadata.annotations[
+                "kubetune.io/model-revision"
+            ]
+            != revision
+        ),
         what="a new revision to roll out",
     )
     assert apps.read_namespaced_deployment("follow", namespace).metadata.uid == first.metadata.uid
@@ -110,51 +169,86 @@ def test_waits_for_its_finetunejob_then_serves_and_rolls_out_a_new_run(
 def test_autoscaling_renders_an_hpa_the_controller_picks_up_and_replicas_are_left_alone(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:
-    spec = {"autoscaling": {"minReplicas": 2, "maxReplicas": 5, "metric": "queue-time", "target": 40000}}
+    spec = {
+        "autoscaling": {"minReplicas": 2, "maxReplicas": 5, "metric": "queue-time", "target": 40000}
+    }
     resources.create(MS, modelserver("auto", **spec))
     hpa_api = client.AutoscalingV2Api(api_client)
-    hpa = wait_for(lambda: _read(hpa_api.read_namespaced_horizontal_pod_autoscaler, "auto", namespace), what="HPA")
+    hpa = wait_for(
+        lambda: _read(hpa_api.read_namespaced_horizontal_pod_autoscaler, "auto", namespace),
+        what="HPA",
+    )
     metric = hpa.spec.metrics[0]
     assert (metric.type, metric.pods.metric.name, metric.pods.target.average_value) == (
-        "Pods", "triton_queue_time_per_request_us", "40k",
+        "Pods",
+        "triton_queue_time_per_request_us",
+        "40k",
     )
     # The real HPA controller acts on it: it raises the Deployment to minReplicas.
     apps = client.AppsV1Api(api_client)
-    wait_for(lambda: apps.read_namespaced_deployment("auto", namespace).spec.replicas == 2, 60, "HPA to scale to 2")
     wait_for(
-        lambda: any(c.type == "AbleToScale" for c in (hpa_api.read_namespaced_horizontal_pod_autoscaler(
-            "auto", namespace).status.conditions or [])),
-        60, "the HPA controller to report on the HPA",
+        lambda: apps.read_namespaced_deployment("auto", namespace).spec.replicas == 2,
+        60,
+        "HPA to scale to 2",
+    )
+    wait_for(
+        lambda: any(
+            c.type == "AbleToScale"
+            for c in (
+                hpa_api.read_namespaced_horizontal_pod_autoscaler(
+                    "auto", namespace
+                ).status.conditions
+                or []
+            )
+        ),
+        60,
+        "the HPA controller to report on the HPA",
     )
     deploy = apps.read_namespaced_deployment("auto", namespace)
     ours = [m for m in deploy.metadata.managed_fields if m.manager == "kubetune"]
     assert ours and all("f:replicas" not in json.dumps(m.fields_v1.get("f:spec", {})) for m in ours)
     # Switching autoscaling off removes the HPA and the operator owns replicas again.
     resources.patch(MS, "auto", {"spec": {"autoscaling": None, "replicas": 1}})
-    wait_for(lambda: _read(hpa_api.read_namespaced_horizontal_pod_autoscaler, "auto", namespace) is None,
-             what="HPA removal")
-    wait_for(lambda: apps.read_namespaced_deployment("auto", namespace).spec.replicas == 1, what="1 replica")
+    wait_for(
+        lambda: _read(hpa_api.read_namespaced_horizontal_pod_autoscaler, "auto", namespace) is None,
+        what="HPA removal",
+    )
+    wait_for(
+        lambda: apps.read_namespaced_deployment("auto", namespace).spec.replicas == 1,
+        what="1 replica",
+    )
 
 
-def test_cpu_autoscaling_uses_a_resource_metric(resources: Resources, api_client: client.ApiClient,
-                                               namespace: str, volumes: Any) -> None:
-    resources.create(MS, modelserver("cpu", autoscaling={"maxReplicas": 3, "metric": "cpu", "target": 70}))
+def test_cpu_autoscaling_uses_a_resource_metric(
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+) -> None:
+    resources.create(
+        MS, modelserver("cpu", autoscaling={"maxReplicas": 3, "metric": "cpu", "target": 70})
+    )
     hpa_api = client.AutoscalingV2Api(api_client)
-    hpa = wait_for(lambda: _read(hpa_api.read_namespaced_horizontal_pod_autoscaler, "cpu", namespace), what="HPA")
+    hpa = wait_for(
+        lambda: _read(hpa_api.read_namespaced_horizontal_pod_autoscaler, "cpu", namespace),
+        what="HPA",
+    )
     assert hpa.spec.metrics[0].resource.target.average_utilization == 70
 
 
-def test_gpu_aware_rollout_strategy(resources: Resources, api_client: client.ApiClient, namespace: str,
-                                    volumes: Any) -> None:
+def test_gpu_aware_rollout_strategy(
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+) -> None:
     # 16 GPUs in the cluster: a replica of 2 GPUs fits beside the others (surge) ...
     resources.create(MS, modelserver("roomy", replicas=1, resources={"gpus": 2}))
     apps = client.AppsV1Api(api_client)
-    deploy = wait_for(lambda: _read(apps.read_namespaced_deployment, "roomy", namespace), what="deployment")
+    deploy = wait_for(
+        lambda: _read(apps.read_namespaced_deployment, "roomy", namespace), what="deployment"
+    )
     assert deploy.spec.strategy.rolling_update.max_surge == 1
     assert deploy.spec.strategy.rolling_update.max_unavailable == 0
     # ... a replica of 9 GPUs cannot get a spare node: replace one at a time.
     resources.create(MS, modelserver("tight", replicas=1, resources={"gpus": 9}))
-    deploy = wait_for(lambda: _read(apps.read_namespaced_deployment, "tight", namespace), what="deployment")
+    deploy = wait_for(
+        lambda: _read(apps.read_namespaced_deployment, "tight", namespace), what="deployment"
+    )
     assert deploy.spec.strategy.rolling_update.max_surge == 0
     assert deploy.spec.strategy.rolling_update.max_unavailable == 1
 
@@ -163,7 +257,10 @@ def test_gpu_aware_rollout_strategy(resources: Resources, api_client: client.Api
     ("spec", "message"),
     [
         ({"replicas": 2, "autoscaling": {"maxReplicas": 3, "target": 10}}, "mutually exclusive"),
-        ({"autoscaling": {"minReplicas": 4, "maxReplicas": 3, "target": 10}}, "minReplicas must not exceed"),
+        (
+            {"autoscaling": {"minReplicas": 4, "maxReplicas": 3, "target": 10}},
+            "minReplicas must not exceed",
+        ),
         ({"model": {"source": "pvc://a/b", "fineTuneJobRef": {"name": "x"}}}, "exactly one of"),
         ({"model": {}}, "exactly one of"),
     ],
@@ -177,12 +274,20 @@ def test_bad_modelservers_are_rejected_with_a_clear_message(
     assert message in json.loads(err.value.body)["message"]
 
 
-def test_deleted_deployment_is_restored(resources: Resources, api_client: client.ApiClient, namespace: str,
-                                        volumes: Any) -> None:
+def test_deleted_deployment_is_restored(
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+) -> None:
     resources.create(MS, modelserver("heal", replicas=1, resources={"gpus": 0}))
     apps = client.AppsV1Api(api_client)
-    first = wait_for(lambda: _read(apps.read_namespaced_deployment, "heal", namespace), what="deployment")
+    first = wait_for(
+        lambda: _read(apps.read_namespaced_deployment, "heal", namespace), what="deployment"
+    )
     apps.delete_namespaced_deployment("heal", namespace)
-    wait_for(lambda: (d := _read(apps.read_namespaced_deployment, "heal", namespace)) and d.metadata.uid != first.metadata.uid,
-             what="restored deployment")
+    wait_for(
+        lambda: (
+            (d := _read(apps.read_namespaced_deployment, "heal", namespace))
+            and d.metadata.uid != first.metadata.uid
+        ),
+        what="restored deployment",
+    )
     resources.wait_phase(MS, "heal", "Ready")

@@ -68,7 +68,11 @@ def child_name(owner_name: str, suffix: str = "", limit: int = 63) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     keep = limit - len(digest) - len(suffix) - 2
-    return f"{owner_name[:keep].rstrip('-')}-{digest}-{suffix}" if suffix else f"{name[: limit - 9]}-{digest}"
+    return (
+        f"{owner_name[:keep].rstrip('-')}-{digest}-{suffix}"
+        if suffix
+        else f"{name[: limit - 9]}-{digest}"
+    )
 
 
 def labels(owner: Owner, component: str) -> dict[str, str]:
@@ -136,7 +140,7 @@ def resource_requirements(
 
 
 def gpu_tolerations(gpus: int, gpu_resource: str) -> list[dict[str, Any]]:
-    """GPU nodes are commonly tainted with the GPU resource name; tolerate it when we ask for GPUs."""
+    """GPU nodes are commonly tainted with the GPU resource name: tolerate it when asking for GPUs."""
     if not gpus:
         return []
     return [{"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]

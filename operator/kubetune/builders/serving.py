@@ -20,7 +20,6 @@ from kubetune.api.v1alpha1.modelserver import (
 from kubetune.builders.common import (
     Owner,
     Settings,
-    child_name,
     container_security_context,
     gpu_tolerations,
     metadata,
@@ -77,7 +76,9 @@ def rollout_strategy(spec: ModelServerSpec, spare_gpus: int) -> dict[str, Any]:
     per_pod = spec.resources.gpus
     if strategy == RolloutStrategy.AUTO:
         strategy = (
-            RolloutStrategy.SURGE if per_pod == 0 or spare_gpus >= per_pod else RolloutStrategy.REPLACE
+            RolloutStrategy.SURGE
+            if per_pod == 0 or spare_gpus >= per_pod
+            else RolloutStrategy.REPLACE
         )
     if strategy == RolloutStrategy.SURGE:
         update = {"maxSurge": 1, "maxUnavailable": 0}
@@ -90,7 +91,10 @@ def _fetch_container(
     ms: ModelServer, owner: Owner, model: ResolvedModel, settings: Settings
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     scheme, claim, path = split_uri(model.uri)
-    mounts = [{"name": "model-repository", "mountPath": MODEL_REPOSITORY}, {"name": "tmp", "mountPath": "/tmp"}]
+    mounts: list[dict[str, Any]] = [
+        {"name": "model-repository", "mountPath": MODEL_REPOSITORY},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
     volumes: list[dict[str, Any]] = []
     source = model.uri
     if scheme == "pvc":
@@ -104,7 +108,10 @@ def _fetch_container(
     if ref is not None:
         keys = ("HF_TOKEN",) if scheme == "hf" else S3_KEYS
         env = [
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}}}
+            {
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}},
+            }
             for key in keys
         ]
     container = {
@@ -120,7 +127,10 @@ def _fetch_container(
             f"--instance-count={ms.spec.triton.instance_count}",
             f"--dynamic-batching={'true' if ms.spec.triton.dynamic_batching.enabled else 'false'}",
             f"--max-queue-delay-us={ms.spec.triton.dynamic_batching.max_queue_delay_microseconds}",
-            *[f"--preferred-batch-size={s}" for s in ms.spec.triton.dynamic_batching.preferred_batch_sizes],
+            *[
+                f"--preferred-batch-size={s}"
+                for s in ms.spec.triton.dynamic_batching.preferred_batch_sizes
+            ],
             f"--gpus={ms.spec.resources.gpus}",
         ],
         "env": env,
@@ -200,7 +210,9 @@ def build_deployment(
     }
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
-    tolerations = gpu_tolerations(res.gpus, res.gpu_resource_name) + [t.to_wire() for t in res.tolerations]
+    tolerations = gpu_tolerations(res.gpus, res.gpu_resource_name) + [
+        t.to_wire() for t in res.tolerations
+    ]
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if res.affinity:
@@ -262,7 +274,10 @@ def build_hpa(ms: ModelServer, owner: Owner) -> dict[str, Any] | None:
     if metric == AutoscalingMetric.CPU:
         target: dict[str, Any] = {
             "type": "Resource",
-            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": auto.target}},
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": auto.target},
+            },
         }
     else:
         target = {
@@ -313,7 +328,12 @@ def build_network_policy(ms: ModelServer, owner: Owner) -> dict[str, Any] | None
             "podSelector": {"matchLabels": selector_labels(owner)},
             "policyTypes": ["Ingress"],
             "ingress": [
-                {"ports": [{"port": p, "protocol": "TCP"} for p in (svc.http_port, svc.grpc_port, svc.metrics_port)]}
+                {
+                    "ports": [
+                        {"port": p, "protocol": "TCP"}
+                        for p in (svc.http_port, svc.grpc_port, svc.metrics_port)
+                    ]
+                }
             ],
         },
     }

@@ -182,7 +182,9 @@ def build_rbac(owner: Owner) -> list[dict[str, Any]]:
         "kind": "RoleBinding",
         "metadata": metadata(owner, n["account"], "trainer"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n["account"]},
-        "subjects": [{"kind": "ServiceAccount", "name": n["account"], "namespace": owner.namespace}],
+        "subjects": [
+            {"kind": "ServiceAccount", "name": n["account"], "namespace": owner.namespace}
+        ],
     }
     return [account, role, binding]
 
@@ -229,9 +231,7 @@ def _secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
             env.append(
                 {
                     "name": key,
-                    "valueFrom": {
-                        "secretKeyRef": {"name": ref.name, "key": key, "optional": True}
-                    },
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}},
                 }
             )
     return env
@@ -318,7 +318,9 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
         "backoffLimit": policy.backoff_limit,
         "suspend": policy.suspend,
         "template": {
-            "metadata": {"labels": selector_labels(owner) | {"app.kubernetes.io/component": "trainer"}},
+            "metadata": {
+                "labels": selector_labels(owner) | {"app.kubernetes.io/component": "trainer"}
+            },
             "spec": pod_spec,
         },
     }

@@ -1,4 +1,4 @@
-"""Job and pods -> what the FineTuneJob's status should say. Pure: the handler fetches, this judges."""
+"""Job and pods -> what the FineTuneJob's status says. Pure: the handler fetches, this judges."""
 
 from __future__ import annotations
 
@@ -83,11 +83,13 @@ def _last_failure(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     return reason, f"{message} (exit code {term.get('exitCode')})"
 
 
-def observe(ftj: FineTuneJob, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Observation:
+def observe(
+    ftj: FineTuneJob, job: dict[str, Any] | None, pods: list[dict[str, Any]]
+) -> Observation:
     if job is None:
         return Observation(Phase.PENDING, "Creating", "creating the training pods")
     status = job.get("status") or {}
-    counts = {
+    counts: dict[str, Any] = {
         "active": int(status.get("active") or 0),
         "succeeded": int(status.get("succeeded") or 0),
         "failed": int(status.get("failed") or 0),
@@ -96,8 +98,13 @@ def observe(ftj: FineTuneJob, job: dict[str, Any] | None, pods: list[dict[str, A
     }
     if done := _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         return Observation(
-            Phase.SUCCEEDED, "Succeeded", "training finished",
-            **{**counts, "completion_time": counts["completion_time"] or done.get("lastTransitionTime")},
+            Phase.SUCCEEDED,
+            "Succeeded",
+            "training finished",
+            **{
+                **counts,
+                "completion_time": counts["completion_time"] or done.get("lastTransitionTime"),
+            },
         )
     if failed := _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
         classified = _last_failure(pods)
@@ -108,7 +115,10 @@ def observe(ftj: FineTuneJob, job: dict[str, Any] | None, pods: list[dict[str, A
         else:
             reason, message = job_reason, str(failed.get("message") or job_reason)
         return Observation(
-            Phase.FAILED, reason, message, failure_reason=reason,
+            Phase.FAILED,
+            reason,
+            message,
+            failure_reason=reason,
             **{**counts, "completion_time": failed.get("lastTransitionTime")},
         )
     if (job.get("spec") or {}).get("suspend"):
@@ -116,18 +126,24 @@ def observe(ftj: FineTuneJob, job: dict[str, Any] | None, pods: list[dict[str, A
         reason = "WaitingForQueue" if queued else "Suspended"
         message = (
             f"waiting for admission by Kueue queue {ftj.spec.queue_name!r}"
-            if queued else "spec.runPolicy.suspend is true; no pods run"
+            if queued
+            else "spec.runPolicy.suspend is true; no pods run"
         )
         return Observation(Phase.SUSPENDED, reason, message, **counts)
     if unschedulable := _unschedulable(pods):
         return Observation(
-            Phase.PENDING, "Unschedulable", f"training pods cannot be scheduled: {unschedulable}",
-            unschedulable=unschedulable, **counts,
+            Phase.PENDING,
+            "Unschedulable",
+            f"training pods cannot be scheduled: {unschedulable}",
+            unschedulable=unschedulable,
+            **counts,
         )
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     restarts = counts["failed"]
     if counts["succeeded"] and not running:
-        return Observation(Phase.RUNNING, "Finishing", "training pods finished; completing", **counts)
+        return Observation(
+            Phase.RUNNING, "Finishing", "training pods finished; completing", **counts
+        )
     if running:
         message = f"{len(running)}/{ftj.spec.resources.nodes} training pods running"
         if restarts:

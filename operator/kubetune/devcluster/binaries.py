@@ -1,4 +1,4 @@
-"""The control plane's binaries: pinned versions, a cache keyed by them, and the build that fills it.
+"""The control plane's binaries: pinned versions, a cache keyed by them, the build that fills it.
 
 This module is the single place that pins the versions. The build itself is the shell script next
 to it (it is a sequence of `go` commands); this module runs it, streams its progress and caches the
@@ -89,7 +89,9 @@ def ensure_binaries(log: bool = True) -> Binaries:
                 stdout=sys.stderr if log else subprocess.DEVNULL,
             )
     if log:
-        print(f"kubetune: control plane built in {time.monotonic() - started:.0f}s", file=sys.stderr)
+        print(
+            f"kubetune: control plane built in {time.monotonic() - started:.0f}s", file=sys.stderr
+        )
     if not bins.complete:
         missing = [c for c in COMPONENTS if not os.access(bins.path(c), os.X_OK)]
         raise RuntimeError(f"build finished but these binaries are missing: {missing}")

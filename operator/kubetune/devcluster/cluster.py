@@ -150,7 +150,7 @@ class LocalCluster:
     # -- lifecycle --------------------------------------------------------------------------
 
     def up(self, timeout: float = 120.0) -> bool:
-        """Start the cluster, or detect the one already running. Returns True when it started one."""
+        """Start the cluster, or detect the one already running; True when it started one."""
         if self.components():
             if self.is_running():
                 return False
@@ -203,8 +203,13 @@ class LocalCluster:
             "apiserver",
             "kube-apiserver",
             sans=[
-                "127.0.0.1", "localhost", "10.96.0.1", "kubernetes", "kubernetes.default",
-                "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
+                "127.0.0.1",
+                "localhost",
+                "10.96.0.1",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
             ],
             server=True,
         )
@@ -341,7 +346,9 @@ class LocalCluster:
         dead = self.dead_components()
         if dead:
             raise ClusterError(
-                "\n".join(f"{c.name} exited; last lines of {c.log}:\n{_tail(Path(c.log))}" for c in dead)
+                "\n".join(
+                    f"{c.name} exited; last lines of {c.log}:\n{_tail(Path(c.log))}" for c in dead
+                )
             )
 
     def _ssl_context(self, pki: Pki, client: CertPair) -> ssl.SSLContext:
@@ -375,7 +382,7 @@ class LocalCluster:
     def _create_nodes(self, timeout: float) -> None:
         from kubernetes import client, config
 
-        api = client.CoreV1Api(config.new_client_from_config(str(self.kubeconfig)))
+        api: Any = client.CoreV1Api(config.new_client_from_config(str(self.kubeconfig)))
         for node in self.nodes:
             api.create_node(_node_manifest(node))
         deadline = time.monotonic() + timeout
@@ -397,9 +404,14 @@ def _kubeconfig(cluster: str, server: str, ca: Path, user: str, pair: CertPair) 
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": cluster, "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "clusters": [
+            {"name": cluster, "cluster": {"server": server, "certificate-authority": str(ca)}}
+        ],
         "users": [
-            {"name": user, "user": {"client-certificate": str(pair.cert), "client-key": str(pair.key)}}
+            {
+                "name": user,
+                "user": {"client-certificate": str(pair.cert), "client-key": str(pair.key)},
+            }
         ],
         "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": user}}],
         "current-context": cluster,

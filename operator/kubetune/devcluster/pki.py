@@ -84,9 +84,15 @@ class Pki:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -111,7 +117,9 @@ class Pki:
         ca_cert = x509.load_pem_x509_certificate(self.ca.cert.read_bytes())
         key = _key()
         now = datetime.datetime.now(datetime.UTC)
-        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + (
+            [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+        )
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name, organization))

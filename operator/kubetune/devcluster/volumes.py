@@ -10,7 +10,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 
-def claim_manifests(namespace: str, claim: str, host_dir: Path, size: str = "10Gi") -> list[dict[str, Any]]:
+def claim_manifests(
+    namespace: str, claim: str, host_dir: Path, size: str = "10Gi"
+) -> list[dict[str, Any]]:
     pv_name = f"kubetune-{namespace}-{claim}"[:253]
     pv = {
         "apiVersion": "v1",

@@ -1,12 +1,13 @@
-"""What both resources' handlers share: parsing errors into field messages, events, status writes."""
+"""What both resources' handlers share: field-named parse errors, events, status writes."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
@@ -62,7 +63,9 @@ def write_status(
     try:
         kube.patch_status(API_VERSION, kind, meta["name"], meta["namespace"], status)
     except KubeError as err:
-        raise kopf.TemporaryError(f"could not write the {plural_kind} status: {err}", delay=5) from err
+        raise kopf.TemporaryError(
+            f"could not write the {plural_kind} status: {err}", delay=5
+        ) from err
 
 
 def conditions_of(body: dict[str, Any]) -> list[Condition]:
@@ -79,7 +82,7 @@ def conditions_of(body: dict[str, Any]) -> list[Condition]:
 def with_conditions(
     conditions: list[Condition],
     generation: int,
-    updates: list[tuple[str, bool | ConditionStatus, str, str]],
+    updates: Sequence[tuple[str, bool | ConditionStatus, str, str]],
 ) -> list[Condition]:
     for type_, status, reason, message in updates:
         conditions = set_condition(conditions, type_, status, reason, message, generation)
@@ -89,9 +92,10 @@ def with_conditions(
 def post_event(body: dict[str, Any], warning: bool, reason: str, message: str) -> None:
     """An Event on the resource; never fails the reconcile (events are best-effort)."""
     try:
+        target = cast(kopf.Body, body)
         if warning:
-            kopf.warn(body, reason=reason, message=message)
+            kopf.warn(target, reason=reason, message=message)
         else:
-            kopf.info(body, reason=reason, message=message)
-    except Exception:  # noqa: BLE001 - posting events must never break a reconcile
+            kopf.info(target, reason=reason, message=message)
+    except Exception:
         log.debug("could not post event %s", reason, exc_info=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
@@ -25,7 +25,10 @@ from kubetune.handlers.common import (
 from kubetune.kube import Forbidden, Invalid, KubeError, NotFound
 
 GROUP, VERSION = API_VERSION.split("/")
-CHILD_SELECTOR = {MANAGED_BY: "kubetune", FTJ_LABEL: kopf.PRESENT}
+CHILD_SELECTOR: dict[str, Any] = {
+    MANAGED_BY: "kubetune",
+    FTJ_LABEL: kopf.PRESENT,
+}
 GPU_WATTS = 700.0  # H100 SXM board power: the estimate behind status.energyKWh
 STALL_AFTER_SECONDS = 900
 
@@ -69,7 +72,9 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             # A Job's pod template is immutable: a changed template means a new Job, which
             # resumes from the last checkpoint.
             ctx.kube.delete("batch/v1", "Job", stale_job, owner.namespace)
-            post_event(body, False, "Recreating", f"pod template changed; recreating Job {stale_job}")
+            post_event(
+                body, False, "Recreating", f"pod template changed; recreating Job {stale_job}"
+            )
         _apply_all(ctx, children, dry_run=False)
     except SpecRejected as err:
         _report_rejected(ctx, body, owner, err)
@@ -122,7 +127,7 @@ def _stale_job(ctx: Context, job: dict[str, Any]) -> str | None:
 
 def _spec_changed(body: dict[str, Any]) -> bool:
     observed = (body.get("status") or {}).get("observedGeneration")
-    return observed != body["metadata"].get("generation")
+    return bool(observed != body["metadata"].get("generation"))
 
 
 def _apply_all(ctx: Context, children: list[dict[str, Any]], dry_run: bool) -> None:
@@ -166,7 +171,9 @@ def refresh_status(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> None
     old = body.get("status") or {}
     status = _status(ftj, owner, seen, old, conditions_of(body))
     write_status(ctx.kube, KIND, "FineTuneJob", body, status)
-    if old.get("phase") != status["phase"] or old.get("failureReason") != status.get("failureReason"):
+    if old.get("phase") != status["phase"] or old.get("failureReason") != status.get(
+        "failureReason"
+    ):
         post_event(body, seen.phase == Phase.FAILED, seen.reason, seen.message)
 
 
@@ -182,14 +189,30 @@ def _status(
     updates: list[tuple[str, bool, str, str]] = [
         ("Ready", True, "ChildrenReady", "training children are in place"),
         ("Running", phase == Phase.RUNNING, seen.reason, seen.message),
-        ("Succeeded", phase == Phase.SUCCEEDED, seen.reason if finished else "NotFinished",
-         seen.message if finished else "training has not finished"),
-        ("Failed", phase == Phase.FAILED, seen.reason if phase == Phase.FAILED else "NotFailed",
-         seen.message if phase == Phase.FAILED else ""),
-        ("Suspended", phase == Phase.SUSPENDED, seen.reason if phase == Phase.SUSPENDED else
-         "NotSuspended", seen.message if phase == Phase.SUSPENDED else ""),
-        ("Scheduled", seen.unschedulable is None, "Unschedulable" if seen.unschedulable else
-         "Scheduled", seen.unschedulable or ""),
+        (
+            "Succeeded",
+            phase == Phase.SUCCEEDED,
+            seen.reason if finished else "NotFinished",
+            seen.message if finished else "training has not finished",
+        ),
+        (
+            "Failed",
+            phase == Phase.FAILED,
+            seen.reason if phase == Phase.FAILED else "NotFailed",
+            seen.message if phase == Phase.FAILED else "",
+        ),
+        (
+            "Suspended",
+            phase == Phase.SUSPENDED,
+            seen.reason if phase == Phase.SUSPENDED else "NotSuspended",
+            seen.message if phase == Phase.SUSPENDED else "",
+        ),
+        (
+            "Scheduled",
+            seen.unschedulable is None,
+            "Unschedulable" if seen.unschedulable else "Scheduled",
+            seen.unschedulable or "",
+        ),
     ]
     if phase == Phase.RUNNING:
         updates.append(_stall_condition(old))
@@ -295,12 +318,12 @@ def _on_child_event(ctx: Context, event: dict[str, Any], full: bool) -> None:
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_SELECTOR)
 def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _on_child_event(context(memo), dict(event), full=True)
+    _on_child_event(context(memo), _event(event), full=True)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
 def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _on_child_event(context(memo), dict(event), full=False)
+    _on_child_event(context(memo), _event(event), full=False)
 
 
 @kopf.on.event("", "v1", "configmaps", labels=CHILD_SELECTOR)
@@ -310,4 +333,12 @@ def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_SELECTOR)
 def config_child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     if event.get("type") in ("DELETED", "MODIFIED"):
-        _on_child_event(context(memo), dict(event), full=True)
+        _on_child_event(context(memo), _event(event), full=True)
+
+
+def _event(event: kopf.RawEvent) -> dict[str, Any]:
+    return cast(dict[str, Any], event)
+
+
+def _object(event: kopf.RawEvent) -> dict[str, Any]:
+    return cast(dict[str, Any], _event(event).get("object") or {})

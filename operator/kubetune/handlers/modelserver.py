@@ -1,9 +1,9 @@
-"""ModelServer handlers: one reconcile for create, resume, update, timer, child and FineTuneJob events."""
+"""ModelServer handlers: one reconcile for create, resume, update, timer, children and jobs."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
@@ -27,7 +27,10 @@ from kubetune.handlers.common import (
 from kubetune.kube import Forbidden, Invalid, KubeError
 
 GROUP, VERSION = API_VERSION.split("/")
-CHILD_SELECTOR = {MANAGED_BY: "kubetune", MS_LABEL: kopf.PRESENT}
+CHILD_SELECTOR: dict[str, Any] = {
+    MANAGED_BY: "kubetune",
+    MS_LABEL: kopf.PRESENT,
+}
 
 
 class NotServable(Exception):
@@ -103,7 +106,8 @@ def _resolve_model(ctx: Context, ms: ModelServer, owner: Owner) -> ResolvedModel
     if status.get("phase") != "Succeeded" or not uri:
         raise NotServable(
             "WaitingForFineTuneJob",
-            f"waiting for FineTuneJob {name!r} to succeed (it is {status.get('phase') or 'Pending'})",
+            f"waiting for FineTuneJob {name!r} to succeed "
+            f"(it is {status.get('phase') or 'Pending'})",
             Phase.PENDING,
         )
     run = f"{job['metadata']['uid'][:8]}-{status.get('completionTime') or ''}"
@@ -137,12 +141,16 @@ def _apply_all(ctx: Context, children: list[dict[str, Any]], dry_run: bool) -> N
         try:
             ctx.kube.apply(child, dry_run=dry_run)
         except (Invalid, Forbidden) as err:
-            raise NotServable("ChildRejected", f"the API server refused {what}: {err}", Phase.FAILED) from err
+            raise NotServable(
+                "ChildRejected", f"the API server refused {what}: {err}", Phase.FAILED
+            ) from err
         except KubeError as err:
             raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
 
 
-def _report_not_servable(ctx: Context, body: dict[str, Any], owner: Owner, err: NotServable) -> None:
+def _report_not_servable(
+    ctx: Context, body: dict[str, Any], owner: Owner, err: NotServable
+) -> None:
     waiting = err.phase == Phase.PENDING
     conditions = with_conditions(
         conditions_of(body),
@@ -158,7 +166,11 @@ def _report_not_servable(ctx: Context, body: dict[str, Any], owner: Owner, err: 
         KIND,
         "ModelServer",
         body,
-        {"phase": err.phase.value, "conditions": _wire(conditions), "observedGeneration": owner.generation},
+        {
+            "phase": err.phase.value,
+            "conditions": _wire(conditions),
+            "observedGeneration": owner.generation,
+        },
     )
     if old.get("phase") != err.phase.value or _condition_reason(old, "Ready") != err.reason:
         post_event(body, not waiting, err.reason, str(err))
@@ -180,7 +192,9 @@ def _deployment_condition(deploy: dict[str, Any], type_: str) -> dict[str, Any]:
     return {}
 
 
-def refresh_status(ctx: Context, body: dict[str, Any], ms: ModelServer, model: ResolvedModel) -> None:
+def refresh_status(
+    ctx: Context, body: dict[str, Any], ms: ModelServer, model: ResolvedModel
+) -> None:
     owner = Owner.from_body(body)
     deploy = ctx.kube.get("apps/v1", "Deployment", owner.name, owner.namespace) or {}
     dstatus = deploy.get("status") or {}
@@ -188,32 +202,64 @@ def refresh_status(ctx: Context, body: dict[str, Any], ms: ModelServer, model: R
     ready = int(dstatus.get("readyReplicas") or 0)
     updated = int(dstatus.get("updatedReplicas") or 0)
     total = int(dstatus.get("replicas") or 0)
-    caught_up = dstatus.get("observedGeneration") == (deploy.get("metadata") or {}).get("generation")
+    caught_up = dstatus.get("observedGeneration") == (deploy.get("metadata") or {}).get(
+        "generation"
+    )
     rolled_out = caught_up and updated == desired and total == desired
     progress = _deployment_condition(deploy, "Progressing")
     stuck = progress.get("reason") == "ProgressDeadlineExceeded"
     if stuck:
-        phase, reason, message = Phase.FAILED, "ProgressDeadlineExceeded", str(progress.get("message"))
+        phase, reason, message = (
+            Phase.FAILED,
+            "ProgressDeadlineExceeded",
+            str(progress.get("message")),
+        )
     elif desired == 0:
         phase, reason, message = Phase.PENDING, "ScaledToZero", "no replicas are wanted"
     elif ready >= desired and rolled_out:
-        phase, reason, message = Phase.READY, "ModelAnswering", f"{ready}/{desired} replicas serve the model"
+        phase, reason, message = (
+            Phase.READY,
+            "ModelAnswering",
+            f"{ready}/{desired} replicas serve the model",
+        )
     elif not rolled_out:
-        phase, reason, message = Phase.PROGRESSING, "RollingOut", f"{updated}/{desired} replicas updated, {ready} ready"
+        phase, reason, message = (
+            Phase.PROGRESSING,
+            "RollingOut",
+            f"{updated}/{desired} replicas updated, {ready} ready",
+        )
     else:
-        phase, reason, message = Phase.DEGRADED, "ReplicasUnavailable", f"{ready}/{desired} replicas ready"
+        phase, reason, message = (
+            Phase.DEGRADED,
+            "ReplicasUnavailable",
+            f"{ready}/{desired} replicas ready",
+        )
     is_ready = phase == Phase.READY
     conditions = with_conditions(
         conditions_of(body),
         owner.generation,
         [
             ("Ready", is_ready, reason, message),
-            ("ModelLoaded", ready > 0, "ModelReady" if ready else "NoReadyReplica",
-             f"{ready} replicas report the model ready" if ready else "no replica has loaded the model yet"),
-            ("Progressing", not rolled_out, "RollingOut" if not rolled_out else "RolloutComplete",
-             message if not rolled_out else f"revision {model.revision} rolled out"),
-            ("Degraded", phase in (Phase.DEGRADED, Phase.FAILED), reason if phase in (Phase.DEGRADED, Phase.FAILED) else "AsDesired",
-             message if phase in (Phase.DEGRADED, Phase.FAILED) else ""),
+            (
+                "ModelLoaded",
+                ready > 0,
+                "ModelReady" if ready else "NoReadyReplica",
+                f"{ready} replicas report the model ready"
+                if ready
+                else "no replica has loaded the model yet",
+            ),
+            (
+                "Progressing",
+                not rolled_out,
+                "RollingOut" if not rolled_out else "RolloutComplete",
+                message if not rolled_out else f"revision {model.revision} rolled out",
+            ),
+            (
+                "Degraded",
+                phase in (Phase.DEGRADED, Phase.FAILED),
+                reason if phase in (Phase.DEGRADED, Phase.FAILED) else "AsDesired",
+                message if phase in (Phase.DEGRADED, Phase.FAILED) else "",
+            ),
         ],
     )
     svc = ms.spec.service
@@ -231,7 +277,11 @@ def refresh_status(ctx: Context, body: dict[str, Any], ms: ModelServer, model: R
         "modelName": serving.model_name(ms, owner),
         "served": {
             "uri": model.uri,
-            **({"fineTuneJobUid": _ftj_uid(ctx, ms, owner)} if ms.spec.model.fine_tune_job_ref else {}),
+            **(
+                {"fineTuneJobUid": _ftj_uid(ctx, ms, owner)}
+                if ms.spec.model.fine_tune_job_ref
+                else {}
+            ),
         },
     }
     old = body.get("status") or {}
@@ -265,7 +315,7 @@ def _parent(ctx: Context, obj: dict[str, Any]) -> dict[str, Any] | None:
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_SELECTOR)
 def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     ctx = context(memo)
-    parent = _parent(ctx, dict(event).get("object") or {})
+    parent = _parent(ctx, _object(event))
     if parent is not None and not parent["metadata"].get("deletionTimestamp"):
         reconcile_body(ctx, parent)
 
@@ -274,7 +324,7 @@ def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """A FineTuneJob changed: the ModelServers that serve it may have a new model to roll out."""
     ctx = context(memo)
-    job = dict(event).get("object") or {}
+    job = _object(event)
     meta = job.get("metadata") or {}
     if (job.get("status") or {}).get("phase") != "Succeeded" and event.get("type") != "DELETED":
         return
@@ -282,3 +332,11 @@ def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         ref = ((server.get("spec") or {}).get("model") or {}).get("fineTuneJobRef") or {}
         if ref.get("name") == meta.get("name"):
             reconcile_body(ctx, server)
+
+
+def _event(event: kopf.RawEvent) -> dict[str, Any]:
+    return cast(dict[str, Any], event)
+
+
+def _object(event: kopf.RawEvent) -> dict[str, Any]:
+    return cast(dict[str, Any], _event(event).get("object") or {})

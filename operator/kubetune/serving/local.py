@@ -49,7 +49,7 @@ PYTRITON_DISTRIBUTION = "nvidia-pytriton"
 STUB_NUMPY_VERSION = "1.26.4"
 STUB_NAME = "triton_python_backend_stub"
 DEFAULT_READY_TIMEOUT = 180.0
-LOG_TAIL_LINES = 60
+LOG_TAIL_LINES = 30
 
 
 class TritonError(RuntimeError):
@@ -280,11 +280,18 @@ def free_ports(count: int) -> list[int]:
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The log's error lines, then its last lines: Triton prints large status tables at exit
+    that would push the one line saying why out of a plain tail. Table rows are left out."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
+    kept = [line for line in text.splitlines() if line.strip() and line[:1] not in "|+"]
+    errors = [line for line in kept if line.startswith("E") and line[1:5].isdigit()]
+    parts = []
+    if errors:
+        parts += ["errors:", *errors[-10:], "last lines:"]
+    return "\n".join(parts + kept[-lines:])
 
 
 @dataclass

@@ -117,7 +117,7 @@ class LoraSpec(ApiModel):
     dropout: float = Field(default=0.05, description="Dropout on the LoRA path.", ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=list,
-        description="Module names to adapt; empty lets peft pick the defaults for the architecture.",
+        description="Module names to adapt; empty lets peft pick the architecture's defaults.",
         max_length=64,
     )
     merge: bool = Field(
@@ -248,7 +248,9 @@ class FineTuneJobSpec(ApiModel):
         max_length=63,
     )
     image: str | None = Field(
-        default=None, description="Trainer image; the operator's default when absent.", max_length=512
+        default=None,
+        description="Trainer image; the operator's default when absent.",
+        max_length=512,
     )
 
     model_config = ApiModel.model_config | {
@@ -304,7 +306,9 @@ class OutputStatus(ApiModel):
 class FineTuneJobStatus(ApiModel):
     """Observed state of a FineTuneJob."""
 
-    phase: Phase | None = Field(default=None, description="Pending, Running, Succeeded, Failed, Suspended.")
+    phase: Phase | None = Field(
+        default=None, description="Pending, Running, Succeeded, Failed, Suspended."
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Ready, Running, Succeeded, Failed, Suspended and others, metav1-style.",
@@ -323,7 +327,9 @@ class FineTuneJobStatus(ApiModel):
     failed: int = Field(default=0, description="Training pod failures so far.", ge=0)
     start_time: datetime | None = Field(default=None, description="When training started.")
     completion_time: datetime | None = Field(default=None, description="When the job finished.")
-    last_checkpoint: Checkpoint | None = Field(default=None, description="Last complete checkpoint.")
+    last_checkpoint: Checkpoint | None = Field(
+        default=None, description="Last complete checkpoint."
+    )
     output: OutputStatus | None = Field(default=None, description="What the job produced.")
     gpu_hours: float | None = Field(default=None, description="GPU-hours consumed so far.")
     energy_kwh: float | None = Field(default=None, description="Estimated energy, kWh.")
@@ -340,6 +346,8 @@ class FineTuneJob(ApiModel):
     kind: str = Field(default=KIND, description="FineTuneJob")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: FineTuneJobSpec = Field(description="Desired state.")
-    status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus, description="Observed state.")
+    status: FineTuneJobStatus = Field(
+        default_factory=FineTuneJobStatus, description="Observed state."
+    )
 
     model_config = ApiModel.model_config | {"extra": "ignore"}

@@ -13,8 +13,8 @@ from kubetune.api.v1alpha1.base import (
     Condition,
     Quantity,
     SchedulingSpec,
+    SecretRef,
 )
-from kubetune.api.v1alpha1.base import SecretRef as SecretRef
 
 KIND = "ModelServer"
 PLURAL = "modelservers"
@@ -269,7 +269,9 @@ class ServedRevision(ApiModel):
 class ModelServerStatus(ApiModel):
     """Observed state of a ModelServer."""
 
-    phase: Phase | None = Field(default=None, description="Pending, Progressing, Ready, Degraded, Failed.")
+    phase: Phase | None = Field(
+        default=None, description="Pending, Progressing, Ready, Degraded, Failed."
+    )
     conditions: list[Condition] = Field(
         default_factory=list,
         description="Ready, ModelLoaded, Progressing, Degraded, SmokeTestPassed, metav1-style.",
@@ -295,6 +297,8 @@ class ModelServer(ApiModel):
     kind: str = Field(default=KIND, description="ModelServer")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: ModelServerSpec = Field(description="Desired state.")
-    status: ModelServerStatus = Field(default_factory=ModelServerStatus, description="Observed state.")
+    status: ModelServerStatus = Field(
+        default_factory=ModelServerStatus, description="Observed state."
+    )
 
     model_config = ApiModel.model_config | {"extra": "ignore"}

@@ -17,7 +17,9 @@ class JobRef(ApiModel):
 
     name: str = Field(description="FineTuneJob name.")
     namespace: str = Field(description="FineTuneJob namespace.")
-    uid: str | None = Field(default=None, description="FineTuneJob UID (guards against a recreated object).")
+    uid: str | None = Field(
+        default=None, description="FineTuneJob UID (guards against a recreated object)."
+    )
 
 
 class TrainerPaths(ApiModel):
@@ -41,7 +43,7 @@ class ReportingSpec(ApiModel):
 
     to_api_server: bool = Field(
         default=True,
-        description="Patch the FineTuneJob's status with the in-pod credential; off for local runs.",
+        description="Patch the FineTuneJob's status with the pod's credential; off for local runs.",
     )
     min_interval_seconds: float = Field(
         default=5.0, description="At most one status write per this many seconds.", ge=0.0
@@ -54,4 +56,6 @@ class TrainerConfig(ApiModel):
     job: JobRef | None = Field(default=None, description="The FineTuneJob to report to.")
     spec: FineTuneJobSpec = Field(description="The FineTuneJob's spec, as the operator saw it.")
     paths: TrainerPaths = Field(description="Resolved inputs and outputs.")
-    reporting: ReportingSpec = Field(default_factory=ReportingSpec, description="Progress reporting.")
+    reporting: ReportingSpec = Field(
+        default_factory=ReportingSpec, description="Progress reporting."
+    )

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.api.v1alpha1.finetunejob import Phase
+from kubetune.builders.common import child_name
+from kubetune.builders.training import check_spec, dependencies
+from kubetune.builders.training_status import classify_termination, observe
+from kubetune.handlers.common import describe_validation_error
+
+
+def ftj(**spec: Any) -> FineTuneJob:
+    base: dict[str, Any] = {
+        "model": {"source": "pvc://models/base"},
+        "dataset": {"source": "pvc://data/train.jsonl"},
+        "output": {"uri": "pvc://models/out"},
+    }
+    base.update(spec)
+    return FineTuneJob.model_validate({"metadata": {"name": "x"}, "spec": base})
+
+
+def test_format_inference_problem_names_the_field() -> None:
+    problems = check_spec(ftj(dataset={"source": "pvc://data/train.bin"}).spec)
+    assert [p.field for p in problems] == ["spec.dataset.format"]
+    assert check_spec(ftj(dataset={"source": "pvc://data/train.bin", "format": "csv"}).spec) == []
+
+
+def test_dependencies_list_claims_once_per_field_and_secrets() -> None:
+    deps = dependencies(ftj(model={"source": "hf://org/m", "secretRef": {"name": "tok"}}).spec)
+    assert [(d.kind, d.name, d.field) for d in deps] == [
+        ("PersistentVolumeClaim", "data", "spec.dataset.source"),
+        ("PersistentVolumeClaim", "models", "spec.output.uri"),
+        ("Secret", "tok", "spec.model.secretRef.name"),
+    ]
+
+
+def test_validation_errors_name_the_field_by_its_wire_name() -> None:
+    with pytest.raises(ValidationError) as err:
+        ftj(resources={"gpusPerNode": -1})
+    assert describe_validation_error(err.value) == (
+        "spec.resources.gpusPerNode: Input should be greater than or equal to 0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("OutOfMemory: CUDA out of memory", "OutOfMemory"),
+        ("BadData: spec.dataset.labelField 'label' missing in /data/x.jsonl", "BadData"),
+        ("RuntimeError: CUDA error: out of memory", "OutOfMemory"),
+        ("something else", "TrainerFailed"),
+        ("", "TrainerFailed"),
+    ],
+)
+def test_termination_messages_are_classified(message: str, reason: str) -> None:
+    assert classify_termination(message)[0] == reason
+
+
+def _job(**status: Any) -> dict[str, Any]:
+    return {"spec": {}, "status": status}
+
+
+def test_observe_phases() -> None:
+    job = ftj()
+    assert observe(job, None, []).phase == Phase.PENDING
+    done = _job(conditions=[{"type": "Complete", "status": "True"}], succeeded=1)
+    assert observe(job, done, []).phase == Phase.SUCCEEDED
+    running_pod = {"status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}}
+    seen = observe(job, _job(active=1), [running_pod])
+    assert (seen.phase, seen.start_time) == (Phase.RUNNING, "2026-01-01T00:00:00Z")
+    pending = {
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes",
+                }
+            ],
+        }
+    }
+    seen = observe(job, _job(active=1), [pending])
+    assert (seen.phase, seen.reason, seen.start_time) == (Phase.PENDING, "Unschedulable", None)
+    assert observe(job, {"spec": {"suspend": True}, "status": {}}, []).phase == Phase.SUSPENDED
+
+
+def test_oom_killed_container_is_out_of_memory() -> None:
+    pod = {
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "state": {
+                        "terminated": {"exitCode": 137, "reason": "OOMKilled", "finishedAt": "t"}
+                    }
+                }
+            ],
+        }
+    }
+    failed = _job(
+        conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}],
+        failed=1,
+    )
+    seen = observe(ftj(), failed, [pod])
+    assert (seen.phase, seen.failure_reason) == (Phase.FAILED, "OutOfMemory")
+    assert "BackoffLimitExceeded" in seen.message
+
+
+def test_child_names_stay_dns_labels() -> None:
+    long = "a" * 70
+    name = child_name(long, "train", limit=52)
+    assert len(name) <= 52 and name.endswith("-train")
+    assert child_name(long, "train", limit=52) == name  # stable
+    assert child_name("short", "train") == "short-train"
