@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint typecheck unit crds bench cluster-up cluster-down venv
+.PHONY: help demo test lint typecheck unit crds bench cluster-up cluster-down venv kubeconfig
 
 help:
 	@echo "make demo   - start the local cluster and run the main job"
@@ -22,7 +22,7 @@ venv:
 	@echo $(VENV)
 
 demo:
-	@PATH="$(VENV)/bin:$$PATH" $(PY) -m kubetune.demo
+	@PATH="$(VENV)/bin:$$PATH" $(PY) -m kubetune.devcluster.demo
 
 lint:
 	$(VENV)/bin/ruff check operator tests bench
@@ -49,3 +49,6 @@ cluster-up:
 
 cluster-down:
 	$(PY) -m kubetune dev cluster down
+
+kubeconfig:
+	@$(PY) -m kubetune dev cluster kubeconfig

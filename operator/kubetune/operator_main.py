@@ -20,3 +20,7 @@ def run_operator(namespaces: list[str], all_namespaces: bool) -> int:
         )
     )
     return 0
+
+
+if __name__ == "__main__":  # `python -m kubetune.operator_main`: how the local cluster runs it
+    raise SystemExit(run_operator(namespaces=[], all_namespaces=True))

@@ -93,7 +93,7 @@ def test_apply_creates_children_with_the_right_fields(
     assert svc.spec.cluster_ip == "None"
     config = core.read_namespaced_config_map("shape-config", namespace)
     parsed = TrainerConfig.model_validate_json(config.data["config.json"])
-    assert parsed.paths.dataset == "/mnt/pvc/datasets/intents.jsonl"
+    assert parsed.paths.dataset == "/kubetune/pvc/datasets/intents.jsonl"
     assert parsed.job is not None and parsed.job.name == "shape"
 
     role = rbac.read_namespaced_role("shape-trainer", namespace)

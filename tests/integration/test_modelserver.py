@@ -135,7 +135,7 @@ def test_waits_for_its_finetunejob_then_serves_and_rolls_out_a_new_run(
     revision = first.spec.template.metadata.annotations["kubetune.io/model-revision"]
     assert obj["status"]["served"]["uri"] == "pvc://models/out/trainer/triton-repository"
     assert (
-        "--source=/mnt/source/models/out/trainer/triton-repository"
+        "--source=/kubetune/source/models/out/trainer/triton-repository"
         in first.spec.template.spec.init_containers[0].args
     )
 

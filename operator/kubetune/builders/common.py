@@ -16,6 +16,10 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 FTJ_LABEL = "kubetune.io/finetunejob"
 MS_LABEL = "kubetune.io/modelserver"
 NON_ROOT_UID = 1000
+# Every path a kubetune pod uses lives under /kubetune (the termination message too), so a node
+# that lays out the pod's filesystem itself (the local node) needs no folder outside it.
+POD_ROOT = "/kubetune"
+TERMINATION_LOG = f"{POD_ROOT}/termination-log"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from kubetune.api.v1alpha1.modelserver import (
     RolloutStrategy,
 )
 from kubetune.builders.common import (
+    TERMINATION_LOG,
     Owner,
     Settings,
     container_security_context,
@@ -30,8 +31,8 @@ from kubetune.builders.common import (
     split_uri,
 )
 
-MODEL_REPOSITORY = "/models"
-SOURCE_ROOT = "/mnt/source"
+MODEL_REPOSITORY = "/kubetune/models"
+SOURCE_ROOT = "/kubetune/source"
 REVISION_ANNOTATION = "kubetune.io/model-revision"
 DRAIN_SECONDS = 15
 STARTUP_BUDGET_SECONDS = 900
@@ -131,11 +132,11 @@ def _fetch_container(
                 f"--preferred-batch-size={s}"
                 for s in ms.spec.triton.dynamic_batching.preferred_batch_sizes
             ],
-            f"--gpus={ms.spec.resources.gpus}",
         ],
-        "env": env,
+        "env": [*env, {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG}],
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     return container, volumes
@@ -185,6 +186,7 @@ def _triton_container(ms: ModelServer) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         "securityContext": container_security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 

@@ -19,6 +19,7 @@ from typing import Any
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob, FineTuneJobSpec
 from kubetune.api.v1alpha1.trainerconfig import JobRef, ReportingSpec, TrainerConfig, TrainerPaths
 from kubetune.builders.common import (
+    TERMINATION_LOG,
     Owner,
     Settings,
     child_name,
@@ -32,10 +33,10 @@ from kubetune.builders.common import (
     split_uri,
 )
 
-CONFIG_DIR = "/etc/kubetune"
+CONFIG_DIR = "/kubetune/config"
 CONFIG_KEY = "config.json"
-SCRATCH = "/scratch"
-PVC_ROOT = "/mnt/pvc"
+SCRATCH = "/kubetune/scratch"
+PVC_ROOT = "/kubetune/pvc"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TEMPLATE_HASH = "kubetune.io/template-hash"
 FORMAT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -256,7 +257,7 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
         {"name": "PET_MASTER_ADDR", "value": master},
         {"name": "PET_MASTER_PORT", "value": str(settings.master_port)},
         {"name": "KUBETUNE_TRAINER_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
-        {"name": "KUBETUNE_TERMINATION_LOG", "value": "/dev/termination-log"},
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
         {"name": "TMPDIR", "value": f"{SCRATCH}/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
@@ -287,6 +288,7 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
         "volumeMounts": mounts,
         "ports": [{"name": "rendezvous", "containerPort": settings.master_port}],
         "securityContext": container_security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {

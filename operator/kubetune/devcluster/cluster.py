@@ -96,9 +96,15 @@ class ComponentState:
 class LocalCluster:
     """One local cluster, addressed by name. All methods are safe to call repeatedly."""
 
-    def __init__(self, name: str = "kubetune", nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> None:
+    def __init__(
+        self,
+        name: str = "kubetune",
+        nodes: tuple[NodeSpec, ...] = DEFAULT_NODES,
+        local_node: bool = False,
+    ) -> None:
         self.name = name
         self.nodes = nodes
+        self.local_node = local_node
         self.dir = cache_root() / "clusters" / name
         self.state_file = self.dir / "state.json"
         self.kubeconfig = self.dir / "kubeconfig"
@@ -175,6 +181,7 @@ class LocalCluster:
     def down(self) -> None:
         """Stop every component and remove the cluster's folder. Leaves no process or port."""
         comps = self.components()
+        self._stop_local_pods()
         for comp in reversed(comps):
             if _alive(comp.pid, comp.binary):
                 with contextlib.suppress(ProcessLookupError):
@@ -193,6 +200,19 @@ class LocalCluster:
             import shutil
 
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _stop_local_pods(self) -> None:
+        pids = self.dir / "local-node" / "pids"
+        if not pids.exists():
+            return
+        for line in pids.read_text().split():
+            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+                os.killpg(int(line), signal.SIGKILL)
+
+    def ensure_local_node(self, timeout: float = 60.0) -> None:
+        """Start the local node on a running cluster that lacks one."""
+        if not any(c.name == "local-node" for c in self.components()):
+            self._start_local_node(timeout)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -215,7 +235,7 @@ class LocalCluster:
         )
         etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
         server = f"https://127.0.0.1:{api_port}"
-        state: dict[str, Any] = {"server": server, "components": []}
+        self.state_file.write_text(json.dumps({"server": server, "components": []}))
 
         def kubeconfig(user: str, pair: CertPair, path: Path) -> Path:
             path.write_text(yaml.safe_dump(_kubeconfig(self.name, server, pki.ca.cert, user, pair)))
@@ -241,21 +261,8 @@ class LocalCluster:
         )
 
         def spawn(name: str, args: list[str]) -> None:
-            log = self.logs / f"{name}.log"
             binary = str(bins.path(name))
-            with log.open("ab") as out:
-                proc = subprocess.Popen(
-                    [binary, *args],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                    cwd=self.dir,
-                )
-            state["components"].append(
-                {"name": name, "pid": proc.pid, "binary": binary, "log": str(log)}
-            )
-            self.state_file.write_text(json.dumps(state, indent=2))
+            self.add_component(name, [binary, *args], marker=binary)
 
         spawn(
             "etcd",
@@ -341,6 +348,63 @@ class LocalCluster:
             ],
         )
         self._create_nodes(timeout)
+        if self.local_node:
+            self._start_local_node(timeout)
+
+    def add_component(
+        self, name: str, argv: list[str], marker: str, env: dict[str, str] | None = None
+    ) -> None:
+        """Start a process that belongs to this cluster: `down` stops it, `status` reports it.
+        `marker` is a string of its command line that tells it from a recycled pid."""
+        log = self.logs / f"{name}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.dir,
+                env=env,
+            )
+        state = self._state() or {}
+        state.setdefault("components", []).append(
+            {"name": name, "pid": proc.pid, "binary": marker, "log": str(log)}
+        )
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    def python_env(self) -> dict[str, str]:
+        """The environment for kubetune's own processes: this package first on PYTHONPATH."""
+        source_root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
+        return {**os.environ, "PYTHONPATH": path, "KUBECONFIG": str(self.kubeconfig)}
+
+    def _start_local_node(self, timeout: float) -> None:
+        import sys
+
+        from kubernetes import client, config
+
+        marker = "kubetune.devcluster.localnode"
+        self.add_component(
+            "local-node",
+            [sys.executable, "-m", marker, f"--kubeconfig={self.kubeconfig}",
+             f"--workdir={self.dir / 'local-node'}", "--name=local-node-0"],
+            marker=marker,
+            env=self.python_env(),
+        )
+        api: Any = client.CoreV1Api(config.new_client_from_config(str(self.kubeconfig)))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_components()
+            try:
+                node = api.read_node("local-node-0")
+            except Exception:  # noqa: BLE001 - not registered yet
+                node = None
+            conds = {c.type: c.status for c in (node.status.conditions or [])} if node else {}
+            if conds.get("Ready") == "True":
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"the local node did not become Ready in {timeout:.0f}s")
 
     def _check_components(self) -> None:
         dead = self.dead_components()
@@ -443,9 +507,9 @@ def _node_manifest(node: NodeSpec) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_cluster(name: str) -> Iterator[LocalCluster]:
+def running_cluster(name: str, local_node: bool = False) -> Iterator[LocalCluster]:
     """A cluster for the duration of a `with` block (tests): started fresh, always stopped."""
-    cluster = LocalCluster(name)
+    cluster = LocalCluster(name, local_node=local_node)
     cluster.down()
     cluster.up()
     try:

@@ -50,6 +50,8 @@ STUB_NUMPY_VERSION = "1.26.4"
 STUB_NAME = "triton_python_backend_stub"
 DEFAULT_READY_TIMEOUT = 180.0
 LOG_TAIL_LINES = 30
+# Error lines every CPU-only start prints; they say nothing about why a start failed.
+LOG_NOISE = ("CudaDriverHelper has not been initialized",)
 
 
 class TritonError(RuntimeError):
@@ -287,7 +289,11 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         return "(no log)"
     kept = [line for line in text.splitlines() if line.strip() and line[:1] not in "|+"]
-    errors = [line for line in kept if line.startswith("E") and line[1:5].isdigit()]
+    errors = [
+        line
+        for line in kept
+        if line.startswith("E") and line[1:5].isdigit() and not any(n in line for n in LOG_NOISE)
+    ]
     parts = []
     if errors:
         parts += ["errors:", *errors[-10:], "last lines:"]

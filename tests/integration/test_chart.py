@@ -1,0 +1,570 @@
+"""The Helm chart, with the real helm binary and the real local control plane.
+
+Rendering tests need only helm; the others install the chart and then act as the operator's
+ServiceAccount (a real token from the TokenRequest API) to show that the ClusterRole allows every
+call the operator's code makes — the children the builders produce, applied the way kube.py
+applies them, and a list+watch on every resource kopf has a handler for — and nothing it should
+not have (no list/watch on Secrets, no escalate, no bind).
+
+The session's CRDs come from the `crds` fixture (the same generator), without Helm's ownership
+labels, so the install here uses crds.enabled=false; the chart's CRD templates are exercised by
+`helm template` and a server-side dry run instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+import kubetune.handlers  # noqa: F401  (registers the handlers whose watches RBAC must allow)
+from kubetune.api.v1alpha1.finetunejob import FineTuneJob
+from kubetune.api.v1alpha1.modelserver import ModelServer
+from kubetune.builders import serving, training
+from kubetune.builders.common import Owner, Settings
+from kubetune.cli import build_parser
+from kubetune.crdgen import all_crds
+from kubetune.devcluster.binaries import binaries_dir, kubectl_path
+from kubetune.devcluster.cluster import LocalCluster
+from kubetune.kube import Forbidden, Kube, NotFound
+from tests.waiting import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kubetune"
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/warn": "restricted",
+}
+
+
+@dataclass
+class Helm:
+    """The helm binary with its own cache/config/data folders (never the user's)."""
+
+    env: dict[str, str]
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(binaries_dir() / "helm"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        return result
+
+    def template(self, *sets: str, namespace: str = "kubetune-system") -> list[dict[str, Any]]:
+        args = [arg for s in sets for arg in ("--set", s)]
+        out = self.run("template", "kt", str(CHART), "--namespace", namespace, *args).stdout
+        return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    home = tmp_path_factory.mktemp("helm")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    return Helm(env)
+
+
+def find(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = find(docs, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+# -- rendering (helm only) ------------------------------------------------------------------------
+
+
+def test_lint_is_clean(helm: Helm) -> None:
+    result = helm.run("lint", "--strict", str(CHART))
+    findings = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert findings == ["[INFO] Chart.yaml: icon is recommended"], result.stdout
+
+
+def test_every_value_is_documented_and_known_to_the_schema() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for index, line in enumerate(lines):
+        key = re.match(r"^(\s*)([A-Za-z][\w.-]*):", line)
+        if not key:
+            continue
+        above = lines[index - 1].strip() if index else ""
+        if " # " not in line and not above.startswith("#"):
+            undocumented.append(line.strip())
+    assert undocumented == []
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load("\n".join(lines))
+    assert set(schema["properties"]) - {"global"} == set(values)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("imageTag=1.0", "at '': additional properties 'imageTag' not allowed"),
+        ("image.tagg=1.0", "at '/image': additional properties 'tagg' not allowed"),
+        ("crds.kep=false", "at '/crds': additional properties 'kep' not allowed"),
+        (
+            "securityContext.capabilities.dorp={ALL}",
+            "at '/securityContext/capabilities': additional properties 'dorp' not allowed",
+        ),
+        ("logLevel=verbose", "at '/logLevel'"),
+        ("watchNamespaces={Team_A}", "at '/watchNamespaces/0'"),
+    ],
+)
+def test_the_schema_rejects_unknown_keys_and_bad_values(
+    helm: Helm, setting: str, message: str
+) -> None:
+    result = helm.run("template", "kt", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_defaults_render_the_operator_with_the_app_version_images(helm: Helm) -> None:
+    docs = helm.template()
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+    ]
+    container = operator_container(docs)
+    assert container["image"] == f"ghcr.io/kubetune/operator:{APP_VERSION}"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["KUBETUNE_TRAINER_IMAGE"] == f"ghcr.io/kubetune/trainer:{APP_VERSION}"
+    assert env["KUBETUNE_FETCHER_IMAGE"] == f"ghcr.io/kubetune/triton:{APP_VERSION}"
+    assert not [arg for arg in container["args"] if arg.startswith("--namespace")]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    (deployment,) = find(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert {
+        d["metadata"]["namespace"] for d in docs if d["kind"] in ("Deployment", "ServiceAccount")
+    } == {"kubetune-system"}
+
+    custom = operator_container(
+        helm.template("image.tag=dev", "trainerImage.repository=r.example/t", "trainerImage.tag=v7")
+    )
+    assert custom["image"] == "ghcr.io/kubetune/operator:dev"
+    assert {e["name"]: e["value"] for e in custom["env"]}[
+        "KUBETUNE_TRAINER_IMAGE"
+    ] == "r.example/t:v7"
+
+
+def test_crds_render_from_the_generator_and_only_when_enabled(helm: Helm) -> None:
+    rendered = {
+        doc["metadata"]["name"]: doc for doc in find(helm.template(), "CustomResourceDefinition")
+    }
+    generated = {crd["metadata"]["name"]: crd for crd in all_crds().values()}
+    assert set(rendered) == set(generated)
+    for name, crd in rendered.items():
+        assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+        assert crd == generated[name]
+
+    assert find(helm.template("crds.enabled=false"), "CustomResourceDefinition") == []
+    for crd in find(helm.template("crds.keep=false"), "CustomResourceDefinition"):
+        assert not crd["metadata"].get("annotations")
+
+
+def test_watch_namespaces_become_namespace_flags(helm: Helm) -> None:
+    container = operator_container(helm.template("watchNamespaces={team-a,team-b}"))
+    flags = [arg for arg in container["args"] if arg.startswith("--namespace")]
+    assert flags == ["--namespace=team-a", "--namespace=team-b"]
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [(), ("watchNamespaces={team-a}", "logLevel=debug"), ("metrics.enabled=false",)],
+    ids=["defaults", "namespaced-debug", "no-health-endpoint"],
+)
+def test_the_rendered_command_is_what_kubetune_run_accepts(
+    helm: Helm, sets: tuple[str, ...]
+) -> None:
+    """The chart and the CLI change together: a flag the CLI lacks would crash the pod at start."""
+    container = operator_container(helm.template(*sets))
+    assert container["command"] == ["kubetune"]
+    args = build_parser().parse_args(container["args"])
+    assert args.command == "run"
+    assert args.namespace == (["team-a"] if sets and "team-a" in sets[0] else [])
+
+
+def test_the_cluster_role_grants_no_secret_listing_and_no_escalation(helm: Helm) -> None:
+    (role,) = find(helm.template(), "ClusterRole")
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "resourceNames" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    everything = {verb for verbs in granted.values() for verb in verbs}
+    assert "*" not in everything and not any("*" in key for pair in granted for key in pair)
+    assert granted[("", "secrets")] == {"get"}
+    assert not everything & {"escalate", "bind", "impersonate", "deletecollection"}
+
+
+# -- the chart on the cluster ---------------------------------------------------------------------
+
+
+def _labelled_namespace(core: client.CoreV1Api, prefix: str) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name, "labels": RESTRICTED}})
+    return name
+
+
+@pytest.mark.cluster
+def test_rendered_objects_pass_a_server_side_dry_run(
+    helm: Helm, cluster: LocalCluster, api_client: client.ApiClient
+) -> None:
+    """Every rendered object, CRDs included, is valid for the API server, and the operator's pod
+    template meets the Pod Security "restricted" profile (the namespace enforces it)."""
+    core = client.CoreV1Api(api_client)
+    namespace = _labelled_namespace(core, "chart-dry-run")
+    try:
+        rendered = helm.run(
+            "template",
+            "kt",
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--set",
+            "watchNamespaces={team-a}",
+            "--set",
+            "tolerations[0].key=dedicated,tolerations[0].operator=Exists",
+            "--set",
+            "nodeSelector.kubernetes\\.io/os=linux",
+        ).stdout
+        result = subprocess.run(
+            [
+                str(kubectl_path()),
+                f"--kubeconfig={cluster.kubeconfig}",
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=chart-test",
+                "--dry-run=server",
+                "-n",
+                namespace,
+                "-f",
+                "-",
+            ],
+            input=rendered,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        applied = result.stdout.splitlines()
+        assert len(applied) == len([d for d in yaml.safe_load_all(rendered) if d]), applied
+        assert all("(server dry run)" in line for line in applied), applied
+        assert "PodSecurity" not in result.stderr, result.stderr
+    finally:
+        core.delete_namespace(namespace)
+
+
+@dataclass
+class Installed:
+    release: str
+    namespace: str
+    account: str
+    fullname: str
+
+
+@pytest.fixture(scope="module")
+def installed(
+    helm: Helm, cluster: LocalCluster, api_client: client.ApiClient, crds: None
+) -> Iterator[Installed]:
+    """The chart installed in a namespace of its own that enforces Pod Security "restricted"."""
+    core = client.CoreV1Api(api_client)
+    namespace = _labelled_namespace(core, "chart-install")
+    release = f"kt-{namespace[-6:]}"
+    env = {**helm.env, "KUBECONFIG": str(cluster.kubeconfig)}
+    Helm(env).run(
+        "install", release, str(CHART), "--namespace", namespace, "--set", "crds.enabled=false"
+    )
+    yield Installed(release, namespace, f"{release}-kubetune", f"{release}-kubetune")
+    Helm(env).run("uninstall", release, "--namespace", namespace, "--ignore-not-found")
+    core.delete_namespace(namespace)
+
+
+@pytest.mark.cluster
+def test_install_creates_the_operator_its_rbac_and_a_restricted_pod(
+    installed: Installed, api_client: client.ApiClient
+) -> None:
+    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    rbac = client.RbacAuthorizationV1Api(api_client)
+    ns = installed.namespace
+    deployment = apps.read_namespaced_deployment(installed.fullname, ns)
+    assert deployment.spec.replicas == 1
+    assert deployment.spec.template.spec.service_account_name == installed.account
+    assert (
+        core.read_namespaced_service_account(installed.account, ns).metadata.labels[
+            "app.kubernetes.io/managed-by"
+        ]
+        == "Helm"
+    )
+    role = rbac.read_cluster_role(installed.fullname)
+    assert any("finetunejobs/status" in (rule.resources or []) for rule in role.rules)
+    binding = rbac.read_cluster_role_binding(installed.fullname)
+    assert binding.role_ref.name == installed.fullname
+    assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [
+        ("ServiceAccount", installed.account, ns)
+    ]
+    ext = client.ApiextensionsV1Api(api_client)
+    for crd in all_crds().values():
+        assert (
+            ext.read_custom_resource_definition(crd["metadata"]["name"]).spec.group == "kubetune.io"
+        )
+    # The ReplicaSet's pod was admitted by a namespace that enforces "restricted".
+    pods = wait_for(
+        lambda: (
+            core.list_namespaced_pod(
+                ns, label_selector=f"app.kubernetes.io/instance={installed.release}"
+            ).items
+        ),
+        what="the operator pod to be created",
+    )
+    assert pods[0].spec.containers[0].security_context.read_only_root_filesystem is True
+
+
+def _token_client(
+    cluster: LocalCluster, admin: client.ApiClient, ns: str, account: str
+) -> client.ApiClient:
+    """A client that authenticates as the ServiceAccount, with a token the API server minted."""
+    request = client.CoreV1Api(admin).create_namespaced_service_account_token(
+        account, ns, {"spec": {"expirationSeconds": 600}}
+    )
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=cfg)
+    cfg.cert_file = cfg.key_file = None
+    cfg.api_key = {"authorization": f"Bearer {request.status.token}"}
+    return client.ApiClient(cfg)
+
+
+@pytest.fixture(scope="module")
+def as_operator(
+    installed: Installed, cluster: LocalCluster, api_client: client.ApiClient
+) -> client.ApiClient:
+    return _token_client(cluster, api_client, installed.namespace, installed.account)
+
+
+def _allowed(
+    sa: client.ApiClient, verb: str, group: str, resource: str, ns: str | None = None
+) -> bool:
+    resource, _, subresource = resource.partition("/")
+    review = client.AuthorizationV1Api(sa).create_self_subject_access_review(
+        {
+            "spec": {
+                "resourceAttributes": {
+                    "verb": verb,
+                    "group": group,
+                    "resource": resource,
+                    "subresource": subresource or None,
+                    "namespace": ns,
+                }
+            }
+        }
+    )
+    return bool(review.status.allowed)
+
+
+def _kopf_selectors() -> set[tuple[str, str]]:
+    """(group, plural) of every resource kopf has a handler for: each one is listed and watched."""
+    registry = kopf.get_default_registry()
+    found = set()
+    for sub in vars(registry).values():
+        for selector in getattr(sub, "get_all_selectors", lambda: [])():
+            found.add((selector.group, selector.any_name))
+    return found
+
+
+@pytest.mark.cluster
+def test_the_operator_may_watch_everything_it_handles_but_never_list_secrets(
+    as_operator: client.ApiClient,
+) -> None:
+    watched = _kopf_selectors()
+    assert ("kubetune.io", "finetunejobs") in watched and ("", "pods") in watched
+    needed = {
+        *((verb, group, plural, None) for group, plural in watched for verb in ("list", "watch")),
+        ("list", "apiextensions.k8s.io", "customresourcedefinitions", None),
+        ("watch", "apiextensions.k8s.io", "customresourcedefinitions", None),
+        ("list", "", "namespaces", None),
+        ("watch", "", "namespaces", None),
+        ("list", "", "nodes", None),
+        ("patch", "kubetune.io", "finetunejobs/status", "any-namespace"),
+        ("patch", "kubetune.io", "modelservers/status", "any-namespace"),
+        ("get", "", "secrets", "any-namespace"),
+        ("get", "", "persistentvolumeclaims", "any-namespace"),
+        ("create", "", "events", "any-namespace"),
+        ("create", "events.k8s.io", "events", "any-namespace"),
+    }
+    missing = [n for n in needed if not _allowed(as_operator, *n)]
+    assert missing == []
+    refused = [
+        ("list", "", "secrets", None),
+        ("watch", "", "secrets", None),
+        ("list", "", "secrets", "any-namespace"),
+        ("escalate", "rbac.authorization.k8s.io", "roles", "any-namespace"),
+        ("bind", "rbac.authorization.k8s.io", "roles", "any-namespace"),
+        ("create", "", "pods", "any-namespace"),
+        ("impersonate", "", "serviceaccounts", None),
+        ("delete", "kubetune.io", "finetunejobs", "any-namespace"),
+    ]
+    granted = [r for r in refused if _allowed(as_operator, *r)]
+    assert granted == []
+
+
+def _body(kind: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A resource as the API server would hand it to a handler. It is never created: the
+    session's operator (when running) must not act on it, and the owner references of the
+    children point at nothing, so the garbage collector removes what this test creates."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": "rbac", "namespace": ns, "uid": str(uuid.uuid4()), "generation": 1},
+        "spec": spec,
+    }
+
+
+@pytest.mark.cluster
+def test_the_operator_can_make_every_call_of_a_reconcile(
+    installed: Installed, as_operator: client.ApiClient
+) -> None:
+    """The builders' real children, applied as kube.py applies them, with the operator's token.
+
+    Creating the trainer's Role (finetunejobs/status get+patch on one name) succeeds without
+    `escalate` because the operator holds those permissions itself. The Job and the Deployment
+    are dry-run only (authorization is the same; no pod takes simulated GPUs from other tests).
+    """
+    ns = installed.namespace
+    kube = Kube(as_operator)
+    ftj_body = _body(
+        "FineTuneJob",
+        ns,
+        {
+            "model": {"source": "pvc://models/base/minilm"},
+            "dataset": {"source": "pvc://datasets/intents.jsonl"},
+            "resources": {"nodes": 2, "gpusPerNode": 4},
+            "output": {"uri": "pvc://models/out/rbac"},
+        },
+    )
+    ms_body = _body(
+        "ModelServer",
+        ns,
+        {
+            "model": {"source": "pvc://models/base/minilm"},
+            "resources": {"gpus": 1},
+            "autoscaling": {
+                "minReplicas": 2,
+                "maxReplicas": 4,
+                "metric": "queue-time",
+                "target": 50000,
+            },
+            "networkPolicy": True,
+        },
+    )
+    ftj, ftj_owner = FineTuneJob.model_validate(ftj_body), Owner.from_body(ftj_body)
+    ms, ms_owner = ModelServer.model_validate(ms_body), Owner.from_body(ms_body)
+    model = serving.ResolvedModel(uri="pvc://models/base/minilm", revision="r1")
+    ms_children, _ = serving.build_children(ms, ms_owner, model, Settings(), 0)
+    children = [*training.build_children(ftj, ftj_owner, Settings()), *ms_children]
+    assert {c["kind"] for c in children} >= {
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "Job",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
+    (trainer_role,) = [c for c in children if c["kind"] == "Role"]
+    assert trainer_role["rules"][0]["resources"] == ["finetunejobs/status"]
+
+    for child in children:  # the handlers dry-run every child first, then apply it
+        kube.apply(child, dry_run=True)
+        if child["kind"] not in ("Job", "Deployment"):
+            applied = kube.apply(child)
+            assert applied["metadata"]["uid"]
+    for dependency in ("PersistentVolumeClaim", "Secret"):
+        assert kube.get("v1", dependency, "absent", ns) is None  # a 404, not a 403
+    assert kube.list("v1", "Node", None)
+    kube.list("v1", "Pod", None)
+    for kind in ("FineTuneJob", "ModelServer"):
+        with pytest.raises(NotFound):  # authorized, and then not found
+            kube.patch_status("kubetune.io/v1alpha1", kind, "rbac", ns, {"phase": "Pending"})
+    client.CoreV1Api(as_operator).create_namespaced_event(
+        ns,
+        {
+            "metadata": {"generateName": "rbac-"},
+            "involvedObject": {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": "rbac",
+                "namespace": ns,
+            },
+            "reason": "Check",
+            "message": "the operator may post events",
+            "type": "Normal",
+        },
+    )
+    for child in children:
+        kube.delete(child["apiVersion"], child["kind"], child["metadata"]["name"], ns)
+
+    with pytest.raises(Forbidden):
+        kube.list("v1", "Secret", ns)
+
+
+@pytest.mark.cluster
+def test_uninstall_removes_the_cluster_scoped_objects_and_leaves_existing_crds(
+    helm: Helm, cluster: LocalCluster, api_client: client.ApiClient, crds: None
+) -> None:
+    core, rbac = client.CoreV1Api(api_client), client.RbacAuthorizationV1Api(api_client)
+    namespace = _labelled_namespace(core, "chart-uninstall")
+    env = Helm({**helm.env, "KUBECONFIG": str(cluster.kubeconfig)})
+    release = f"kt-{namespace[-6:]}"
+    try:
+        env.run("install", release, str(CHART), "-n", namespace, "--set", "crds.enabled=false")
+        assert rbac.read_cluster_role(f"{release}-kubetune").metadata.name
+        env.run("uninstall", release, "-n", namespace)
+        with pytest.raises(ApiException) as gone:
+            rbac.read_cluster_role(f"{release}-kubetune")
+        assert gone.value.status == 404
+        with pytest.raises(ApiException) as binding_gone:
+            rbac.read_cluster_role_binding(f"{release}-kubetune")
+        assert binding_gone.value.status == 404
+        ext = client.ApiextensionsV1Api(api_client)
+        assert ext.read_custom_resource_definition("finetunejobs.kubetune.io")
+    finally:
+        core.delete_namespace(namespace)
