@@ -144,7 +144,7 @@ def resource_requirements(
 
 
 def gpu_tolerations(gpus: int, gpu_resource: str) -> list[dict[str, Any]]:
-    """GPU nodes are commonly tainted with the GPU resource name: tolerate it when asking for GPUs."""
+    """GPU nodes are often tainted with the GPU resource name: tolerate it when asking for GPUs."""
     if not gpus:
         return []
     return [{"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]

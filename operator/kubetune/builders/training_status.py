@@ -140,7 +140,8 @@ def observe(
         )
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     restarts = counts["failed"]
-    if counts["succeeded"] and not running:
+    finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    if (counts["succeeded"] or finished) and not running:
         return Observation(
             Phase.RUNNING, "Finishing", "training pods finished; completing", **counts
         )

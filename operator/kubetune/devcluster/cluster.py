@@ -387,8 +387,14 @@ class LocalCluster:
         marker = "kubetune.devcluster.localnode"
         self.add_component(
             "local-node",
-            [sys.executable, "-m", marker, f"--kubeconfig={self.kubeconfig}",
-             f"--workdir={self.dir / 'local-node'}", "--name=local-node-0"],
+            [
+                sys.executable,
+                "-m",
+                marker,
+                f"--kubeconfig={self.kubeconfig}",
+                f"--workdir={self.dir / 'local-node'}",
+                "--name=local-node-0",
+            ],
             marker=marker,
             env=self.python_env(),
         )
@@ -398,7 +404,7 @@ class LocalCluster:
             self._check_components()
             try:
                 node = api.read_node("local-node-0")
-            except Exception:  # noqa: BLE001 - not registered yet
+            except Exception:
                 node = None
             conds = {c.type: c.status for c in (node.status.conditions or [])} if node else {}
             if conds.get("Ready") == "True":

@@ -88,17 +88,21 @@ def prepare(cluster: LocalCluster, kube: Kube, api: client.ApiClient) -> None:
     print(f"models:   {models}\ndatasets: {datasets}")
 
 
-def follow_training(cluster: LocalCluster, kube: Kube, name: str, timeout: float = 1200) -> dict[str, Any]:
+def follow_training(
+    cluster: LocalCluster, kube: Kube, name: str, timeout: float = 1200
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         obj = kube.get("kubetune.io/v1alpha1", "FineTuneJob", name, "default") or {}
         status = obj.get("status") or {}
         progress = status.get("progress") or {}
+        loss = progress.get("loss")
         line = (
             f"{status.get('phase', '?'):<10} {status.get('progressText') or '':<14} "
-            f"loss {progress.get('loss') if progress.get('loss') is not None else '-':<8} "
-            f"{progress.get('samplesPerSecond') or '-'} samples/s  eta {progress.get('etaSeconds', '-')}s"
+            f"loss {'-' if loss is None else f'{loss:.4f}':<8} "
+            f"{progress.get('samplesPerSecond') or '-'} samples/s  "
+            f"eta {progress.get('etaSeconds', '-')}s"
         )
         if line != last:
             print(time.strftime("%H:%M:%S"), line, flush=True)
@@ -128,15 +132,22 @@ def main() -> int:
     cluster.up()
     cluster.ensure_local_node()
     print(f"ready in {time.monotonic() - started:.1f}s; export KUBECONFIG={cluster.kubeconfig}")
-    kubectl(cluster, "get", "nodes", "-o",
-            "custom-columns=NAME:.metadata.name,STATUS:.status.conditions[-1].type,"
-            "GPU:.status.capacity.nvidia\\.com/gpu,VERSION:.status.nodeInfo.kubeletVersion")
+    kubectl(
+        cluster,
+        "get",
+        "nodes",
+        "-o",
+        "custom-columns=NAME:.metadata.name,READY:.status.conditions[?(@.type=='Ready')].status,"
+        "GPU:.status.capacity.nvidia\\.com/gpu,VERSION:.status.nodeInfo.kubeletVersion",
+    )
     api = config.new_client_from_config(str(cluster.kubeconfig))
     kube = Kube(api)
     prepare(cluster, kube, api)
 
     say("kubectl apply -f examples/finetunejob.yaml examples/modelserver.yaml (on the local node)")
-    docs = [yaml.safe_load((EXAMPLES / f).read_text()) for f in ("finetunejob.yaml", "modelserver.yaml")]
+    docs = [
+        yaml.safe_load((EXAMPLES / f).read_text()) for f in ("finetunejob.yaml", "modelserver.yaml")
+    ]
     for doc in docs:
         doc["metadata"]["namespace"] = "default"
         kube.apply(on_local_node(doc))

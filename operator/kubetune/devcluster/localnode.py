@@ -77,7 +77,9 @@ class Container:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     ready: bool = False
-    state: dict[str, Any] = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    state: dict[str, Any] = field(
+        default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}}
+    )
 
 
 class PodRunner(threading.Thread):
@@ -126,7 +128,9 @@ class PodRunner(threading.Thread):
         return paths
 
     @staticmethod
-    def _write_items(target: Path, data: dict[str, str], items: list[dict[str, Any]] | None) -> None:
+    def _write_items(
+        target: Path, data: dict[str, str], items: list[dict[str, Any]] | None
+    ) -> None:
         chosen = {i["key"]: i["path"] for i in items} if items else {k: k for k in data}
         for key, path in chosen.items():
             if key in data:
@@ -186,7 +190,10 @@ class PodRunner(threading.Thread):
         hostname = spec.get("hostname") or meta["name"]
         names = [hostname]
         if sub := spec.get("subdomain"):
-            names += [f"{hostname}.{sub}.{self.ns}.svc", f"{hostname}.{sub}.{self.ns}.svc.cluster.local"]
+            names += [
+                f"{hostname}.{sub}.{self.ns}.svc",
+                f"{hostname}.{sub}.{self.ns}.svc.cluster.local",
+            ]
         for svc in self.core.list_namespaced_service(self.ns).items:
             names += [svc.metadata.name, f"{svc.metadata.name}.{self.ns}.svc"]
         hosts = self.dir / "hosts"
@@ -211,7 +218,9 @@ class PodRunner(threading.Thread):
                 env[key] = os.environ[key]
         for item in container.get("env") or []:
             if "value" in item:
-                env[item["name"]] = VAR_REF.sub(lambda m: env.get(m.group(1), m.group(0)), item["value"])
+                env[item["name"]] = VAR_REF.sub(
+                    lambda m: env.get(m.group(1), m.group(0)), item["value"]
+                )
                 continue
             ref = item.get("valueFrom") or {}
             with contextlib.suppress(ApiException, KeyError, TypeError):
@@ -219,9 +228,13 @@ class PodRunner(threading.Thread):
                     env[item["name"]] = self._field(ref["fieldRef"]["fieldPath"])
                 elif "secretKeyRef" in ref:
                     secret = self.core.read_namespaced_secret(ref["secretKeyRef"]["name"], self.ns)
-                    env[item["name"]] = base64.b64decode(secret.data[ref["secretKeyRef"]["key"]]).decode()
+                    env[item["name"]] = base64.b64decode(
+                        secret.data[ref["secretKeyRef"]["key"]]
+                    ).decode()
                 elif "configMapKeyRef" in ref:
-                    cm = self.core.read_namespaced_config_map(ref["configMapKeyRef"]["name"], self.ns)
+                    cm = self.core.read_namespaced_config_map(
+                        ref["configMapKeyRef"]["name"], self.ns
+                    )
                     env[item["name"]] = cm.data[ref["configMapKeyRef"]["key"]]
         return env
 
@@ -242,14 +255,28 @@ class PodRunner(threading.Thread):
         term.write_text("")
         mounts = [
             {"source": str(hosts), "target": "/etc/hosts"},
-            {"source": str(term), "target": spec.get("terminationMessagePath", "/dev/termination-log")},
+            {
+                "source": str(term),
+                "target": spec.get("terminationMessagePath", "/dev/termination-log"),
+            },
         ]
         for mount in spec.get("volumeMounts") or []:
             source = volumes[mount["name"]]
             if sub := mount.get("subPath"):
                 source = source / sub
-            mounts.append({"source": str(source), "target": mount["mountPath"], "readOnly": mount.get("readOnly", False)})
-        exec_spec = {"mounts": mounts, "env": env, "argv": self._argv(spec, env), "workingDir": spec.get("workingDir")}
+            mounts.append(
+                {
+                    "source": str(source),
+                    "target": mount["mountPath"],
+                    "readOnly": mount.get("readOnly", False),
+                }
+            )
+        exec_spec = {
+            "mounts": mounts,
+            "env": env,
+            "argv": self._argv(spec, env),
+            "workingDir": spec.get("workingDir"),
+        }
         spec_file = self.dir / "exec" / f"{item.name}.json"
         spec_file.parent.mkdir(parents=True, exist_ok=True)
         spec_file.write_text(json.dumps(exec_spec))
@@ -257,9 +284,19 @@ class PodRunner(threading.Thread):
         logfile.parent.mkdir(parents=True, exist_ok=True)
         with logfile.open("ab") as out:
             item.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
-                 "kubetune.devcluster.podexec", str(spec_file)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    sys.executable,
+                    "-m",
+                    "kubetune.devcluster.podexec",
+                    str(spec_file),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
             )
@@ -272,8 +309,14 @@ class PodRunner(threading.Thread):
         assert item.proc is not None
         code = item.proc.returncode
         message = (self.dir / "termination" / item.name).read_text(errors="replace").strip()
-        if not message and code and item.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
-            lines = (self.dir / "logs" / f"{item.name}.log").read_text(errors="replace").splitlines()
+        if (
+            not message
+            and code
+            and item.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        ):
+            lines = (
+                (self.dir / "logs" / f"{item.name}.log").read_text(errors="replace").splitlines()
+            )
             message = "\n".join(lines[-20:])
         return {
             "terminated": {
@@ -306,13 +349,21 @@ class PodRunner(threading.Thread):
         ready = phase == "Running" and all(c.ready for c in self.main)
 
         def cond(type_: str, ok: bool) -> dict[str, Any]:
-            return {"type": type_, "status": "True" if ok else "False", "lastTransitionTime": _now()}
+            return {
+                "type": type_,
+                "status": "True" if ok else "False",
+                "lastTransitionTime": _now(),
+            }
 
         def statuses(items: list[Container]) -> list[dict[str, Any]]:
             return [
                 {
-                    "name": c.name, "image": c.spec.get("image", ""), "imageID": "",
-                    "ready": c.ready, "restartCount": c.restarts, "state": c.state,
+                    "name": c.name,
+                    "image": c.spec.get("image", ""),
+                    "imageID": "",
+                    "ready": c.ready,
+                    "restartCount": c.restarts,
+                    "state": c.state,
                     "started": "running" in c.state,
                 }
                 for c in items
@@ -325,8 +376,10 @@ class PodRunner(threading.Thread):
             "podIPs": [{"ip": HOST_IP}],
             "startTime": self.started,
             "conditions": [
-                cond("PodScheduled", True), cond("Initialized", initialized),
-                cond("ContainersReady", ready), cond("Ready", ready),
+                cond("PodScheduled", True),
+                cond("Initialized", initialized),
+                cond("ContainersReady", ready),
+                cond("Ready", ready),
             ],
             "initContainerStatuses": statuses(self.init),
             "containerStatuses": statuses(self.main),
@@ -334,7 +387,9 @@ class PodRunner(threading.Thread):
 
     def _report(self, phase: str, initialized: bool) -> None:
         with contextlib.suppress(ApiException):
-            self.core.patch_namespaced_pod_status(self.name, self.ns, {"status": self._status(phase, initialized)})
+            self.core.patch_namespaced_pod_status(
+                self.name, self.ns, {"status": self._status(phase, initialized)}
+            )
 
     def _probe(self, item: Container) -> bool:
         probe = (item.spec.get("readinessProbe") or {}).get("httpGet")
@@ -342,9 +397,13 @@ class PodRunner(threading.Thread):
             return True
         port = probe["port"]
         if isinstance(port, str):
-            port = next(p["containerPort"] for p in item.spec.get("ports", []) if p.get("name") == port)
+            port = next(
+                p["containerPort"] for p in item.spec.get("ports", []) if p.get("name") == port
+            )
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe.get('path', '/')}", timeout=2) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}{probe.get('path', '/')}", timeout=2
+            ) as r:
                 return bool(200 <= r.status < 400)
         except OSError:
             return False
@@ -354,10 +413,16 @@ class PodRunner(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except Exception as err:  # noqa: BLE001 - a broken pod must not take the node down
+        except Exception as err:
             log.exception("pod %s/%s failed to run", self.ns, self.name)
             for item in self.main:
-                item.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(err)[-2000:]}}
+                item.state = {
+                    "terminated": {
+                        "exitCode": 128,
+                        "reason": "StartError",
+                        "message": str(err)[-2000:],
+                    }
+                }
             self._report("Failed", False)
 
     def _run(self) -> None:
@@ -425,7 +490,9 @@ class PodRunner(threading.Thread):
 class LocalNode:
     """Registers the node, keeps it Ready, and runs the pods bound to it."""
 
-    def __init__(self, api: client.ApiClient, name: str, workdir: Path, api_port: int, gpus: int = 1) -> None:
+    def __init__(
+        self, api: client.ApiClient, name: str, workdir: Path, api_port: int, gpus: int = 1
+    ) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.coord = client.CoordinationV1Api(api)
@@ -457,27 +524,74 @@ class LocalNode:
     def _heartbeat(self) -> None:
         now = _now()
         conditions = [
-            {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubetune local node",
-             "lastHeartbeatTime": now, "lastTransitionTime": now},
-            *[{"type": t, "status": "False", "reason": "KubeletHasNo" + t, "lastHeartbeatTime": now,
-               "lastTransitionTime": now} for t in ("MemoryPressure", "DiskPressure", "PIDPressure")],
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "kubetune local node",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            },
+            *[
+                {
+                    "type": t,
+                    "status": "False",
+                    "reason": "KubeletHasNo" + t,
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": now,
+                }
+                for t in ("MemoryPressure", "DiskPressure", "PIDPressure")
+            ],
         ]
         capacity = node_manifest(self.name, self.gpus)["status"]["capacity"]
-        self.core.patch_node_status(self.name, {"status": {
-            "conditions": conditions, "capacity": capacity, "allocatable": capacity,
-            "addresses": [{"type": "InternalIP", "address": HOST_IP}, {"type": "Hostname", "address": self.name}],
-            "nodeInfo": {"kubeletVersion": "kubetune-local", "containerRuntimeVersion": "kubetune://local",
-                         "osImage": "local", "kernelVersion": os.uname().release, "operatingSystem": "linux",
-                         "architecture": "amd64", "machineID": "", "systemUUID": "", "bootID": "",
-                         "kubeProxyVersion": ""},
-        }})
-        lease = {"metadata": {"name": self.name, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40,
-                          "renewTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+        self.core.patch_node_status(
+            self.name,
+            {
+                "status": {
+                    "conditions": conditions,
+                    "capacity": capacity,
+                    "allocatable": capacity,
+                    "addresses": [
+                        {"type": "InternalIP", "address": HOST_IP},
+                        {"type": "Hostname", "address": self.name},
+                    ],
+                    "nodeInfo": {
+                        "kubeletVersion": "kubetune-local",
+                        "containerRuntimeVersion": "kubetune://local",
+                        "osImage": "local",
+                        "kernelVersion": os.uname().release,
+                        "operatingSystem": "linux",
+                        "architecture": "amd64",
+                        "machineID": "",
+                        "systemUUID": "",
+                        "bootID": "",
+                        "kubeProxyVersion": "",
+                    },
+                }
+            },
+        )
+        lease: dict[str, Any] = {
+            "metadata": {"name": self.name, "namespace": "kube-node-lease"},
+            "spec": {
+                "holderIdentity": self.name,
+                "leaseDurationSeconds": 40,
+                "renewTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            },
+        }
         try:
-            self.coord.replace_namespaced_lease(self.name, "kube-node-lease", {
-                **lease, "metadata": {**lease["metadata"], "resourceVersion": self.coord.read_namespaced_lease(
-                    self.name, "kube-node-lease").metadata.resource_version}})
+            self.coord.replace_namespaced_lease(
+                self.name,
+                "kube-node-lease",
+                {
+                    **lease,
+                    "metadata": {
+                        **lease["metadata"],
+                        "resourceVersion": self.coord.read_namespaced_lease(
+                            self.name, "kube-node-lease"
+                        ).metadata.resource_version,
+                    },
+                },
+            )
         except ApiException as err:
             if err.status != 404:
                 raise
@@ -504,8 +618,12 @@ class LocalNode:
         if runner is not None:
             runner.stop(grace)
         with contextlib.suppress(ApiException):
-            self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace,
-                                            grace_period_seconds=0, body={"preconditions": {"uid": pod.metadata.uid}})
+            self.core.delete_namespaced_pod(
+                pod.metadata.name,
+                pod.metadata.namespace,
+                grace_period_seconds=0,
+                body={"preconditions": {"uid": pod.metadata.uid}},
+            )
 
     def run(self) -> None:
         self.register()
@@ -514,8 +632,11 @@ class LocalNode:
         while not self._stop.is_set():
             stream = watch.Watch()
             try:
-                for event in stream.stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
-                                           timeout_seconds=60):
+                for event in stream.stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector=selector,
+                    timeout_seconds=60,
+                ):
                     self.handle(event["object"])
             except ApiException as err:
                 log.warning("watch failed: %s", err)
@@ -542,7 +663,12 @@ def main() -> None:
     api = config.new_client_from_config(args.kubeconfig)
     port = int(api.configuration.host.rsplit(":", 1)[1])
     node = LocalNode(api, args.name, args.workdir, port, args.gpus)
-    signal.signal(signal.SIGTERM, lambda *_: (node.shutdown(), os._exit(0)))
+
+    def stop(*_: Any) -> None:
+        node.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     node.run()
 
 

@@ -21,7 +21,12 @@ def main(argv: list[str]) -> None:
     dist = find_distribution()
     backends = prepare_backends(dist)
     env = server_environment(dist, prepare_stub_environment(ensure_numpy_overlay()))
-    command = [str(dist.server), *argv, f"--backend-directory={backends}", "--allow-gpu-metrics=false"]
+    command = [
+        str(dist.server),
+        *argv,
+        f"--backend-directory={backends}",
+        "--allow-gpu-metrics=false",
+    ]
     os.execve(command[0], command, env)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -87,6 +88,16 @@ def with_conditions(
     for type_, status, reason, message in updates:
         conditions = set_condition(conditions, type_, status, reason, message, generation)
     return conditions
+
+
+@contextmanager
+def later() -> Iterator[None]:
+    """In event handlers (which kopf does not retry) a passing failure waits for the next event
+    or the timer instead of being logged as a crash."""
+    try:
+        yield
+    except kopf.TemporaryError as err:
+        log.info("will retry later: %s", err)
 
 
 def post_event(body: dict[str, Any], warning: bool, reason: str, message: str) -> None:

@@ -20,6 +20,7 @@ from kubetune.handlers.common import (
     conditions_of,
     context,
     describe_validation_error,
+    later,
     post_event,
     with_conditions,
     write_status,
@@ -317,7 +318,8 @@ def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     ctx = context(memo)
     parent = _parent(ctx, _object(event))
     if parent is not None and not parent["metadata"].get("deletionTimestamp"):
-        reconcile_body(ctx, parent)
+        with later():
+            reconcile_body(ctx, parent)
 
 
 @kopf.on.event(GROUP, VERSION, FTJ_PLURAL)
@@ -331,7 +333,8 @@ def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     for server in ctx.kube.list(API_VERSION, KIND, meta.get("namespace")):
         ref = ((server.get("spec") or {}).get("model") or {}).get("fineTuneJobRef") or {}
         if ref.get("name") == meta.get("name"):
-            reconcile_body(ctx, server)
+            with later():
+                reconcile_body(ctx, server)
 
 
 def _event(event: kopf.RawEvent) -> dict[str, Any]:

@@ -60,7 +60,9 @@ def download(source: str, scratch: Path) -> Path:
         from huggingface_hub import snapshot_download
 
         repo, _, revision = source.removeprefix("hf://").partition("@")
-        return Path(snapshot_download(repo, revision=revision or None, token=os.environ.get("HF_TOKEN")))
+        return Path(
+            snapshot_download(repo, revision=revision or None, token=os.environ.get("HF_TOKEN"))
+        )
     path = Path(source)
     if not path.exists():
         raise FetchError(f"{source}: no such folder (is the volume mounted and the path right?)")
