@@ -27,7 +27,7 @@ demo:
 lint:
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/ruff format --check operator tests bench
-	cd operator && $(VENV)/bin/lint-imports --config ../pyproject.toml
+	cd operator && $(VENV)/bin/lint-imports ../pyproject.toml
 
 typecheck:
 	$(VENV)/bin/mypy

@@ -11,11 +11,14 @@ from kubernetes import client, config
 
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 
+pytest_plugins = ["tests.cluster_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
-    """A fresh local cluster (real etcd, apiserver, controller-manager, scheduler, kwok)."""
-    with running_cluster(f"pytest-{os.getpid()}") as local:
+    """A fresh local cluster (real etcd, apiserver, controller-manager, scheduler, kwok) with
+    its local node, which really runs the pods that tolerate it."""
+    with running_cluster(f"pytest-{os.getpid()}", local_node=True) as local:
         yield local
 
 

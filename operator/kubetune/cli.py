@@ -64,7 +64,12 @@ def _crds_cmd(args: argparse.Namespace) -> int:
 def _run_cmd(args: argparse.Namespace) -> int:
     from kubetune.operator_main import run_operator
 
-    return run_operator(namespaces=args.namespace, all_namespaces=not args.namespace)
+    return run_operator(
+        namespaces=args.namespace,
+        all_namespaces=not args.namespace,
+        log_level=args.log_level,
+        liveness_endpoint=args.liveness,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="watch only this namespace (repeatable)",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="log level (default: info)",
+    )
+    run.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve kopf's health endpoint at URL, e.g. http://0.0.0.0:8080/healthz",
     )
     run.set_defaults(func=_run_cmd)
 

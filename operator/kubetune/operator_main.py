@@ -8,15 +8,26 @@ import logging
 import kopf
 
 
-def run_operator(namespaces: list[str], all_namespaces: bool) -> int:
+def run_operator(
+    namespaces: list[str],
+    all_namespaces: bool,
+    log_level: str = "info",
+    liveness_endpoint: str | None = None,
+) -> int:
+    """Run kopf until it is stopped. `liveness_endpoint` (e.g. http://0.0.0.0:8080/healthz) is
+    kopf's health endpoint, which the chart's liveness probe calls."""
     import kubetune.handlers  # noqa: F401  (registers the handlers)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     asyncio.run(
         kopf.operator(
             standalone=True,
             clusterwide=all_namespaces,
             namespaces=namespaces,
+            liveness_endpoint=liveness_endpoint,
         )
     )
     return 0

@@ -22,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET = REPO / "examples" / "data" / "support-intents.jsonl"
-RUN_TIMEOUT = 600
+EXIT_TIMEOUT = 60  # seconds a trainer may take to exit once its stdout has closed
 
 
 def minilm_dir() -> Path:
@@ -145,14 +145,21 @@ class TrainerHarness:
     def start(
         self, config: Path, nproc: int = 1, extra_env: dict[str, str] | None = None
     ) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            self.command(config, nproc),
-            cwd=REPO,
-            env={**self.env(config.parent), **(extra_env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        """Starts the trainer; stdout is a pipe of events, stderr goes to a file (never blocks)."""
+        stderr = self._stderr_path(config).open("w", encoding="utf-8")
+        with stderr:
+            return subprocess.Popen(
+                self.command(config, nproc),
+                cwd=REPO,
+                env={**self.env(config.parent), **(extra_env or {})},
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+
+    @staticmethod
+    def _stderr_path(config: Path) -> Path:
+        return config.parent / "stderr.log"
 
     def read_until(self, proc: subprocess.Popen[str], predicate: Any) -> list[dict[str, Any]]:
         """Events of a running trainer up to the first one for which `predicate` holds."""
@@ -165,30 +172,28 @@ class TrainerHarness:
         raise AssertionError(f"the trainer ended before the awaited event; saw {seen[-3:]}")
 
     def finish(
-        self, proc: subprocess.Popen[str], seen: list[dict[str, Any]], config: Path
+        self,
+        proc: subprocess.Popen[str],
+        config: Path,
+        seen: list[dict[str, Any]] | None = None,
+        began: float | None = None,
     ) -> TrainerRun:
-        """Waits for a started trainer; `seen` are the events `read_until` already consumed."""
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
-        return TrainerRun(proc.returncode, seen + parse_events(stdout), stderr, config.parent, 0.0)
+        """Reads the rest of stdout (through the same buffered reader as `read_until`, so no
+        line it already buffered is lost) and waits for the exit."""
+        assert proc.stdout is not None
+        rest = proc.stdout.read()
+        proc.wait(EXIT_TIMEOUT)
+        stderr = self._stderr_path(config).read_text(encoding="utf-8", errors="replace")
+        wall = time.monotonic() - began if began is not None else 0.0
+        events = [*(seen or []), *parse_events(rest)]
+        return TrainerRun(proc.returncode, events, stderr, config.parent, wall)
 
     def run(
-        self,
-        config: Path,
-        nproc: int = 1,
-        timeout: float = RUN_TIMEOUT,
-        extra_env: dict[str, str] | None = None,
+        self, config: Path, nproc: int = 1, extra_env: dict[str, str] | None = None
     ) -> TrainerRun:
+        """Runs the trainer to its end (the session's pytest-timeout bounds a hang)."""
         began = time.monotonic()
-        proc = self.start(config, nproc, extra_env)
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-            raise AssertionError(f"trainer timed out after {timeout}s:\n{stderr[-3000:]}") from None
-        return TrainerRun(
-            proc.returncode, parse_events(stdout), stderr, config.parent, time.monotonic() - began
-        )
+        return self.finish(self.start(config, nproc, extra_env), config, began=began)
 
 
 @pytest.fixture(scope="session")
@@ -218,7 +223,7 @@ def trained_classifier(
     3 epochs at batch 16 over the 432 training rows (81 steps), sequences cut at 64 tokens
     (the longest utterance has ~30): about 20-30 s of training on two idle cores.
     """
-    workdir = tmp_path_factory.mktemp("trained") / "support-intents"
+    workdir = tmp_path_factory.mktemp("trained")
     config = trainer.write_config(
         workdir,
         DATASET,
@@ -233,6 +238,8 @@ def trained_classifier(
             },
             "output": {"triton": True},
         },
+        # The Triton model is named after the job (no API server is involved: toApiServer false).
+        job={"name": "support-intents", "namespace": "default"},
     )
     run = trainer.run(config)
     assert run.returncode == 0, f"the fine-tune failed ({run.returncode}):\n{run.stderr[-4000:]}"

@@ -19,22 +19,31 @@ import torch
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from tests.waiting import wait_for
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
-from kubetune.api.v1alpha1.finetunejob import DatasetSpec
+from kubetune.api.v1alpha1.finetunejob import DatasetSpec, Progress
+from kubetune.api.v1alpha1.trainerconfig import JobRef
 from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import LocalCluster
 from kubetune.serving.repository import sha256_file
 from kubetune.trainer import data
 from kubetune.trainer.errors import ExitCode
+from kubetune.trainer.reporting import StatusWriter
 
 # The harness and run types live in tests/e2e/conftest.py and arrive through fixtures.
 TrainerHarness = TrainedClassifier = TrainerRun = Any
 
 DATASET = Path(__file__).resolve().parents[2] / "examples" / "data" / "support-intents.jsonl"
 
-CHANCE = 1 / 6  # six intents
-ACCURACY_BAR = 0.9  # the full fine-tune must reach this on the held-out 20%
+# Six intents: chance is 1/6. Both bars are far above it and below what was measured.
+ACCURACY_BAR = 0.9  # the full fine-tune on the held-out 20% (measured: 0.99)
+LORA_ACCURACY_BAR = 0.8  # 2 epochs of rank-8 adapters (measured: 0.98)
 
 
 def subset(path: Path, count: int) -> Path:
@@ -116,7 +125,12 @@ def test_lora_learns_and_its_merged_export_loads_without_peft(
         {
             "method": "lora",
             "lora": {"rank": 8, "alpha": 16, "merge": True},
-            "hyperparameters": {"learningRate": 2e-3, "maxSeqLength": 64, "epochs": 2},
+            "hyperparameters": {
+                "learningRate": 5e-3,
+                "warmupRatio": 0.1,
+                "maxSeqLength": 32,
+                "epochs": 2,
+            },
         },
         # A job to report to, but no API server: it must warn and train on.
         job={"name": "lora-run", "namespace": "default"},
@@ -126,13 +140,107 @@ def test_lora_learns_and_its_merged_export_loads_without_peft(
     assert run.returncode == 0, run.stderr[-3000:]
     assert any("no API server" in e["message"] for e in run.of("warning"))
     losses = [e["loss"] for e in run.of("progress")]
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
-    assert run.metrics["accuracy"] >= 3 * CHANCE, run.metrics
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert run.metrics["accuracy"] >= LORA_ACCURACY_BAR, run.metrics
     out = run.output_dir
     assert not (out / "adapter_config.json").exists()
     assert json.loads((out / "kubetune-model.json").read_text())["loraMerged"] is True
     # Merged weights reproduce the adapter model's own evaluation.
     assert heldout_accuracy(out) == pytest.approx(run.metrics["accuracy"])
+
+
+# ---------------------------------------------------------------------------- causal LM
+
+
+def tiny_gpt2(folder: Path, tokenizer_dir: Path) -> Path:
+    """A 2-layer GPT-2 with random weights and the MiniLM tokenizer: a real causal LM that
+    trains in seconds (nothing is downloaded)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def causal_config(trainer: TrainerHarness, tmp_path: Path, spec: dict[str, Any]) -> Path:
+    """Intent names as responses to the utterances: a prompt/response causal-LM task."""
+    rows = [json.loads(line) for line in DATASET.read_text(encoding="utf-8").splitlines()[:160]]
+    dataset = tmp_path / "pairs.jsonl"
+    dataset.write_text(
+        "".join(json.dumps({"prompt": r["text"], "answer": r["label"]}) + "\n" for r in rows),
+        encoding="utf-8",
+    )
+    base = {
+        "task": "causal-lm",
+        "dataset": {"textField": "prompt", "labelField": "answer"},
+        "hyperparameters": {"epochs": 2, "batchSize": 8},
+        "output": {"triton": True},
+    }
+    config = trainer.write_config(
+        tmp_path, dataset, deep_merge(base, spec), job={"name": "intent-writer", "namespace": "x"}
+    )
+    raw = json.loads(config.read_text())
+    raw["paths"]["model"] = str(tiny_gpt2(tmp_path / "gpt2", trainer.model_dir))
+    config.write_text(json.dumps(raw))
+    return config
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        is_dict = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_merge(merged[key], value) if is_dict else value
+    return merged
+
+
+def test_causal_lm_learns_the_responses(trainer: TrainerHarness, tmp_path: Path) -> None:
+    """Full fine-tune of a causal LM on prompt/response pairs; loss only on the responses."""
+    run = trainer.run(causal_config(trainer, tmp_path, {"hyperparameters": {"learningRate": 5e-3}}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [e["loss"] for e in run.of("progress")]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    metrics = run.metrics
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert metrics["perplexity"] < 0.1 * 30522  # far below a uniform guess over the vocabulary
+    meta = json.loads((run.output_dir / "kubetune-model.json").read_text())
+    assert meta["task"] == "causal-lm"
+    assert meta["labels"] is None
+    pbtxt = run.output_dir / "triton-repository" / "intent-writer" / "config.pbtxt"
+    assert "GENERATED_TEXT" in pbtxt.read_text()
+
+
+def test_unmerged_adapter_stays_an_adapter_and_triton_gets_a_merged_copy(
+    trainer: TrainerHarness, tmp_path: Path
+) -> None:
+    """spec.lora.merge false: the output holds the adapter; the serving side never imports
+    peft, so the Triton repository gets a merged copy that plain transformers loads."""
+    spec = {
+        "method": "lora",
+        "lora": {"rank": 4, "alpha": 8, "merge": False},
+        "hyperparameters": {"learningRate": 1e-2, "epochs": 1},
+    }
+    run = trainer.run(causal_config(trainer, tmp_path, spec))
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.output_dir
+    assert (out / "adapter_config.json").is_file()
+    meta = json.loads((out / "kubetune-model.json").read_text())
+    assert (meta["loraMerged"], meta["servable"]) == (False, False)
+    assert meta["weights"][0]["file"].startswith("adapter_model")
+    served = out / "triton-repository" / "intent-writer" / "1" / "hf"
+    assert not (served / "adapter_config.json").exists()
+    assert not (out / ".merged-for-triton").exists()
+    model = AutoModelForCausalLM.from_pretrained(served)
+    assert isinstance(model, GPT2LMHeadModel)
 
 
 # ---------------------------------------------------------------------------- DDP
@@ -172,12 +280,14 @@ def test_kill_preempt_and_resume_finish_like_an_uninterrupted_run(
     """SIGKILL after a periodic checkpoint, then SIGTERM (which checkpoints), then a clean
     finish: each restart resumes right after the saved step, and the run ends with the same
     step count and the same weights as one that was never interrupted."""
-    dataset = subset(tmp_path / "train.jsonl", 200)
+    dataset = subset(tmp_path / "train.jsonl", 150)  # 120 for training: 15 steps of 8
     spec = {
         "hyperparameters": {"batchSize": 8, "learningRate": 1e-4},
         "checkpointing": {"enabled": True, "everySteps": 4, "keepLast": 2},
     }
-    reference = trainer.run(trainer.write_config(tmp_path / "reference", dataset, spec))
+    # The reference writes no checkpoints: writing them must not change the training either.
+    plain = {**spec, "checkpointing": {"enabled": False}}
+    reference = trainer.run(trainer.write_config(tmp_path / "reference", dataset, plain))
     assert reference.returncode == 0, reference.stderr[-3000:]
     total = reference.of("started")[0]["totalSteps"]
     config = trainer.write_config(tmp_path / "interrupted", dataset, spec)
@@ -186,7 +296,7 @@ def test_kill_preempt_and_resume_finish_like_an_uninterrupted_run(
     proc = trainer.start(config)
     seen = trainer.read_until(proc, lambda e: e["event"] == "checkpoint" and e["step"] >= 4)
     proc.kill()
-    killed = trainer.finish(proc, seen, config)
+    killed = trainer.finish(proc, config, seen)
     assert killed.returncode == -signal.SIGKILL
     checkpoints = sorted(p.name for p in killed.checkpoints_dir.glob("step-*"))
     saved = int(checkpoints[-1].removeprefix("step-"))
@@ -195,7 +305,7 @@ def test_kill_preempt_and_resume_finish_like_an_uninterrupted_run(
     proc = trainer.start(config)
     seen = trainer.read_until(proc, lambda e: e["event"] == "progress" and e["step"] >= saved + 3)
     proc.send_signal(signal.SIGTERM)
-    preempted = trainer.finish(proc, seen, config)
+    preempted = trainer.finish(proc, config, seen)
     assert preempted.of("resumed")[0]["step"] == saved
     assert progress_steps(preempted)[0] == saved + 1
     assert preempted.returncode == ExitCode.PREEMPTED, preempted.stderr[-3000:]
@@ -214,10 +324,12 @@ def test_kill_preempt_and_resume_finish_like_an_uninterrupted_run(
     assert resumed.of("finished")[0]["step"] == total
     assert len(list(resumed.checkpoints_dir.glob("step-*"))) == 2  # keepLast
 
-    # Exact data position and RNG restore: the same weights as the uninterrupted run.
-    assert resumed.metrics["loss"] == pytest.approx(reference.metrics["loss"], rel=1e-4)
+    # Exact data position, optimizer and RNG restore: bit-identical weights to the run that was
+    # never interrupted (same machine, same threads: CPU kernels are deterministic here).
     ref_meta = json.loads((reference.output_dir / "kubetune-model.json").read_text())
     new_meta = json.loads((resumed.output_dir / "kubetune-model.json").read_text())
+    assert new_meta["weightsSha256"] == ref_meta["weightsSha256"]
+    assert resumed.metrics == reference.metrics
     assert new_meta["trainedSteps"] == ref_meta["trainedSteps"] == total
 
     # 4. A restart whose data grew a label the checkpoint does not know fails before training.
@@ -391,3 +503,39 @@ def test_progress_checkpoint_and_output_reach_the_finetunejob_status(
         "modelUri": "pvc://models/out",
         "metrics": run.metrics,
     }
+
+
+@pytest.mark.cluster
+def test_status_writes_never_touch_a_recreated_namesake(
+    cluster: LocalCluster,
+    namespace: str,
+    finetunejobs: client.CustomObjectsApi,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A FineTuneJob deleted and created again under the same name (a new run) is never
+    written by the old run's trainer: the writer compares UIDs and stops reporting."""
+    group, version, plural, name = "kubetune.io", "v1alpha1", "finetunejobs", "recreated"
+    body = {
+        "apiVersion": f"{group}/{version}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "pvc://models/minilm"},
+            "dataset": {"source": "pvc://datasets/train.jsonl"},
+            "output": {"uri": "pvc://models/out"},
+        },
+    }
+    finetunejobs.create_namespaced_custom_object(group, version, namespace, plural, body)
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    stale = JobRef(name=name, namespace=namespace, uid="00000000-0000-4000-8000-000000000000")
+    writer = StatusWriter(stale, min_interval=0.0)
+    writer.submit({"progress": Progress(step=1, total_steps=10).to_wire()})
+    writer.close()
+    out = capsys.readouterr().out
+    current = finetunejobs.get_namespaced_custom_object_status(
+        group, version, namespace, plural, name
+    )
+    assert "progress" not in current.get("status", {}), (out, current)
+    assert "was deleted and created again" in out
+    assert not writer.enabled

@@ -14,8 +14,13 @@ labels, so the install here uses crds.enabled=false; the chart's CRD templates a
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -188,7 +193,7 @@ def test_crds_render_from_the_generator_and_only_when_enabled(helm: Helm) -> Non
     assert set(rendered) == set(generated)
     for name, crd in rendered.items():
         assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
-        assert crd == generated[name]
+        assert crd == generated[name], f"chart CRD {name} is stale: run `make crds`"
 
     assert find(helm.template("crds.enabled=false"), "CustomResourceDefinition") == []
     for crd in find(helm.template("crds.keep=false"), "CustomResourceDefinition"):
@@ -202,19 +207,23 @@ def test_watch_namespaces_become_namespace_flags(helm: Helm) -> None:
 
 
 @pytest.mark.parametrize(
-    "sets",
-    [(), ("watchNamespaces={team-a}", "logLevel=debug"), ("metrics.enabled=false",)],
+    ("sets", "namespaces"),
+    [
+        ((), []),
+        (("watchNamespaces={team-a,team-b}", "logLevel=debug"), ["team-a", "team-b"]),
+        (("metrics.enabled=false",), []),
+    ],
     ids=["defaults", "namespaced-debug", "no-health-endpoint"],
 )
 def test_the_rendered_command_is_what_kubetune_run_accepts(
-    helm: Helm, sets: tuple[str, ...]
+    helm: Helm, sets: tuple[str, ...], namespaces: list[str]
 ) -> None:
     """The chart and the CLI change together: a flag the CLI lacks would crash the pod at start."""
     container = operator_container(helm.template(*sets))
     assert container["command"] == ["kubetune"]
     args = build_parser().parse_args(container["args"])
     assert args.command == "run"
-    assert args.namespace == (["team-a"] if sets and "team-a" in sets[0] else [])
+    assert args.namespace == namespaces
 
 
 def test_the_cluster_role_grants_no_secret_listing_and_no_escalation(helm: Helm) -> None:
@@ -356,17 +365,21 @@ def test_install_creates_the_operator_its_rbac_and_a_restricted_pod(
     assert pods[0].spec.containers[0].security_context.read_only_root_filesystem is True
 
 
-def _token_client(
-    cluster: LocalCluster, admin: client.ApiClient, ns: str, account: str
-) -> client.ApiClient:
-    """A client that authenticates as the ServiceAccount, with a token the API server minted."""
+def _token(admin: client.ApiClient, ns: str, account: str) -> str:
+    """A token for the ServiceAccount, minted by the API server (the TokenRequest API)."""
     request = client.CoreV1Api(admin).create_namespaced_service_account_token(
         account, ns, {"spec": {"expirationSeconds": 600}}
     )
+    token: str = request.status.token
+    return token
+
+
+def _token_client(cluster: LocalCluster, token: str) -> client.ApiClient:
+    """A client of the local cluster that authenticates with `token` only (no client cert)."""
     cfg = client.Configuration()
     config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=cfg)
     cfg.cert_file = cfg.key_file = None
-    cfg.api_key = {"authorization": f"Bearer {request.status.token}"}
+    cfg.api_key = {"authorization": f"Bearer {token}"}
     return client.ApiClient(cfg)
 
 
@@ -374,7 +387,7 @@ def _token_client(
 def as_operator(
     installed: Installed, cluster: LocalCluster, api_client: client.ApiClient
 ) -> client.ApiClient:
-    return _token_client(cluster, api_client, installed.namespace, installed.account)
+    return _token_client(cluster, _token(api_client, installed.namespace, installed.account))
 
 
 def _allowed(
@@ -544,6 +557,76 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
 
     with pytest.raises(Forbidden):
         kube.list("v1", "Secret", ns)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.cluster
+def test_the_charts_command_runs_the_operator_as_its_service_account(
+    helm: Helm,
+    installed: Installed,
+    cluster: LocalCluster,
+    api_client: client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    """The container's command, arguments and environment, run here with the ServiceAccount's
+    token: kopf starts every watch without a 403, and the liveness endpoint answers."""
+    port = _free_port()
+    docs = helm.template(
+        f"watchNamespaces={{{installed.namespace}}}",
+        "logLevel=debug",
+        f"metrics.port={port}",
+        namespace=installed.namespace,
+    )
+    container = operator_container(docs)
+    token = _token(api_client, installed.namespace, installed.account)
+    kubeconfig = yaml.safe_load(cluster.kubeconfig.read_text())
+    for user in kubeconfig["users"]:
+        user["user"] = {"token": token}
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
+    env = {
+        **os.environ,
+        **{e["name"]: e["value"] for e in container["env"]},
+        "KUBECONFIG": str(tmp_path / "kubeconfig"),
+        "PYTHONPATH": str(REPO / "operator"),
+    }
+    log = tmp_path / "operator.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", *container["args"]],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    try:
+
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_for(healthy, 30, "the operator's liveness endpoint")
+        streams = len(_kopf_selectors()) + 1  # and kopf's own watch on the CRDs
+        wait_for(
+            lambda: log.read_text().count("Starting the watch-stream") >= streams,
+            30,
+            f"{streams} watch streams to start",
+        )
+        time.sleep(2)  # a refused list comes back within milliseconds of the stream's start
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log.read_text()
+    assert "APIForbiddenError" not in text and "Traceback" not in text, text[-5000:]
 
 
 @pytest.mark.cluster

@@ -16,7 +16,7 @@ from kubetune.devcluster.cluster import (
     OUTCOME_ANNOTATION,
     TERMINATION_MESSAGE_ANNOTATION,
 )
-from tests.integration.conftest import OperatorProcess, Resources
+from tests.cluster_fixtures import OperatorProcess, Resources
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster

@@ -54,7 +54,12 @@ def test_kubectl_lists_gpu_nodes_with_capacity(cluster: LocalCluster) -> None:
         text=True,
     ).stdout
     rows = dict(line.split() for line in out.strip().splitlines())
-    assert rows == {"gpu-node-0": "8", "gpu-node-1": "8", "cpu-node-0": "<none>"}
+    assert rows == {
+        "gpu-node-0": "8",
+        "gpu-node-1": "8",
+        "cpu-node-0": "<none>",
+        "local-node-0": "1",
+    }
 
 
 def test_gpu_job_is_scheduled_on_a_gpu_node_and_completes(

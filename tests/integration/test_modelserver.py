@@ -12,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.devcluster.binaries import kubectl_path
 from kubetune.devcluster.cluster import OUTCOME_ANNOTATION, LocalCluster
-from tests.integration.conftest import Resources
+from tests.cluster_fixtures import Resources
 from tests.integration.test_finetunejob import _finish_pods, _read, finetunejob
 from tests.waiting import wait_for
 
@@ -21,7 +21,12 @@ MS = "modelservers"
 
 
 def modelserver(name: str, **spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"model": {"source": "pvc://models/repo"}, "resources": {"gpus": 1}}
+    """kwok's pods run no Triton: the smoke test is off unless a test is about it."""
+    base: dict[str, Any] = {
+        "model": {"source": "pvc://models/repo"},
+        "resources": {"gpus": 1},
+        "rollout": {"smokeTest": {"enabled": False}},
+    }
     base.update(spec)
     return {
         "apiVersion": "kubetune.io/v1alpha1",
@@ -291,3 +296,59 @@ def test_deleted_deployment_is_restored(
         what="restored deployment",
     )
     resources.wait_phase(MS, "heal", "Ready")
+
+
+def test_a_failed_smoke_test_rolls_back_to_the_model_that_passed(
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+) -> None:
+    """The failure is real but provoked: kwok's pods have loopback IPs where nothing listens, so
+    the operator's real tritonclient request is refused (a real Triton serving a broken model is
+    covered by tests/e2e)."""
+    resources.create(MS, modelserver("gate", replicas=1, resources={"gpus": 0}))
+    first = resources.wait_phase(MS, "gate", "Ready")
+    good = first["status"]["served"]["revision"]
+    assert first["status"]["served"]["uri"] == "pvc://models/repo"
+    apps = client.AppsV1Api(api_client)
+
+    def revision() -> str:
+        deploy = apps.read_namespaced_deployment("gate", namespace)
+        return str(deploy.spec.template.metadata.annotations["kubetune.io/model-revision"])
+
+    assert revision() == good
+    resources.patch(
+        MS,
+        "gate",
+        {
+            "spec": {
+                "model": {"source": "pvc://models/broken"},
+                "rollout": {"smokeTest": {"enabled": True}},
+            }
+        },
+    )
+    obj = wait_for(
+        lambda: (o := resources.get(MS, "gate"))["status"].get("failedRevision") and o,
+        90,
+        "the smoke test of the new revision to fail",
+    )
+    bad = obj["status"]["failedRevision"]
+    assert bad != good
+    assert obj["status"]["smokeTest"]["passed"] is False
+    assert "smoke test of gate failed" in obj["status"]["smokeTest"]["message"]
+    # The rollback: the Deployment goes back to the revision that passed, and says so.
+    wait_for(lambda: revision() == good, 60, "the Deployment to roll back")
+    cond = wait_for(
+        lambda: (
+            (c := resources.condition(MS, "gate", "Degraded")) and c["reason"] == "RolledBack" and c
+        ),
+        60,
+        "the RolledBack condition",
+    )
+    assert bad in cond["message"]
+    assert resources.condition(MS, "gate", "SmokeTestPassed")["status"] == "False"  # type: ignore[index]
+    assert resources.get(MS, "gate")["status"]["served"]["revision"] == good
+    events = (
+        client.CoreV1Api(api_client)
+        .list_namespaced_event(namespace, field_selector="involvedObject.name=gate")
+        .items
+    )
+    assert any(e.reason == "SmokeTestFailed" and e.type == "Warning" for e in events)

@@ -53,6 +53,7 @@ class ResolvedModel:
     uri: str
     revision: str
     task: str = "sequence-classification"
+    rolled_back_from: str | None = None  # the revision that failed its smoke test
 
 
 def model_name(ms: ModelServer, owner: Owner) -> str:

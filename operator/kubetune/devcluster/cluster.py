@@ -30,7 +30,9 @@ from kubetune.devcluster.binaries import Binaries, cache_root, ensure_binaries
 from kubetune.devcluster.pki import CertPair, Pki
 
 SERVICE_CIDR = "10.96.0.0/16"
-POD_CIDR = "10.244.0.0/16"
+# Simulated pods get loopback addresses: whatever connects to a pod IP (the operator's smoke
+# test) stays on this machine, and finds nothing listening.
+POD_CIDR = "127.244.0.0/16"
 STAGES_FILE = Path(__file__).with_name("stages") / "kwok-stages.yaml"
 
 # Pod outcomes on demand: annotate a pod and kwok finishes it (see stages/kwok-stages.yaml).

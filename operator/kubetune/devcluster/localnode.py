@@ -77,6 +77,7 @@ class Container:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     ready: bool = False
+    last_state: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(
         default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}}
     )
@@ -302,6 +303,8 @@ class PodRunner(threading.Thread):
             )
         with (self.node.workdir / "pids").open("a") as pids:
             pids.write(f"{item.proc.pid}\n")  # `cluster down` stops these even if this node dies
+        if "terminated" in item.state:
+            item.last_state = item.state
         item.state = {"running": {"startedAt": _now()}}
         item.ready = "readinessProbe" not in spec
 
@@ -364,6 +367,7 @@ class PodRunner(threading.Thread):
                     "ready": c.ready,
                     "restartCount": c.restarts,
                     "state": c.state,
+                    "lastState": c.last_state,
                     "started": "running" in c.state,
                 }
                 for c in items

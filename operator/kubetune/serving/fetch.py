@@ -25,7 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kubetune.api.v1alpha1.modelserver import DynamicBatching, TritonSpec
-from kubetune.serving.repository import read_manifest, write_model_repository
+from kubetune.serving.repository import (
+    HF_SUBDIR,
+    MODEL_VERSION,
+    read_manifest,
+    sha256_file,
+    write_model_repository,
+)
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
@@ -84,7 +90,7 @@ def deliver(source: Path, dest: Path, model_name: str, task: str, triton: Triton
     models = _kubetune_models(source)
     if len(models) == 1:
         manifest = read_manifest(models[0])
-        checkpoint = next(models[0].glob("*/hf"))
+        checkpoint = verified_checkpoint(models[0])
         out = write_model_repository(checkpoint, dest, model_name, manifest.task, triton)
         return read_manifest(out).checksum
     if list(source.glob("*/config.pbtxt")):
@@ -94,6 +100,23 @@ def deliver(source: Path, dest: Path, model_name: str, task: str, triton: Triton
         f"{source} is neither a Hugging Face checkpoint (config.json) nor a Triton repository "
         "(<model>/config.pbtxt)"
     )
+
+
+def verified_checkpoint(model_folder: Path) -> Path:
+    """The checkpoint inside a kubetune repository, after checking its weights against the
+    checksums recorded when it was packaged: a corrupted copy is refused, not re-hashed."""
+    manifest = read_manifest(model_folder)
+    hf_dir = model_folder / str(MODEL_VERSION) / HF_SUBDIR
+    for weights in manifest.weights:
+        path = hf_dir / weights.name
+        if not path.is_file():
+            raise FetchError(f"{path} is missing: the model repository is incomplete")
+        if sha256_file(path) != weights.sha256:
+            raise FetchError(
+                f"{path} does not match the checksum recorded when it was packaged: the copy "
+                "is corrupted or was modified"
+            )
+    return hf_dir
 
 
 def _task_of(checkpoint: Path) -> str:

@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(config_path(args.config))
-        from kubetune.trainer.run import run  # noqa: PLC0415 - torch loads after the config parses
+        from kubetune.trainer.run import run  # torch loads after the config parses
 
         run(config)
     except (Exception, KeyboardInterrupt) as exc:

@@ -26,6 +26,7 @@ class Reason(StrEnum):
     OUT_OF_MEMORY = "OutOfMemory"
     ACCESS_DENIED = "AccessDenied"
     MODEL_NOT_FOUND = "ModelNotFound"
+    NCCL_TIMEOUT = "NcclTimeout"
     OTHER = "Other"
     PREEMPTED = "Preempted"
 
@@ -43,6 +44,7 @@ class ExitCode(IntEnum):
     MODEL_NOT_FOUND = 4
     ACCESS_DENIED = 5
     OUT_OF_MEMORY = 6
+    NCCL_TIMEOUT = 7
     PREEMPTED = 143
 
 
@@ -52,6 +54,7 @@ EXIT_CODES: dict[Reason, ExitCode] = {
     Reason.MODEL_NOT_FOUND: ExitCode.MODEL_NOT_FOUND,
     Reason.ACCESS_DENIED: ExitCode.ACCESS_DENIED,
     Reason.OUT_OF_MEMORY: ExitCode.OUT_OF_MEMORY,
+    Reason.NCCL_TIMEOUT: ExitCode.NCCL_TIMEOUT,
     Reason.PREEMPTED: ExitCode.PREEMPTED,
 }
 
@@ -88,18 +91,13 @@ class ConfigError(TrainerError):
     reason = Reason.OTHER
 
 
-class Preempted(TrainerError):  # noqa: N818 - a stop, not an error, but it unwinds the same way
+class Preempted(TrainerError):  # a stop, not an error, but it unwinds the same way
     """SIGTERM arrived; the checkpoint is written and the process should stop now."""
 
     reason = Reason.PREEMPTED
 
 
-_OOM_MARKERS = (
-    "out of memory",
-    "outofmemoryerror",
-    "cuda error: out of memory",
-    "cublas_status_alloc",
-)
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cublas_status_alloc_failed")
 _DENIED_MARKERS = ("401", "403", "unauthorized", "forbidden", "access denied", "accessdenied")
 _NOT_FOUND_TYPES = ("RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError")
 
@@ -119,6 +117,8 @@ def classify(exc: BaseException) -> tuple[Reason, str]:
         return Reason.OUT_OF_MEMORY, text
     if any(marker in lowered for marker in _OOM_MARKERS):
         return Reason.OUT_OF_MEMORY, text
+    if "nccl" in lowered and ("timeout" in lowered or "timed out" in lowered):
+        return Reason.NCCL_TIMEOUT, text
     if isinstance(exc, PermissionError) or "GatedRepoError" in names:
         return Reason.ACCESS_DENIED, text
     if names & set(_NOT_FOUND_TYPES):

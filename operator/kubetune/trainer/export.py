@@ -49,52 +49,21 @@ def export(
     metrics: dict[str, float],
     steps: int,
 ) -> OutputStatus:
-    from kubetune.serving import repository  # noqa: PLC0415 - file I/O only, no torch
-
     spec = config.spec
     output = Path(config.paths.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / METADATA_FILE).unlink(missing_ok=True)  # incomplete until rewritten at the end
+    _clear_previous_export(output)
     lora = spec.method == Method.LORA
-    merge = not lora or (spec.lora is None or spec.lora.merge)
-    servable = _save(model.merge_and_unload() if lora and merge else model, tokenizer, output)  # type: ignore[operator]
+    merge = not lora or spec.lora is None or spec.lora.merge
+    final = model.merge_and_unload() if lora and merge else model  # type: ignore[operator]
+    servable = _save(final, tokenizer, output)
     triton_uri = None
     if spec.output.triton:
-        source = output if merge else _merged_copy(model, tokenizer, output)
-        try:
-            repository.write_model_repository(
-                source,
-                output / TRITON_DIR,
-                model_name(config),
-                spec.task,
-                max_sequence_length=spec.hyperparameters.max_seq_length,
-            )
-        finally:
-            if source != output:
-                shutil.rmtree(source, ignore_errors=True)
+        _package_for_triton(config, output if merge else _merged_copy(model, tokenizer, output))
         triton_uri = f"{spec.output.uri.rstrip('/')}/{TRITON_DIR}"
-    weights = [
-        repository.WeightsFile(p.name, repository.sha256_file(p), p.stat().st_size)
-        for p in _weight_paths(output)
-    ]
-    metadata = {
-        "format": METADATA_FORMAT,
-        "task": str(spec.task),
-        "method": str(spec.method),
-        "loraMerged": lora and merge,
-        "labels": labels,
-        "baseModel": spec.model.source,
-        "baseModelRevision": spec.model.revision,
-        "maxSequenceLength": spec.hyperparameters.max_seq_length,
-        "metrics": metrics,
-        "trainedSteps": steps,
-        "weights": [{"file": w.name, "sha256": w.sha256, "size": w.size} for w in weights],
-        "weightsSha256": repository.combined_checksum(weights) if weights else None,
-        "tritonModelName": model_name(config) if triton_uri else None,
-        "createdAt": datetime.now(UTC).isoformat(timespec="seconds"),
-        "kubetuneVersion": kubetune.__version__,
-        "servable": servable,
-    }
+    metadata = _metadata(config, output, labels, metrics, steps)
+    metadata.update(loraMerged=lora and merge, servable=servable)
+    metadata["tritonModelName"] = model_name(config) if triton_uri else None
     temp = output / f".{METADATA_FILE}.tmp"
     temp.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     os.replace(temp, output / METADATA_FILE)
@@ -103,6 +72,57 @@ def export(
     return OutputStatus(
         model_uri=spec.output.uri, triton_repository_uri=triton_uri, metrics=metrics
     )
+
+
+def _package_for_triton(config: TrainerConfig, source: Path) -> None:
+    """`<output>/triton-repository/<model name>/`, by the serving module's writer."""
+    from kubetune.serving import repository  # file I/O only, no torch
+
+    output = Path(config.paths.output)
+    try:
+        repository.write_model_repository(
+            source,
+            output / TRITON_DIR,
+            model_name(config),
+            config.spec.task,
+            max_sequence_length=config.spec.hyperparameters.max_seq_length,
+        )
+    finally:
+        if source != output:  # a merged copy made only for packaging
+            shutil.rmtree(source, ignore_errors=True)
+
+
+def _metadata(
+    config: TrainerConfig,
+    output: Path,
+    labels: list[str] | None,
+    metrics: dict[str, float],
+    steps: int,
+) -> dict[str, Any]:
+    """kubetune-model.json: what the model is, how it was made, and checksums of its weights
+    (the combined checksum has the serving manifest's format, so the two can be compared)."""
+    from kubetune.serving import repository
+
+    spec = config.spec
+    weights = [
+        repository.WeightsFile(p.name, repository.sha256_file(p), p.stat().st_size)
+        for p in _weight_paths(output)
+    ]
+    return {
+        "format": METADATA_FORMAT,
+        "task": str(spec.task),
+        "method": str(spec.method),
+        "labels": labels,
+        "baseModel": spec.model.source,
+        "baseModelRevision": spec.model.revision,
+        "maxSequenceLength": spec.hyperparameters.max_seq_length,
+        "metrics": metrics,
+        "trainedSteps": steps,
+        "weights": [{"file": w.name, "sha256": w.sha256, "size": w.size} for w in weights],
+        "weightsSha256": repository.combined_checksum(weights) if weights else None,
+        "createdAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        "kubetuneVersion": kubetune.__version__,
+    }
 
 
 def _save(model: torch.nn.Module, tokenizer: Any, folder: Path) -> bool:
@@ -121,9 +141,25 @@ def _merged_copy(model: torch.nn.Module, tokenizer: Any, output: Path) -> Path:
     return folder
 
 
+WEIGHTS = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+
+
 def _weight_paths(folder: Path) -> list[Path]:
-    pattern = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
-    return sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name))
+    return sorted(p for p in folder.iterdir() if p.is_file() and WEIGHTS.match(p.name))
+
+
+def _clear_previous_export(output: Path) -> None:
+    """Removes what an earlier export of this job left (the metadata first: until it is written
+    again the folder reads as incomplete), so no stale weights file is counted as this model's:
+    a full run's model.safetensors next to a later LoRA run's adapter, say."""
+    (output / METADATA_FILE).unlink(missing_ok=True)
+    stale = [
+        *_weight_paths(output),
+        output / "adapter_config.json",
+        output / "model.safetensors.index.json",
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def upload(folder: Path, uri: str) -> None:

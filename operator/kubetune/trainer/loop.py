@@ -98,7 +98,8 @@ class LoopResult:
     position: Position
     metrics: dict[str, float]
     samples_per_second: float
-    train_seconds: float
+    train_seconds: float  # inside optimizer steps only
+    wall_seconds: float  # the whole loop: steps, loaders, evaluation, checkpoints
     progress: Progress
 
 
@@ -153,6 +154,7 @@ class TrainingLoop:
     # ------------------------------------------------------------------ the loop
 
     def run(self, start: Position) -> LoopResult:
+        began = time.monotonic()
         self.position = start
         self._segment_start = start.step
         self._last_saved = start.step if start.step else -1  # resumed: that step is on disk
@@ -175,6 +177,7 @@ class TrainingLoop:
             self.metrics,
             self._samples / self._train_seconds if self._train_seconds else 0.0,
             self._train_seconds,
+            time.monotonic() - began,
             self._progress(self._last_loss),
         )
 
@@ -198,12 +201,19 @@ class TrainingLoop:
             self._after_step()
 
     def _loader(self, batches: list[list[int]]) -> DataLoader[Any]:
+        """A loader over this rank's remaining batches of the epoch.
+
+        It gets a generator of its own: by default each new loader iterator draws a seed from
+        the global torch RNG, so a loader created at a resume point would shift every later
+        dropout mask and the resumed run would no longer match an uninterrupted one.
+        """
         return DataLoader(
             self.train,  # type: ignore[arg-type]  # a list is a map-style dataset
             batch_sampler=batches,
             collate_fn=self._collate,
             num_workers=self._workers,
             pin_memory=self.ctx.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.spec.hyperparameters.seed),
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -302,7 +312,10 @@ class TrainingLoop:
     def _evaluate_and_report(self) -> None:
         if not self.validation:
             return
-        self.metrics = self.evaluate()
+        metrics = self.evaluate()
+        self.metrics = events.finite_only(metrics)
+        if self.ctx.is_main and metrics != self.metrics:
+            events.emit("warning", message=f"evaluation gave non-finite metrics {metrics}")
         if self.ctx.is_main:
             events.emit(
                 "eval", step=self.position.step, epoch=self.position.epoch, metrics=self.metrics

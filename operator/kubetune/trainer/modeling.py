@@ -1,8 +1,8 @@
 """Model, tokenizer, LoRA, precision and the optimizer: everything the loop trains.
 
 The choices that make training fast live here: bf16 autocast where the GPU has it, fused AdamW
-(CUDA and CPU), no weight decay on biases and norms, and (for LoRA on a GPU) frozen base weights kept in the
-16-bit training dtype, which halves their memory while the adapters train in fp32.
+(CUDA and CPU), no weight decay on biases and norms, and (for LoRA on a GPU) frozen base weights
+kept in the 16-bit training dtype, which halves their memory while the adapters train in fp32.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kubetune.trainer.errors import ConfigError, ModelNotFoundError
 
 def load_tokenizer(model_dir: Path) -> Any:
     """The checkpoint's tokenizer, with a pad token (causal LMs often ship without one)."""
-    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy; only in training pods
+    from transformers import AutoTokenizer  # heavy; only in training pods
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -65,7 +65,7 @@ def load_model(
     base_dtype: torch.dtype | None,
 ) -> torch.nn.Module:
     """The pretrained model with the task's head (a new classifier for classification)."""
-    import transformers  # noqa: PLC0415
+    import transformers
 
     kwargs: dict[str, Any] = {}
     if base_dtype is not None:
@@ -95,7 +95,7 @@ def load_model(
 
 def apply_lora(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.nn.Module:
     """Wraps the model with LoRA adapters; only they (and a new classifier head) train."""
-    from peft import LoraConfig, TaskType, get_peft_model  # noqa: PLC0415
+    from peft import LoraConfig, TaskType, get_peft_model
 
     lora = spec.lora or LoraSpec()
     task_type = (
@@ -151,7 +151,9 @@ def build_optimizer(
     # The fused kernel (CUDA, and CPU since torch 2.4) updates every tensor in one pass: on
     # MiniLM it makes the CPU optimizer step about 6x faster than the per-tensor loop.
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(
+        groups, lr=hp.learning_rate, fused=fused, foreach=None if fused else True
+    )
 
 
 def build_scheduler(

@@ -86,18 +86,15 @@ class StatusWriter:
             self._last_sent = time.monotonic()
 
     def _send(self, status: dict[str, Any]) -> None:
-        body: dict[str, Any] = {"status": status}
-        if self.job.uid:  # a UID in the patch is a precondition: never write into a new namesake
-            body["metadata"] = {"uid": self.job.uid}
         api: Any = self._api
+        where = (GROUP, VERSION, self.job.namespace, PLURAL, self.job.name)
         try:
+            if self.job.uid and not self._same_object(api, where):
+                self._stop(f"was deleted and created again (its UID is no longer {self.job.uid})")
+                return
             api.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.job.namespace,
-                PLURAL,
-                self.job.name,
-                body,
+                *where,
+                {"status": status},
                 field_manager=FIELD_MANAGER,
                 _content_type="application/merge-patch+json",
                 _request_timeout=REQUEST_TIMEOUT_S,
@@ -109,15 +106,30 @@ class StatusWriter:
                 events.emit("warning", message="status writes to the API server work again")
             self._failures = 0
 
+    def _same_object(self, api: Any, where: tuple[str, ...]) -> bool:
+        """Whether the FineTuneJob is still the one this run was started for.
+
+        The API server ignores metadata (a UID precondition included) in a patch of the status
+        subresource, so the UID is compared on a read first; a recreated namesake in the short
+        window between read and patch is the accepted risk. Reading the status subresource
+        needs no more RBAC than writing it.
+        """
+        current = api.get_namespaced_custom_object_status(
+            *where, _request_timeout=REQUEST_TIMEOUT_S
+        )
+        return bool(current.get("metadata", {}).get("uid") == self.job.uid)
+
+    def _stop(self, why: str) -> None:
+        self._enabled = False
+        events.emit(
+            "warning",
+            message=f"FineTuneJob {self.job.namespace}/{self.job.name} {why}; status reporting "
+            "stops, training goes on",
+        )
+
     def _failed(self, exc: Exception) -> None:
-        status = getattr(exc, "status", None)
-        if status in (404, 409):
-            self._enabled = False
-            events.emit(
-                "warning",
-                message=f"FineTuneJob {self.job.namespace}/{self.job.name} is gone or was "
-                f"recreated (HTTP {status}); status reporting stops, training goes on",
-            )
+        if getattr(exc, "status", None) == 404:
+            self._stop("is gone (HTTP 404)")
             return
         if self._failures % WARN_EVERY == 0:
             events.emit(
@@ -129,17 +141,23 @@ class StatusWriter:
 
 
 def _connect() -> Any | None:
-    """The in-cluster client, or a kubeconfig's when $KUBECONFIG is set (local runs)."""
-    try:
-        from kubernetes import client, config  # noqa: PLC0415
+    """A client with the pod's service account, or $KUBECONFIG's credentials (local runs).
 
+    The configuration is private to this client: loading it never changes the kubernetes
+    package's global default, which other code in the process may rely on.
+    """
+    try:
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
         try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            if not os.environ.get("KUBECONFIG"):
+            kubeconfig = os.environ.get("KUBECONFIG")
+            if not kubeconfig:
                 raise
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        return client.CustomObjectsApi()
+            config.load_kube_config(kubeconfig, client_configuration=configuration)
+        return client.CustomObjectsApi(client.ApiClient(configuration))
     except Exception as exc:
         events.emit(
             "warning",

@@ -35,6 +35,7 @@ class RunResult:
     metrics: dict[str, float]
     samples_per_second: float
     train_seconds: float
+    wall_seconds: float
     output: OutputStatus | None
 
 
@@ -61,9 +62,57 @@ def run(config: TrainerConfig) -> RunResult:
         shutdown(ctx)
 
 
+@dataclass
+class Job:
+    """Everything set up for the loop, before its first step."""
+
+    loop: TrainingLoop
+    start: Position
+    tokenizer: Any
+    prepared: Prepared
+
+
 def _run(
     config: TrainerConfig, ctx: DistContext, stop: StopAgreement, reporter: Reporter
 ) -> RunResult:
+    job = set_up(config, ctx, stop, reporter)
+    result = job.loop.run(job.start)
+    output = None
+    if ctx.is_main:
+        output = export(
+            config,
+            model=job.loop.trainee.model,
+            tokenizer=job.tokenizer,
+            labels=job.prepared.labels,
+            metrics=result.metrics,
+            steps=result.position.step,
+        )
+        events.emit("exported", path=config.paths.output, output=output.to_wire())
+        reporter.output(output, result.progress)
+    ctx.barrier()  # nobody exits (and tears the group down) while rank 0 still exports
+    events.emit(
+        "finished",
+        rank=ctx.rank,
+        worldSize=ctx.world_size,
+        step=result.position.step,
+        totalSteps=job.loop.total_steps,
+        metrics=result.metrics,
+        samplesPerSecond=round(result.samples_per_second, 2),
+        trainSeconds=round(result.train_seconds, 2),
+    )
+    return RunResult(
+        job.loop.total_steps,
+        result.position,
+        result.metrics,
+        result.samples_per_second,
+        result.train_seconds,
+        result.wall_seconds,
+        output,
+    )
+
+
+def set_up(config: TrainerConfig, ctx: DistContext, stop: StopAgreement, reporter: Reporter) -> Job:
+    """Checkpoint, data, model, optimizer, position: all checks that can fail, before step one."""
     spec, hp = config.spec, config.spec.hyperparameters
     checkpointer = Checkpointer(Path(config.paths.checkpoints), spec.checkpointing.keep_last)
     resume = load_resume(ctx, checkpointer)
@@ -100,38 +149,7 @@ def _run(
     _announce(
         config, ctx=ctx, loop=loop, prepared=prepared, trainee=trainee, resume=resume, start=start
     )
-    result = loop.run(start)
-    output = None
-    if ctx.is_main:
-        output = export(
-            config,
-            model=trainee.model,
-            tokenizer=tokenizer,
-            labels=prepared.labels,
-            metrics=result.metrics,
-            steps=result.position.step,
-        )
-        events.emit("exported", path=config.paths.output, output=output.to_wire())
-        reporter.output(output, result.progress)
-    ctx.barrier()
-    events.emit(
-        "finished",
-        rank=ctx.rank,
-        worldSize=ctx.world_size,
-        step=result.position.step,
-        totalSteps=loop.total_steps,
-        metrics=result.metrics,
-        samplesPerSecond=round(result.samples_per_second, 2),
-        trainSeconds=round(result.train_seconds, 2),
-    )
-    return RunResult(
-        loop.total_steps,
-        result.position,
-        result.metrics,
-        result.samples_per_second,
-        result.train_seconds,
-        output,
-    )
+    return Job(loop, start, tokenizer, prepared)
 
 
 def load_resume(ctx: DistContext, checkpointer: Checkpointer) -> LoadedCheckpoint | None:

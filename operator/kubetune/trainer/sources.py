@@ -74,7 +74,7 @@ def _local(location: str, what: str) -> Path:
 
 
 def _hf_snapshot(repo: str, revision: str | None, repo_type: str, filename: str | None) -> Path:
-    from huggingface_hub import hf_hub_download, snapshot_download  # noqa: PLC0415
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     token = os.environ.get("HF_TOKEN") or None
     try:

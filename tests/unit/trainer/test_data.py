@@ -49,8 +49,8 @@ def test_csv_is_read_with_its_header(tmp_path: Path) -> None:
 
 
 def test_parquet_is_read_with_pyarrow(tmp_path: Path) -> None:
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(rows(5)), path)

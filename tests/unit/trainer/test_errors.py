@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx2
@@ -18,6 +19,7 @@ from kubetune.trainer.errors import (
     exit_code,
     write_termination_message,
 )
+from kubetune.trainer.events import emit, finite_only
 
 
 def hub_response(status: int) -> httpx2.Response:
@@ -40,6 +42,11 @@ class OutOfMemoryError(RuntimeError):
         (GatedRepoError("gated", response=hub_response(403)), Reason.ACCESS_DENIED),
         (RepositoryNotFoundError("nope", response=hub_response(404)), Reason.MODEL_NOT_FOUND),
         (HfHubHTTPError("403 Forbidden", response=hub_response(403)), Reason.ACCESS_DENIED),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), Reason.OUT_OF_MEMORY),
+        (
+            RuntimeError("[Rank 1] Watchdog caught collective operation timeout: NCCL ALLREDUCE"),
+            Reason.NCCL_TIMEOUT,
+        ),
         (ValueError("something else"), Reason.OTHER),
     ],
 )
@@ -81,3 +88,15 @@ def test_fail_prints_the_event_and_writes_the_message(
     out = capsys.readouterr().out
     assert '"event": "failed"' in out
     assert '"reason": "BadData"' in out
+
+
+def test_events_never_write_invalid_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """A diverged loss (NaN, inf) becomes null: the line stays parseable JSON."""
+    emit("progress", loss=float("nan"), evalMetrics={"loss": float("inf"), "accuracy": 0.5})
+    line = json.loads(capsys.readouterr().out)
+    assert line == {
+        "event": "progress",
+        "loss": None,
+        "evalMetrics": {"loss": None, "accuracy": 0.5},
+    }
+    assert finite_only({"loss": float("nan"), "accuracy": 0.5}) == {"accuracy": 0.5}

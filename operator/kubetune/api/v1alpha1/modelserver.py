@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -257,13 +258,26 @@ class Endpoints(ApiModel):
 
 
 class ServedRevision(ApiModel):
-    """Exactly which model the pods serve."""
+    """Exactly which model the pods serve: the last revision that rolled out and passed its
+    smoke test (the one a failed rollout goes back to)."""
 
     uri: str | None = Field(default=None, description="Where the served model came from.")
+    revision: str | None = Field(default=None, description="kubetune's revision of that model.")
+    task: str | None = Field(default=None, description="The model's task.")
     fine_tune_job_uid: str | None = Field(
         default=None, description="UID of the FineTuneJob run that produced it."
     )
     checksum: str | None = Field(default=None, description="Checksum of the model files.")
+
+
+class SmokeTestStatus(ApiModel):
+    """The last post-rollout smoke test."""
+
+    revision: str = Field(description="Model revision tested.")
+    passed: bool = Field(description="Whether every new pod answered correctly.")
+    message: str = Field(default="", description="What the pods answered, or why they failed.")
+    pods: list[str] = Field(default_factory=list, description="Pods tested.")
+    time: datetime | None = Field(default=None, description="When the test ran.")
 
 
 class ModelServerStatus(ApiModel):
@@ -288,6 +302,15 @@ class ModelServerStatus(ApiModel):
     endpoints: Endpoints | None = Field(default=None, description="In-cluster endpoints.")
     model_name: str | None = Field(default=None, description="Model name in Triton.")
     served: ServedRevision | None = Field(default=None, description="The model actually served.")
+    smoke_test: SmokeTestStatus | None = Field(default=None, description="The last smoke test.")
+    failed_revision: str | None = Field(
+        default=None,
+        description="A model revision that failed its smoke test or did not start; it is not "
+        "rolled out again.",
+    )
+    failure_message: str | None = Field(
+        default=None, description="Why the failed revision was rolled back."
+    )
 
 
 class ModelServer(ApiModel):

@@ -1,9 +1,10 @@
-"""The operator under test: `python -m kubetune run` as a subprocess against the local cluster."""
+"""Fixtures over the local cluster: the operator as a real subprocess, CRDs, volumes, resources."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from kubetune.devcluster.cluster import LocalCluster
 from kubetune.devcluster.volumes import ensure_claim
 from tests.waiting import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 class OperatorProcess:
@@ -43,11 +44,12 @@ class OperatorProcess:
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
-        wait_for(
-            lambda: b"Initial authentication has finished" in self.log.read_bytes(),
-            30,
-            "the operator to start",
-        )
+        deadline = time.monotonic() + 60
+        while b"Initial authentication has finished" not in self.log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"the operator did not start:\n{tail}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -98,10 +100,12 @@ def operator(
 
 
 @pytest.fixture
-def volumes(api_client: client.ApiClient, namespace: str, tmp_path: Path) -> dict[str, Path]:
-    """`models` and `datasets` claims in the test's namespace, bound to folders of this machine."""
+def volumes(api_client: client.ApiClient, namespace: str, cluster: LocalCluster) -> dict[str, Path]:
+    """`models` and `datasets` claims in the test's namespace, bound to folders of this machine
+    (inside the cluster's folder: pytest's own tmp folders may be pruned by a parallel run)."""
+    root = cluster.dir / "volumes" / namespace
     return {
-        claim: ensure_claim(api_client, namespace, claim, tmp_path / claim)
+        claim: ensure_claim(api_client, namespace, claim, root / claim)
         for claim in ("models", "datasets")
     }
 
