@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from kubernetes import client
+from tests.cluster_fixtures import Resources
+from tests.waiting import wait_for
 
 from kubetune.devcluster.cluster import LocalCluster
 from kubetune.devcluster.demo import PLACEMENT, minilm_checkpoint
-from tests.cluster_fixtures import Resources
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -117,8 +117,11 @@ def test_train_serve_smoke_test_and_roll_back(
     triton = httpclient.InferenceServerClient(f"127.0.0.1:{PORT}")
     text = httpclient.InferInput("TEXT", [2, 1], "BYTES")
     text.set_data_from_numpy(np.array([[BILLING.encode()], [b"where is my package"]], dtype=object))
-    labels = triton.infer("intents", [text]).as_numpy("LABEL").reshape(-1)
+    with httpclient.InferenceServerClient(f"127.0.0.1:{PORT}") as triton:
+        labels = triton.infer("intents", [text]).as_numpy("LABEL").reshape(-1)
     assert [label.decode() for label in labels] == ["billing", "shipping"]
+
+    triton.close()  # an open keep-alive connection would hold Triton's drain for its full timeout
 
     # Serve a model that answers wrongly (the base checkpoint with an untrained head): the smoke
     # test fails and the ModelServer goes back to the fine-tuned model.
@@ -148,5 +151,6 @@ def test_train_serve_smoke_test_and_roll_back(
         300,
         "the rolled-back pod to be ready",
     )
-    labels = triton.infer("intents", [text]).as_numpy("LABEL").reshape(-1)
+    with httpclient.InferenceServerClient(f"127.0.0.1:{PORT}") as triton:
+        labels = triton.infer("intents", [text]).as_numpy("LABEL").reshape(-1)
     assert [label.decode() for label in labels] == ["billing", "shipping"]

@@ -610,10 +610,12 @@ class LocalNode:
         uid = pod.metadata.uid
         if pod.metadata.deletion_timestamp is not None:
             runner = self.pods.pop(uid, None)
+            log.info("deleting pod %s/%s", pod.metadata.namespace, pod.metadata.name)
             grace = float(pod.metadata.deletion_grace_period_seconds or 30)
             threading.Thread(target=self._delete, args=(pod, runner, grace), daemon=True).start()
             return
         if uid not in self.pods and pod.status.phase in (None, "Pending"):
+            log.info("starting pod %s/%s", pod.metadata.namespace, pod.metadata.name)
             runner = PodRunner(self, pod)
             self.pods[uid] = runner
             runner.start()
@@ -621,13 +623,17 @@ class LocalNode:
     def _delete(self, pod: Any, runner: PodRunner | None, grace: float) -> None:
         if runner is not None:
             runner.stop(grace)
-        with contextlib.suppress(ApiException):
+        log.info("pod %s/%s stopped", pod.metadata.namespace, pod.metadata.name)
+        try:
             self.core.delete_namespaced_pod(
                 pod.metadata.name,
                 pod.metadata.namespace,
-                grace_period_seconds=0,
-                body={"preconditions": {"uid": pod.metadata.uid}},
+                # With a body, the API server reads the options from it, not from the query.
+                body={"gracePeriodSeconds": 0, "preconditions": {"uid": pod.metadata.uid}},
             )
+        except ApiException as err:
+            if err.status != 404:
+                log.warning("could not delete pod %s: %s", pod.metadata.name, err.reason)
 
     def run(self) -> None:
         self.register()

@@ -13,8 +13,8 @@ only through callbacks that fight its own state machine:
   without a host synchronisation per step for the loss (Trainer's logging calls `.item()`).
 - A global-batch definition of steps under torchrun, length-grouped batches that put the longest
   batch first, and failure classes written as the pod's termination message.
-- Far fewer moving parts: about 300 lines that fit in a head, instead of a framework whose every
-  release changes defaults (bench/bench_trainer.py compares the throughput of both).
+- Fewer moving parts: a few hundred lines that fit in a head, instead of a framework whose
+  every release changes defaults (bench/bench_trainer.py compares the throughput of both).
 """
 
 from __future__ import annotations
