@@ -505,6 +505,7 @@ class LocalNode:
         self.api_port = api_port
         self.gpus = gpus
         self.pods: dict[str, PodRunner] = {}
+        self.deleting: set[str] = set()
         self._stop = threading.Event()
 
     def resolve_command(self, argv: list[str]) -> list[str]:
@@ -609,6 +610,9 @@ class LocalNode:
     def handle(self, pod: Any) -> None:
         uid = pod.metadata.uid
         if pod.metadata.deletion_timestamp is not None:
+            if uid in self.deleting:
+                return  # already stopping: later events of the terminating pod change nothing
+            self.deleting.add(uid)
             runner = self.pods.pop(uid, None)
             log.info("deleting pod %s/%s", pod.metadata.namespace, pod.metadata.name)
             grace = float(pod.metadata.deletion_grace_period_seconds or 30)
