@@ -69,6 +69,7 @@ def _run_cmd(args: argparse.Namespace) -> int:
         all_namespaces=not args.namespace,
         log_level=args.log_level,
         liveness_endpoint=args.liveness,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--liveness",
         metavar="URL",
         help="serve kopf's health endpoint at URL, e.g. http://0.0.0.0:8080/healthz",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve the operator's Prometheus metrics on this port (default: off)",
     )
     run.set_defaults(func=_run_cmd)
 

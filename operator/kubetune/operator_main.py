@@ -13,10 +13,15 @@ def run_operator(
     all_namespaces: bool,
     log_level: str = "info",
     liveness_endpoint: str | None = None,
+    metrics_port: int = 0,
 ) -> int:
     """Run kopf until it is stopped. `liveness_endpoint` (e.g. http://0.0.0.0:8080/healthz) is
     kopf's health endpoint, which the chart's liveness probe calls."""
     import kubetune.handlers  # noqa: F401  (registers the handlers)
+    from kubetune import metrics
+
+    if metrics_port:
+        metrics.serve(metrics_port)
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),

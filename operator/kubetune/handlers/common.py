@@ -13,6 +13,7 @@ from typing import Any, cast
 import kopf
 from pydantic import ValidationError
 
+from kubetune import metrics
 from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
 from kubetune.builders.common import Settings
 from kubetune.conditions import set_condition
@@ -67,6 +68,8 @@ def write_status(
         raise kopf.TemporaryError(
             f"could not write the {plural_kind} status: {err}", delay=5
         ) from err
+    if "phase" in status:
+        metrics.record_phase(kind, f"{meta['namespace']}/{meta['name']}", status["phase"])
 
 
 def conditions_of(body: dict[str, Any]) -> list[Condition]:

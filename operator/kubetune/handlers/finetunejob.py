@@ -8,6 +8,7 @@ from typing import Any, cast
 import kopf
 from pydantic import ValidationError
 
+from kubetune import metrics
 from kubetune.api.v1alpha1.base import API_VERSION, Condition
 from kubetune.api.v1alpha1.finetunejob import KIND, PLURAL, FineTuneJob, Phase
 from kubetune.builders import training
@@ -56,8 +57,10 @@ def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
     with ctx.lock(KIND, meta["namespace"], meta["name"]):
         fresh = ctx.kube.get(API_VERSION, KIND, meta["name"], meta["namespace"])
         if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+            metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
             return  # deleted meanwhile: the garbage collector takes the children
-        _reconcile_locked(ctx, fresh)
+        with metrics.reconciling(KIND):
+            _reconcile_locked(ctx, fresh)
 
 
 def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -332,6 +335,10 @@ def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """The trainer reported progress: keep the printer column in step (one cheap patch)."""
     body = _object(event)
     status = body.get("status") or {}
+    if body and _event(event).get("type") == "DELETED":
+        meta = body["metadata"]
+        metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
+        return
     if not body or status.get("phase") != Phase.RUNNING.value:
         return
     text = progress_text(status.get("progress") or {})

@@ -9,6 +9,7 @@ from typing import Any, cast
 import kopf
 from pydantic import ValidationError
 
+from kubetune import metrics
 from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
 from kubetune.api.v1alpha1.finetunejob import KIND as FTJ_KIND
 from kubetune.api.v1alpha1.finetunejob import PLURAL as FTJ_PLURAL
@@ -65,8 +66,10 @@ def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
     with ctx.lock(KIND, meta["namespace"], meta["name"]):
         fresh = ctx.kube.get(API_VERSION, KIND, meta["name"], meta["namespace"])
         if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+            metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
             return
-        _reconcile_locked(ctx, fresh)
+        with metrics.reconciling(KIND):
+            _reconcile_locked(ctx, fresh)
 
 
 def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -509,6 +512,15 @@ def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     if parent is not None and not parent["metadata"].get("deletionTimestamp"):
         with later():
             reconcile_body(ctx, parent)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def modelserver_event(event: kopf.RawEvent, **_: Any) -> None:
+    """A ModelServer is gone: it leaves the per-phase gauge."""
+    body = _object(event)
+    if body and _event(event).get("type") == "DELETED":
+        meta = body["metadata"]
+        metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
 
 
 @kopf.on.event(GROUP, VERSION, FTJ_PLURAL)
