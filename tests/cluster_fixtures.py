@@ -146,7 +146,7 @@ class Resources:
                 return dict(cond)
         return None
 
-    def wait_phase(self, plural: str, name: str, phase: str, timeout: float = 45) -> dict[str, Any]:
+    def wait_phase(self, plural: str, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
         return wait_for(
             lambda: (obj := self.get(plural, name)).get("status", {}).get("phase") == phase and obj,
             timeout,

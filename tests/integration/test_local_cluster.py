@@ -57,6 +57,8 @@ def test_kubectl_lists_gpu_nodes_with_capacity(cluster: LocalCluster) -> None:
     assert rows == {
         "gpu-node-0": "8",
         "gpu-node-1": "8",
+        "gpu-node-2": "8",
+        "gpu-node-3": "8",
         "cpu-node-0": "<none>",
         "local-node-0": "1",
     }

@@ -241,7 +241,7 @@ def test_cpu_autoscaling_uses_a_resource_metric(
 def test_gpu_aware_rollout_strategy(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:
-    # 16 GPUs in the cluster: a replica of 2 GPUs fits beside the others (surge) ...
+    # 8-GPU nodes: a replica of 2 GPUs fits beside the others (surge) ...
     resources.create(MS, modelserver("roomy", replicas=1, resources={"gpus": 2}))
     apps = client.AppsV1Api(api_client)
     deploy = wait_for(

@@ -19,6 +19,15 @@ from kubetune.builders.serving import ResolvedModel
 
 GOLDEN = Path(__file__).with_name("golden")
 SETTINGS = Settings(trainer_image="example.test/trainer:1", fetcher_image="example.test/fetcher:1")
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """No &anchors/*aliases: golden files read as the manifests they are."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 CASES = sorted(p.name.removesuffix(".input.yaml") for p in GOLDEN.glob("*.input.yaml"))
 
 
@@ -43,7 +52,7 @@ def test_children_match_the_golden_manifests(case: str) -> None:
     actual = render(body)
     expected_file = GOLDEN / f"{case}.expected.yaml"
     if os.environ.get("UPDATE_GOLDEN"):
-        expected_file.write_text(yaml.safe_dump_all(actual, sort_keys=True))
+        expected_file.write_text(yaml.dump_all(actual, Dumper=_PlainDumper, sort_keys=True))
     expected = list(yaml.safe_load_all(expected_file.read_text()))
     assert actual == expected
 

@@ -8,7 +8,14 @@ from typing import Any
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob, Phase
 
 # First line of a trainer's termination message: "Reason: message" (see kubetune.trainer.errors).
-KNOWN_FAILURE_REASONS = {"BadData", "OutOfMemory", "AccessDenied", "ModelNotFound", "NcclTimeout"}
+KNOWN_FAILURE_REASONS = {
+    "BadData",
+    "OutOfMemory",
+    "AccessDenied",
+    "ModelNotFound",
+    "NcclTimeout",
+    "Preempted",
+}
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,9 @@ class NodeSpec:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 DEFAULT_NODES = (
-    NodeSpec("gpu-node-0", gpus=8, labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}),
-    NodeSpec("gpu-node-1", gpus=8, labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}),
+    *(NodeSpec(f"gpu-node-{i}", gpus=8, labels=H100) for i in range(4)),
     NodeSpec("cpu-node-0"),
 )
 

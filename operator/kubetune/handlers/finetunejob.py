@@ -113,7 +113,9 @@ def _children(ctx: Context, ftj: FineTuneJob, owner: Owner) -> list[dict[str, An
         job = children[-1]
         exists = ctx.kube.get("batch/v1", "Job", job["metadata"]["name"], owner.namespace)
         if exists is not None and not ftj.spec.run_policy.suspend:
-            del job["spec"]["suspend"]
+            # Keep whatever Kueue decided: leaving the field out of the apply would make the
+            # API server drop it (back to false), admitting the Job behind Kueue's back.
+            job["spec"]["suspend"] = bool((exists.get("spec") or {}).get("suspend"))
         elif exists is None:
             job["spec"]["suspend"] = True
     return children
