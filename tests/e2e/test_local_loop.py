@@ -111,6 +111,7 @@ def test_train_serve_smoke_test_and_roll_back(
     assert "billing" in ready["status"]["smokeTest"]["message"]
     good = ready["status"]["served"]["revision"]
     assert ready["status"]["served"]["fineTuneJobUid"] == job["metadata"]["uid"]
+    assert ready["status"]["served"]["checksum"].startswith("sha256:")
 
     # A client in the cluster asks the served model (the local node's pods share this machine's
     # network, so the pod's port is on loopback).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -17,7 +17,7 @@ from kubetune import metrics
 from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
 from kubetune.builders.common import Settings
 from kubetune.conditions import set_condition
-from kubetune.kube import Kube, KubeError
+from kubetune.kube import Forbidden, Invalid, Kube, KubeError, NotFound
 
 log = logging.getLogger("kubetune")
 
@@ -70,6 +70,32 @@ def write_status(
         ) from err
     if "phase" in status:
         metrics.record_phase(kind, f"{meta['namespace']}/{meta['name']}", status["phase"])
+
+
+def apply_children(
+    kube: Kube,
+    children: list[dict[str, Any]],
+    dry_run: bool,
+    rejected: Callable[[str], Exception],
+) -> None:
+    """Server-side apply every child in order. A refusal by the server (validation, admission)
+    becomes `rejected(message)`; anything else is passing and retried.
+
+    In the dry run that precedes a spec change nothing is persisted, so a child that refers to an
+    earlier one (a RoleBinding to its Role, which RBAC looks up) finds it missing: that NotFound
+    says nothing about the spec and is let pass; the real apply creates them in order.
+    """
+    for child in children:
+        what = f"{child['kind']} {child['metadata']['name']}"
+        try:
+            kube.apply(child, dry_run=dry_run)
+        except NotFound:
+            if not dry_run:
+                raise kopf.TemporaryError(f"applying {what}: not found", delay=10) from None
+        except (Invalid, Forbidden) as err:
+            raise rejected(f"the API server refused {what}: {err}") from err
+        except KubeError as err:
+            raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
 
 
 def conditions_of(body: dict[str, Any]) -> list[Condition]:

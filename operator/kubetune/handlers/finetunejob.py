@@ -16,6 +16,7 @@ from kubetune.builders.common import FTJ_LABEL, MANAGED_BY, Owner
 from kubetune.builders.training_status import Observation, observe
 from kubetune.handlers.common import (
     Context,
+    apply_children,
     conditions_of,
     context,
     describe_validation_error,
@@ -24,7 +25,7 @@ from kubetune.handlers.common import (
     with_conditions,
     write_status,
 )
-from kubetune.kube import Forbidden, Invalid, KubeError, NotFound
+from kubetune.kube import NotFound
 
 GROUP, VERSION = API_VERSION.split("/")
 CHILD_SELECTOR: dict[str, Any] = {
@@ -137,14 +138,9 @@ def _spec_changed(body: dict[str, Any]) -> bool:
 
 
 def _apply_all(ctx: Context, children: list[dict[str, Any]], dry_run: bool) -> None:
-    for child in children:
-        what = f"{child['kind']} {child['metadata']['name']}"
-        try:
-            ctx.kube.apply(child, dry_run=dry_run)
-        except (Invalid, Forbidden) as err:
-            raise SpecRejected("ChildRejected", f"the API server refused {what}: {err}") from err
-        except KubeError as err:
-            raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
+    apply_children(
+        ctx.kube, children, dry_run, lambda message: SpecRejected("ChildRejected", message)
+    )
 
 
 def _report_rejected(ctx: Context, body: dict[str, Any], owner: Owner, err: SpecRejected) -> None:

@@ -26,6 +26,7 @@ from kubetune.builders.serving import ResolvedModel
 from kubetune.conditions import now
 from kubetune.handlers.common import (
     Context,
+    apply_children,
     conditions_of,
     context,
     describe_validation_error,
@@ -34,7 +35,6 @@ from kubetune.handlers.common import (
     with_conditions,
     write_status,
 )
-from kubetune.kube import Forbidden, Invalid, KubeError
 
 GROUP, VERSION = API_VERSION.split("/")
 CHILD_SELECTOR: dict[str, Any] = {
@@ -189,16 +189,12 @@ def _eligible(
 
 
 def _apply_all(ctx: Context, children: list[dict[str, Any]], dry_run: bool) -> None:
-    for child in children:
-        what = f"{child['kind']} {child['metadata']['name']}"
-        try:
-            ctx.kube.apply(child, dry_run=dry_run)
-        except (Invalid, Forbidden) as err:
-            raise NotServable(
-                "ChildRejected", f"the API server refused {what}: {err}", Phase.FAILED
-            ) from err
-        except KubeError as err:
-            raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
+    apply_children(
+        ctx.kube,
+        children,
+        dry_run,
+        lambda message: NotServable("ChildRejected", message, Phase.FAILED),
+    )
 
 
 def _report_not_servable(
@@ -284,6 +280,17 @@ def _rollout_verdict(deploy: dict[str, Any]) -> tuple[Verdict, dict[str, int], b
             Phase.DEGRADED, "ReplicasUnavailable", f"{ready}/{desired} replicas ready"
         )
     return verdict, counts, rolled_out
+
+
+def _served_checksum(pods: list[dict[str, Any]]) -> str | None:
+    """The weights' checksum, as the model-delivery init container reported it on exit."""
+    for pod in pods:
+        for item in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            term = (item.get("state") or {}).get("terminated") or {}
+            message = str(term.get("message") or "")
+            if item.get("name") == "fetch-model" and message.startswith("checksum: "):
+                return message.removeprefix("checksum: ").strip()
+    return None
 
 
 CRASH_RESTARTS = 2  # a new pod that failed this often will not come up by itself
@@ -474,8 +481,11 @@ def refresh_status(
         "modelName": serving.model_name(ms, owner),
         **extra,
     }
-    if "served" in extra and ms.spec.model.fine_tune_job_ref:
-        status["served"]["fineTuneJobUid"] = _ftj_uid(ctx, ms, owner)
+    if "served" in extra:
+        if ms.spec.model.fine_tune_job_ref:
+            status["served"]["fineTuneJobUid"] = _ftj_uid(ctx, ms, owner)
+        if checksum := _served_checksum(_revision_pods(ctx, owner, model)):
+            status["served"]["checksum"] = checksum
     write_status(ctx.kube, KIND, "ModelServer", body, status)
     if old.get("phase") != phase.value or _condition_reason(old, "Ready") != reason:
         post_event(body, bad, reason, message)
