@@ -42,6 +42,7 @@ from kubetune.cli import build_parser
 from kubetune.crdgen import all_crds
 from kubetune.devcluster.binaries import binaries_dir, kubectl_path
 from kubetune.devcluster.cluster import LocalCluster
+from kubetune.handlers.common import apply_children
 from kubetune.kube import Forbidden, Kube, NotFound
 from tests.waiting import wait_for
 
@@ -525,8 +526,9 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
     (trainer_role,) = [c for c in children if c["kind"] == "Role"]
     assert trainer_role["rules"][0]["resources"] == ["finetunejobs/status"]
 
-    for child in children:  # the handlers dry-run every child first, then apply it
-        kube.apply(child, dry_run=True)
+    # The handlers dry-run every child first (as the operator would), then apply them.
+    apply_children(kube, children, dry_run=True, rejected=AssertionError)
+    for child in children:
         if child["kind"] not in ("Job", "Deployment"):
             applied = kube.apply(child)
             assert applied["metadata"]["uid"]
