@@ -15,20 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.cache import cache_root
+
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.21.4"
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "helm")
-
-
-def cache_root() -> Path:
-    """Where kubetune keeps binaries, Go caches, venvs and local clusters: never in the repo."""
-    if env := os.environ.get("KUBETUNE_CACHE"):
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "kubetune"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from kubetune.devcluster.binaries import Binaries, cache_root, ensure_binaries
+from kubetune.cache import cache_root
+from kubetune.devcluster.binaries import Binaries, ensure_binaries
 from kubetune.devcluster.pki import CertPair, Pki
 
 SERVICE_CIDR = "10.96.0.0/16"

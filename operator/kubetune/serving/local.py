@@ -45,6 +45,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.cache import cache_root
+
 PYTRITON_DISTRIBUTION = "nvidia-pytriton"
 STUB_NUMPY_VERSION = "1.26.4"
 STUB_NAME = "triton_python_backend_stub"
@@ -56,14 +58,6 @@ LOG_NOISE = ("CudaDriverHelper has not been initialized",)
 
 class TritonError(RuntimeError):
     """Triton could not be prepared or started; the message carries the server's log tail."""
-
-
-def cache_root() -> Path:
-    """kubetune's cache folder (the same convention as hack/venv.sh): never inside the repo."""
-    if env := os.environ.get("KUBETUNE_CACHE"):
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "kubetune"
 
 
 @dataclass(frozen=True)
