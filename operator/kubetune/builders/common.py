@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune import __version__
+from kubetune.api.v1alpha1.base import SchedulingSpec
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 PART_OF = "app.kubernetes.io/part-of"
@@ -148,6 +149,24 @@ def gpu_tolerations(gpus: int, gpu_resource: str) -> list[dict[str, Any]]:
     if not gpus:
         return []
     return [{"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def placement(scheduling: SchedulingSpec, gpus: int, gpu_resource: str) -> dict[str, Any]:
+    """The pod-spec fields that say where pods may run: the user's nodeSelector, tolerations
+    (plus the GPU taint's when GPUs are asked for), affinity and priority class."""
+    fields: dict[str, Any] = {}
+    if scheduling.node_selector:
+        fields["nodeSelector"] = dict(scheduling.node_selector)
+    tolerations = gpu_tolerations(gpus, gpu_resource) + [
+        t.to_wire() for t in scheduling.tolerations
+    ]
+    if tolerations:
+        fields["tolerations"] = tolerations
+    if scheduling.affinity:
+        fields["affinity"] = scheduling.affinity
+    if scheduling.priority_class_name:
+        fields["priorityClassName"] = scheduling.priority_class_name
+    return fields
 
 
 def shm_volume(size: str) -> dict[str, Any]:

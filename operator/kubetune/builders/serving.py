@@ -22,8 +22,8 @@ from kubetune.builders.common import (
     Owner,
     Settings,
     container_security_context,
-    gpu_tolerations,
     metadata,
+    placement,
     pod_security_context,
     resource_requirements,
     selector_labels,
@@ -211,17 +211,7 @@ def build_deployment(
         ],
         "terminationGracePeriodSeconds": DRAIN_SECONDS + 30,
     }
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    tolerations = gpu_tolerations(res.gpus, res.gpu_resource_name) + [
-        t.to_wire() for t in res.tolerations
-    ]
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if res.affinity:
-        pod_spec["affinity"] = res.affinity
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
+    pod_spec.update(placement(res, res.gpus, res.gpu_resource_name))
     deploy_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_labels(owner)},
         "strategy": rollout_strategy(spec, spare_gpus),

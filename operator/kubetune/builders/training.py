@@ -24,8 +24,8 @@ from kubetune.builders.common import (
     Settings,
     child_name,
     container_security_context,
-    gpu_tolerations,
     metadata,
+    placement,
     pod_security_context,
     resource_requirements,
     selector_labels,
@@ -301,17 +301,7 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
         "volumes": volumes,
         "terminationGracePeriodSeconds": 120,  # time for the SIGTERM checkpoint
     }
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    tolerations = gpu_tolerations(res.gpus_per_node, res.gpu_resource_name) + [
-        t.to_wire() for t in res.tolerations
-    ]
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if res.affinity:
-        pod_spec["affinity"] = res.affinity
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
+    pod_spec.update(placement(res, res.gpus_per_node, res.gpu_resource_name))
     policy = spec.run_policy
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
