@@ -72,6 +72,26 @@ def write_status(
         metrics.record_phase(kind, f"{meta['namespace']}/{meta['name']}", status["phase"])
 
 
+def reconcile_fresh(
+    ctx: Context,
+    kind: str,
+    body: dict[str, Any],
+    reconcile: Callable[[Context, dict[str, Any]], None],
+) -> None:
+    """Run `reconcile` on the object as the server has it now, under its lock, and count it.
+    An object deleted (or recreated) meanwhile is left alone: the garbage collector takes the
+    children of the old one."""
+    meta = body["metadata"]
+    key = f"{meta['namespace']}/{meta['name']}"
+    with ctx.lock(kind, meta["namespace"], meta["name"]):
+        fresh = ctx.kube.get(API_VERSION, kind, meta["name"], meta["namespace"])
+        if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+            metrics.record_phase(kind, key, None)
+            return
+        with metrics.reconciling(kind):
+            reconcile(ctx, fresh)
+
+
 def apply_children(
     kube: Kube,
     children: list[dict[str, Any]],

@@ -22,6 +22,7 @@ from kubetune.handlers.common import (
     describe_validation_error,
     later,
     post_event,
+    reconcile_fresh,
     with_conditions,
     write_status,
 )
@@ -54,14 +55,7 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
     """Make the children match the spec, then say in status what the children show."""
-    meta = body["metadata"]
-    with ctx.lock(KIND, meta["namespace"], meta["name"]):
-        fresh = ctx.kube.get(API_VERSION, KIND, meta["name"], meta["namespace"])
-        if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
-            metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
-            return  # deleted meanwhile: the garbage collector takes the children
-        with metrics.reconciling(KIND):
-            _reconcile_locked(ctx, fresh)
+    reconcile_fresh(ctx, KIND, body, _reconcile_locked)
 
 
 def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:

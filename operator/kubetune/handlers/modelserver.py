@@ -32,6 +32,7 @@ from kubetune.handlers.common import (
     describe_validation_error,
     later,
     post_event,
+    reconcile_fresh,
     with_conditions,
     write_status,
 )
@@ -62,14 +63,8 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
-    meta = body["metadata"]
-    with ctx.lock(KIND, meta["namespace"], meta["name"]):
-        fresh = ctx.kube.get(API_VERSION, KIND, meta["name"], meta["namespace"])
-        if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
-            metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
-            return
-        with metrics.reconciling(KIND):
-            _reconcile_locked(ctx, fresh)
+    """Roll out the model the spec asks for, then say in status what the pods show."""
+    reconcile_fresh(ctx, KIND, body, _reconcile_locked)
 
 
 def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
