@@ -42,7 +42,7 @@ crds:
 	$(PY) -m kubetune crds --out crds
 
 bench:
-	PATH="$(VENV)/bin:$$PATH" for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+	export PATH="$(VENV)/bin:$$PATH"; for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 cluster-up:
 	$(PY) -m kubetune dev cluster up

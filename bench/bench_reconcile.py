@@ -30,13 +30,17 @@ NS = "bench"
 
 def _watch_created(kind_list: Any, stop: threading.Event, seen: dict[str, float], key: Any) -> None:
     w = watch.Watch()
-    for event in w.stream(kind_list, NS, timeout_seconds=600):
-        if event["type"] == "ADDED":
-            name = key(event["object"])
-            if name and name not in seen:
-                seen[name] = time.monotonic()
-        if stop.is_set():
-            w.stop()
+    try:
+        for event in w.stream(kind_list, NS, timeout_seconds=600):
+            if event["type"] == "ADDED":
+                name = key(event["object"])
+                if name and name not in seen:
+                    seen[name] = time.monotonic()
+            if stop.is_set():
+                w.stop()
+    except Exception:  # noqa: BLE001 - the cluster stops under the watch at the end
+        if not stop.is_set():
+            raise
 
 
 def _peer_name(pod: Any) -> str | None:
