@@ -38,7 +38,7 @@ def _watch_created(kind_list: Any, stop: threading.Event, seen: dict[str, float]
                     seen[name] = time.monotonic()
             if stop.is_set():
                 w.stop()
-    except Exception:  # noqa: BLE001 - the cluster stops under the watch at the end
+    except Exception:  # the cluster stops under the watch at the end
         if not stop.is_set():
             raise
 
