@@ -301,7 +301,7 @@ class TrainingLoop:
             total_steps=self.total_steps,
             epoch=round(epoch, 4),
             percent=min(100, 100 * step // max(1, self.total_steps)),
-            loss=events.finite(loss),
+            loss=None if (finite := events.finite(loss)) is None else round(finite, 4),
             learning_rate=self.trainee.scheduler.get_last_lr()[0],
             samples_per_second=None if throughput is None else round(throughput, 2),
             eta_seconds=eta,
