@@ -104,10 +104,19 @@ def volumes(api_client: client.ApiClient, namespace: str, cluster: LocalCluster)
     """`models` and `datasets` claims in the test's namespace, bound to folders of this machine
     (inside the cluster's folder: pytest's own tmp folders may be pruned by a parallel run)."""
     root = cluster.dir / "volumes" / namespace
-    return {
+    claims = {
         claim: ensure_claim(api_client, namespace, claim, root / claim)
         for claim in ("models", "datasets")
     }
+    core = client.CoreV1Api(api_client)
+    for claim in claims:  # bound before a test's pods need them (else they wait, unscheduled)
+        wait_for(
+            lambda c=claim: (
+                core.read_namespaced_persistent_volume_claim(c, namespace).status.phase == "Bound"
+            ),
+            what=f"claim {claim} to be bound",
+        )
+    return claims
 
 
 class Resources:

@@ -110,7 +110,9 @@ class Kube:
         with _translated():
             return self.dynamic.resources.get(api_version=api_version, kind=kind)
 
-    def apply(self, manifest: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+    def apply(
+        self, manifest: dict[str, Any], dry_run: bool = False, field_manager: str = FIELD_MANAGER
+    ) -> dict[str, Any]:
         """Server-side apply `manifest` as kubetune, taking over fields from other managers.
 
         With `dry_run` the server runs validation and admission but persists nothing: the
@@ -123,7 +125,7 @@ class Kube:
                 body=manifest,
                 name=meta["name"],
                 namespace=meta.get("namespace"),
-                field_manager=FIELD_MANAGER,
+                field_manager=field_manager,
                 force_conflicts=True,
                 **({"dry_run": "All"} if dry_run else {}),
             )

@@ -26,7 +26,7 @@ from kubetune.handlers.common import (
     with_conditions,
     write_status,
 )
-from kubetune.kube import NotFound
+from kubetune.kube import FIELD_MANAGER, KubeError, NotFound
 
 GROUP, VERSION = API_VERSION.split("/")
 CHILD_SELECTOR: dict[str, Any] = {
@@ -74,6 +74,7 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             post_event(
                 body, False, "Recreating", f"pod template changed; recreating Job {stale_job}"
             )
+        _create_suspended_for_kueue(ctx, ftj, children[-1])
         _apply_all(ctx, children, dry_run=False)
     except SpecRejected as err:
         _report_rejected(ctx, body, owner, err)
@@ -103,17 +104,30 @@ def _check_dependencies(ctx: Context, ftj: FineTuneJob, owner: Owner) -> None:
 
 def _children(ctx: Context, ftj: FineTuneJob, owner: Owner) -> list[dict[str, Any]]:
     children = training.build_children(ftj, owner, ctx.settings)
-    if ftj.spec.queue_name:
-        # Kueue owns .spec.suspend once the Job exists: create it suspended, then let go.
-        job = children[-1]
-        exists = ctx.kube.get("batch/v1", "Job", job["metadata"]["name"], owner.namespace)
-        if exists is not None and not ftj.spec.run_policy.suspend:
-            # Keep whatever Kueue decided: leaving the field out of the apply would make the
-            # API server drop it (back to false), admitting the Job behind Kueue's back.
-            job["spec"]["suspend"] = bool((exists.get("spec") or {}).get("suspend"))
-        elif exists is None:
-            job["spec"]["suspend"] = True
+    if _kueue_decides(ftj):
+        del children[-1]["spec"]["suspend"]  # Kueue's field: see _create_suspended_for_kueue
     return children
+
+
+def _kueue_decides(ftj: FineTuneJob) -> bool:
+    return bool(ftj.spec.queue_name) and not ftj.spec.run_policy.suspend
+
+
+def _create_suspended_for_kueue(ctx: Context, ftj: FineTuneJob, job: dict[str, Any]) -> None:
+    """Kueue admits a Job by unsuspending it, so the Job must be created suspended. The field is
+    applied once, under a field manager of its own: kubetune's applies leave it out, so they
+    neither undo Kueue's decision nor make the server drop the field (back to false), which is
+    what happens to a field its only applier stops sending."""
+    meta = job["metadata"]
+    if not _kueue_decides(ftj) or ctx.kube.get("batch/v1", "Job", meta["name"], meta["namespace"]):
+        return
+    suspended = {**job, "spec": {**job["spec"], "suspend": True}}
+    try:
+        ctx.kube.apply(suspended, field_manager=f"{FIELD_MANAGER}-kueue-handoff")
+    except KubeError as err:
+        raise kopf.TemporaryError(
+            f"creating Job {meta['name']} suspended: {err}", delay=10
+        ) from err
 
 
 def _stale_job(ctx: Context, job: dict[str, Any]) -> str | None:
