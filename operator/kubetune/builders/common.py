@@ -62,7 +62,8 @@ class Settings:
     """Operator-wide settings that shape the children (images, defaults)."""
 
     trainer_image: str = f"ghcr.io/kubetune/trainer:{__version__}"
-    fetcher_image: str = f"ghcr.io/kubetune/trainer:{__version__}"
+    # The Triton image carries kubetune and transformers: one image pull for both containers.
+    fetcher_image: str = f"ghcr.io/kubetune/triton:{__version__}"
     master_port: int = 29500
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
+from kubetune import __version__
 from kubetune.api.v1alpha1.base import (
     DNS1123_NAME_PATTERN,
     ApiModel,
@@ -19,7 +20,10 @@ from kubetune.api.v1alpha1.base import (
 
 KIND = "ModelServer"
 PLURAL = "modelservers"
-DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+# Triton 24.10 plus what kubetune's python-backend model needs (torch, transformers, numpy<2) and
+# kubetune itself for the model-delivery init container: images/triton/Dockerfile. The stock
+# NVIDIA image lacks torch and transformers, so it cannot run the packaged model.
+DEFAULT_TRITON_IMAGE = f"ghcr.io/kubetune/triton:{__version__}"
 
 
 class Phase(StrEnum):
