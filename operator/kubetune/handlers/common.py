@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -108,7 +109,7 @@ def apply_children(
     for child in children:
         what = f"{child['kind']} {child['metadata']['name']}"
         try:
-            kube.apply(child, dry_run=dry_run)
+            _apply_settling(kube, child, dry_run)
         except NotFound:
             if not dry_run:
                 raise kopf.TemporaryError(f"applying {what}: not found", delay=10) from None
@@ -116,6 +117,20 @@ def apply_children(
             raise rejected(f"the API server refused {what}: {err}") from err
         except KubeError as err:
             raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
+
+
+def _apply_settling(kube: Kube, child: dict[str, Any], dry_run: bool) -> None:
+    """Apply; a NotFound for what was just created (the API server's RBAC cache has not yet seen
+    the Role a RoleBinding names) is retried briefly before it counts."""
+    for pause in (0.2, 0.5, 1.0):
+        try:
+            kube.apply(child, dry_run=dry_run)
+            return
+        except NotFound:
+            if dry_run:
+                raise
+            time.sleep(pause)
+    kube.apply(child, dry_run=dry_run)
 
 
 def conditions_of(body: dict[str, Any]) -> list[Condition]:
