@@ -1,0 +1,141 @@
+"""Third-party Go tools that the tests judge kubetune with, built from the Go module proxy.
+
+Two sorts, both cached outside the repository and keyed by what they are built from:
+
+- published commands, pinned here by module version (`go install PACKAGE@VERSION`): kube-score
+  and kubeconform;
+- small mains of the repository's own (`hack/gotools/<name>`) around libraries that ship no
+  command for offline objects: `kstatus` (sigs.k8s.io/cli-utils' status.Compute, how Flux and kpt
+  read health) and `podsecurity` (k8s.io/pod-security-admission's evaluator, what the API
+  server's PodSecurity admission runs). Their cache key is a hash of their sources, go.mod and
+  go.sum, so an edit rebuilds them.
+
+The Go module and build caches are the control plane's (`cache_root()/go`), so the Kubernetes
+packages that build compiled already are reused. `python -m kubetune.devcluster.gotools` builds
+them all, showing each step (`make tools`; `make test` runs it before pytest, whose capture would
+hide the progress of a cold build).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.cache import cache_root
+
+# hack/gotools in a checkout (kubetune is run from its source tree: operator/ is on PYTHONPATH).
+HELPERS_MODULE = Path(__file__).resolve().parents[3] / "hack" / "gotools"
+
+
+@dataclass(frozen=True)
+class PublishedTool:
+    """A command published as a Go module, installed at a pinned version."""
+
+    name: str
+    package: str
+    version: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.version}"
+
+    def build(self, out: Path, env: dict[str, str]) -> list[str]:
+        env["GOBIN"] = str(out)
+        return ["go", "install", "-v", f"{self.package}@{self.version}"]
+
+
+@dataclass(frozen=True)
+class HelperTool:
+    """A main package of hack/gotools, built with that module's go.mod and go.sum."""
+
+    name: str
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha256()
+        sources = [HELPERS_MODULE / "go.mod", HELPERS_MODULE / "go.sum"]
+        sources += sorted((HELPERS_MODULE / self.name).glob("*.go"))
+        for source in sources:
+            digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+        return f"{self.name}-{digest.hexdigest()[:16]}"
+
+    def build(self, out: Path, env: dict[str, str]) -> list[str]:
+        # -mod=readonly: the committed go.sum is the pin; a missing entry fails instead of
+        # silently resolving something else.
+        return ["go", "build", "-v", "-mod=readonly", "-o", str(out / self.name), f"./{self.name}"]
+
+
+KUBE_SCORE = PublishedTool("kube-score", "github.com/zegl/kube-score/cmd/kube-score", "v1.20.0")
+KUBECONFORM = PublishedTool(
+    "kubeconform", "github.com/yannh/kubeconform/cmd/kubeconform", "v0.8.0"
+)
+KSTATUS = HelperTool("kstatus")
+PODSECURITY = HelperTool("podsecurity")
+
+ALL_TOOLS: tuple[PublishedTool | HelperTool, ...] = (KUBE_SCORE, KUBECONFORM, KSTATUS, PODSECURITY)
+
+
+def tool_path(tool: PublishedTool | HelperTool) -> Path:
+    return cache_root() / "tools" / tool.key / tool.name
+
+
+def ensure_tool(tool: PublishedTool | HelperTool, log: bool = True) -> Path:
+    """The tool's binary, built first when this version is not cached (seconds to minutes)."""
+    target = tool_path(tool)
+    if os.access(target, os.X_OK):
+        return target
+    if shutil.which("go") is None:
+        raise RuntimeError(f"building {tool.name} needs the Go toolchain (go) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time per tool and version: parallel test runs wait for the first.
+    with (target.parent / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.access(target, os.X_OK):
+            return target
+        env = dict(os.environ)
+        env.update(
+            GOMODCACHE=env.get("GOMODCACHE") or str(cache_root() / "go" / "mod"),
+            GOCACHE=env.get("GOCACHE") or str(cache_root() / "go" / "build"),
+            GOFLAGS="-buildvcs=false",
+        )
+        # Built into a folder of its own, then moved: a half-written binary is never found.
+        out = target.parent / ".building"
+        shutil.rmtree(out, ignore_errors=True)
+        command = tool.build(out, env)
+        started = time.monotonic()
+        if log:
+            print(f"kubetune: building {tool.name} into {target.parent}", file=sys.stderr)
+            print(f"kubetune: $ {' '.join(command)}", file=sys.stderr, flush=True)
+        subprocess.run(
+            command,
+            env=env,
+            cwd=HELPERS_MODULE if isinstance(tool, HelperTool) else target.parent,
+            check=True,
+            stdout=sys.stderr if log else subprocess.DEVNULL,
+            stderr=sys.stderr if log else subprocess.DEVNULL,
+        )
+        (out / tool.name).replace(target)
+        out.rmdir()
+        if log:
+            print(
+                f"kubetune: {tool.name} built in {time.monotonic() - started:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return target
+
+
+def main() -> None:
+    for tool in ALL_TOOLS:
+        print(ensure_tool(tool))
+
+
+if __name__ == "__main__":
+    main()
