@@ -40,14 +40,14 @@ from kubetune.builders import serving, training
 from kubetune.builders.common import Owner, Settings
 from kubetune.cli import build_parser
 from kubetune.crdgen import all_crds
-from kubetune.devcluster.binaries import binaries_dir, kubectl_path
+from kubetune.devcluster.binaries import kubectl_path
 from kubetune.devcluster.cluster import LocalCluster
 from kubetune.handlers.common import apply_children
 from kubetune.kube import Forbidden, Kube, NotFound
+from tests.tools.helm import CHART, Helm
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "kubetune"
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
@@ -55,42 +55,9 @@ RESTRICTED = {
 }
 
 
-@dataclass
-class Helm:
-    """The helm binary with its own cache/config/data folders (never the user's)."""
-
-    env: dict[str, str]
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(binaries_dir() / "helm"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-        return result
-
-    def template(self, *sets: str, namespace: str = "kubetune-system") -> list[dict[str, Any]]:
-        args = [arg for s in sets for arg in ("--set", s)]
-        out = self.run("template", "kt", str(CHART), "--namespace", namespace, *args).stdout
-        return [doc for doc in yaml.safe_load_all(out) if doc]
-
-
 @pytest.fixture(scope="module")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    home = tmp_path_factory.mktemp("helm")
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(home),
-        "HELM_CACHE_HOME": str(home / "cache"),
-        "HELM_CONFIG_HOME": str(home / "config"),
-        "HELM_DATA_HOME": str(home / "data"),
-    }
-    return Helm(env)
+    return Helm.in_folder(tmp_path_factory.mktemp("helm"))
 
 
 def find(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

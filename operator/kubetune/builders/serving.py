@@ -135,6 +135,11 @@ def _fetch_container(
             ],
         ],
         "env": [*env, {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG}],
+        # Triton's CPU and memory (no GPUs): an init container's requests do not add to the
+        # pod's (the larger of init and app containers counts), and it gets a bounded share.
+        "resources": resource_requirements(
+            ms.spec.resources.cpu, ms.spec.resources.memory, 0, ms.spec.resources.gpu_resource_name
+        ),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
         "terminationMessagePath": TERMINATION_LOG,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -39,8 +40,13 @@ class PublishedTool:
     """A command published as a Go module, installed at a pinned version."""
 
     name: str
-    package: str
+    module: str
+    command: str  # the main package, relative to the module
     version: str
+
+    @property
+    def package(self) -> str:
+        return f"{self.module}/{self.command}"
 
     @property
     def key(self) -> str:
@@ -72,14 +78,39 @@ class HelperTool:
         return ["go", "build", "-v", "-mod=readonly", "-o", str(out / self.name), f"./{self.name}"]
 
 
-KUBE_SCORE = PublishedTool("kube-score", "github.com/zegl/kube-score/cmd/kube-score", "v1.20.0")
+KUBE_SCORE = PublishedTool("kube-score", "github.com/zegl/kube-score", "cmd/kube-score", "v1.20.0")
 KUBECONFORM = PublishedTool(
-    "kubeconform", "github.com/yannh/kubeconform/cmd/kubeconform", "v0.8.0"
+    "kubeconform", "github.com/yannh/kubeconform", "cmd/kubeconform", "v0.8.0"
 )
 KSTATUS = HelperTool("kstatus")
 PODSECURITY = HelperTool("podsecurity")
 
 ALL_TOOLS: tuple[PublishedTool | HelperTool, ...] = (KUBE_SCORE, KUBECONFORM, KSTATUS, PODSECURITY)
+
+
+def go_env() -> dict[str, str]:
+    """The environment for `go`: the control plane's module and build caches."""
+    env = dict(os.environ)
+    env.update(
+        GOMODCACHE=env.get("GOMODCACHE") or str(cache_root() / "go" / "mod"),
+        GOCACHE=env.get("GOCACHE") or str(cache_root() / "go" / "build"),
+        GOFLAGS="-buildvcs=false",
+    )
+    return env
+
+
+def module_dir(tool: PublishedTool) -> Path:
+    """The tool's module source in the Go module cache (downloaded when missing), for what it
+    ships beside its command: kubeconform's scripts/openapi2jsonschema.py converts CRDs."""
+    result = subprocess.run(
+        ["go", "mod", "download", "-json", f"{tool.module}@{tool.version}"],
+        env=go_env(),
+        cwd=cache_root(),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(json.loads(result.stdout)["Dir"])
 
 
 def tool_path(tool: PublishedTool | HelperTool) -> Path:
@@ -99,12 +130,7 @@ def ensure_tool(tool: PublishedTool | HelperTool, log: bool = True) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.access(target, os.X_OK):
             return target
-        env = dict(os.environ)
-        env.update(
-            GOMODCACHE=env.get("GOMODCACHE") or str(cache_root() / "go" / "mod"),
-            GOCACHE=env.get("GOCACHE") or str(cache_root() / "go" / "build"),
-            GOFLAGS="-buildvcs=false",
-        )
+        env = go_env()
         # Built into a folder of its own, then moved: a half-written binary is never found.
         out = target.parent / ".building"
         shutil.rmtree(out, ignore_errors=True)
