@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune import __version__
@@ -57,6 +58,19 @@ class Owner:
         }
 
 
+GPU_WATTS = {
+    "NVIDIA-H100-80GB-HBM3": 700.0,
+    "NVIDIA-H100-PCIe": 350.0,
+    "NVIDIA-H200": 700.0,
+    "NVIDIA-A100-SXM4-80GB": 400.0,
+    "NVIDIA-A100-SXM4-40GB": 400.0,
+    "NVIDIA-A100-PCIE-40GB": 250.0,
+    "NVIDIA-L40S": 350.0,
+    "NVIDIA-L4": 72.0,
+    "Tesla-T4": 70.0,
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Operator-wide settings that shape the children (images, defaults)."""
@@ -65,6 +79,10 @@ class Settings:
     # The Triton image carries kubetune and transformers: one image pull for both containers.
     fetcher_image: str = f"ghcr.io/kubetune/triton:{__version__}"
     master_port: int = 29500
+    # Board power by `nvidia.com/gpu.product` node label (GPU feature discovery's), for
+    # status.energyKWh; the chart's values extend it. Unknown products count default_gpu_watts.
+    gpu_watts: Mapping[str, float] = field(default_factory=lambda: dict(GPU_WATTS))
+    default_gpu_watts: float = 700.0
 
 
 def child_name(owner_name: str, suffix: str = "", limit: int = 63) -> str:

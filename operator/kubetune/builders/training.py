@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from kubetune.api.contract import NON_RETRYABLE_EXITS
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob, FineTuneJobSpec
 from kubetune.api.v1alpha1.trainerconfig import JobRef, ReportingSpec, TrainerConfig, TrainerPaths
 from kubetune.builders.common import (
@@ -308,6 +309,7 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
         "completions": res.nodes,
         "parallelism": res.nodes,
         "backoffLimit": policy.backoff_limit,
+        "podFailurePolicy": pod_failure_policy(),
         "suspend": policy.suspend,
         "template": {
             "metadata": {
@@ -325,6 +327,25 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
     if spec.queue_name:
         meta["labels"][QUEUE_LABEL] = spec.queue_name
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Fail the Job at once when the trainer says a retry cannot help (bad data, a model that
+    does not exist, credentials refused), and let disruptions (preemption, eviction, a drained
+    node) not count against backoffLimit: the replacement pod resumes from the checkpoint."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": "trainer",
+                    "operator": "In",
+                    "values": [int(code) for code in NON_RETRYABLE_EXITS],
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
 
 
 def build_children(ftj: FineTuneJob, owner: Owner, settings: Settings) -> list[dict[str, Any]]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob, Phase
+from kubetune.api.v1alpha1.reasons import ConditionType as T
+from kubetune.api.v1alpha1.reasons import Reason
 
 # First line of a trainer's termination message: "Reason: message" (see kubetune.trainer.errors).
 KNOWN_FAILURE_REASONS = {
@@ -74,7 +78,9 @@ def classify_termination(message: str) -> tuple[str, str]:
     return "TrainerFailed", first or "the trainer exited with an error"
 
 
-def _last_failure(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+def _first_failure(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """The earliest failed container: in a multi-node job one rank's failure (rank 0 out of
+    memory) makes the others fail after it (NCCL timeouts), so the first one is the cause."""
     failed = []
     for pod in pods:
         for status in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -83,11 +89,43 @@ def _last_failure(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
                 failed.append((term.get("finishedAt") or "", term))
     if not failed:
         return None
-    _, term = max(failed, key=lambda item: item[0])
+    _, term = min(failed, key=lambda item: item[0])
     if term.get("reason") == "OOMKilled":
         return "OutOfMemory", "the training container was killed for exceeding its memory limit"
     reason, message = classify_termination(str(term.get("message") or ""))
     return reason, f"{message} (exit code {term.get('exitCode')})"
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def gpu_usage(
+    pods: list[dict[str, Any]],
+    gpus_per_pod: int,
+    watts_by_node: Mapping[str, float],
+    default_watts: float,
+    now: datetime,
+) -> tuple[float, float]:
+    """(GPU-hours, kWh) from the training containers' measured run time: a pod waiting for GPUs
+    or a suspended job holds none, so only the time a container ran counts, at the board power
+    of the GPU product of the node it ran on."""
+    if not gpus_per_pod:
+        return 0.0, 0.0
+    hours = kwh = 0.0
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName") or ""
+        watts = watts_by_node.get(node, default_watts)
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            state = status.get("state") or {}
+            span = state.get("terminated") or state.get("running") or {}
+            if not span.get("startedAt"):
+                continue
+            end = _parse_time(span["finishedAt"]) if span.get("finishedAt") else now
+            ran = max((end - _parse_time(span["startedAt"])).total_seconds(), 0.0) / 3600
+            hours += ran * gpus_per_pod
+            kwh += ran * gpus_per_pod * watts / 1000
+    return round(hours, 4), round(kwh, 4)
 
 
 def observe(
@@ -114,7 +152,7 @@ def observe(
             },
         )
     if failed := _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
-        classified = _last_failure(pods)
+        classified = _first_failure(pods)
         job_reason = str(failed.get("reason") or "Failed")
         if classified is not None:
             reason, detail = classified
@@ -155,10 +193,94 @@ def observe(
     if running:
         message = f"{len(running)}/{ftj.spec.resources.nodes} training pods running"
         if restarts:
-            last = _last_failure(pods)
+            last = _first_failure(pods)
             detail = f": {last[0]}: {last[1]}" if last else ""
             message += f" (retry {restarts} of {ftj.spec.run_policy.backoff_limit}{detail})"
         return Observation(Phase.RUNNING, "Running", message, restarts=restarts, **counts)
     return Observation(
         Phase.PENDING, "Starting", "training pods are starting", restarts=restarts, **counts
     )
+
+
+# -- the status the operator writes ------------------------------------------------------------
+
+FINISHED = (Phase.SUCCEEDED.value, Phase.FAILED.value)
+Update = tuple[str, bool, str, str]
+
+
+def verdict_conditions(seen: Observation, queued: bool, heartbeat: Update | None) -> list[Update]:
+    """Ready / Reconciling / Stalled with kstatus's meaning, then the details.
+
+    Succeeded: Ready. Failed, or a trainer whose heartbeat went stale: Stalled (a person must
+    act). Pending, starting, running, waiting for Kueue, unschedulable: Reconciling. Suspended by
+    the spec: none of them true (nothing is under way, nothing is wrong, the job is not done).
+    """
+    phase, reason, message = seen.phase, seen.reason, seen.message
+    failed = phase == Phase.FAILED
+    stall_reason, stall_message = reason, message
+    if not failed and heartbeat is not None and heartbeat[2] == Reason.HEARTBEAT_STALE:
+        stall_reason, stall_message = heartbeat[2], heartbeat[3]
+    stalled = failed or stall_reason == Reason.HEARTBEAT_STALE
+    if not stalled:
+        stall_reason, stall_message = "AsExpected", ""
+    held = phase == Phase.SUSPENDED and not queued
+    under_way = not stalled and not held and phase != Phase.SUCCEEDED
+    updates: list[Update] = [
+        (T.READY, phase == Phase.SUCCEEDED, reason, message),
+        (T.RECONCILING, under_way, reason if under_way else "Idle", message if under_way else ""),
+        (T.STALLED, stalled, stall_reason, stall_message),
+        (
+            T.SUCCEEDED,
+            phase == Phase.SUCCEEDED,
+            reason if phase == Phase.SUCCEEDED else Reason.NOT_FINISHED,
+            message if phase == Phase.SUCCEEDED else "training has not finished",
+        ),
+        (T.FAILED, failed, reason if failed else Reason.NOT_FAILED, message if failed else ""),
+        (
+            T.SUSPENDED,
+            phase == Phase.SUSPENDED,
+            reason if phase == Phase.SUSPENDED else Reason.NOT_SUSPENDED,
+            message if phase == Phase.SUSPENDED else "",
+        ),
+        (
+            T.SCHEDULED,
+            seen.unschedulable is None,
+            Reason.UNSCHEDULABLE if seen.unschedulable else Reason.SCHEDULED,
+            seen.unschedulable or "",
+        ),
+    ]
+    if heartbeat is not None:
+        updates.append(heartbeat)
+    return updates
+
+
+def rejected_conditions(reason: str, message: str) -> list[Update]:
+    """A spec the operator cannot run: Stalled until the spec changes; a missing Secret or
+    claim is waited for (Reconciling), since it may still be created."""
+    waiting = reason == Reason.MISSING_DEPENDENCY
+    return [
+        (T.READY, False, reason, message),
+        (T.RECONCILING, waiting, reason if waiting else "Idle", message if waiting else ""),
+        (
+            T.STALLED,
+            not waiting,
+            reason if not waiting else "AsExpected",
+            "" if waiting else message,
+        ),
+    ]
+
+
+def heartbeat_condition(progress: dict[str, Any], now: datetime, timeout_seconds: float) -> Update:
+    """Whether the trainer still reports (it beats during download, training and evaluation)."""
+    beat = progress.get("lastHeartbeat")
+    if not beat:
+        return (T.TRAINER_HEARTBEAT, True, Reason.NO_HEARTBEAT_YET, "")
+    age = (now - _parse_time(str(beat))).total_seconds()
+    if age > timeout_seconds:
+        return (
+            T.TRAINER_HEARTBEAT,
+            False,
+            Reason.HEARTBEAT_STALE,
+            f"the trainer has reported nothing for {age:.0f}s (timeout {timeout_seconds:.0f}s)",
+        )
+    return (T.TRAINER_HEARTBEAT, True, Reason.HEARTBEAT_FRESH, "")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -16,8 +17,11 @@ from pydantic import ValidationError
 
 from kubetune import metrics
 from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
+from kubetune.api.v1alpha1.reasons import ConditionType as T
 from kubetune.builders.common import Settings
+from kubetune.builders.drift import differs
 from kubetune.conditions import set_condition
+from kubetune.handlers.indexes import Indexes
 from kubetune.kube import Forbidden, Invalid, Kube, KubeError, NotFound
 
 log = logging.getLogger("kubetune")
@@ -29,10 +33,17 @@ class Context:
 
     kube: Kube
     settings: Settings = field(default_factory=Settings)
+    indexes: Indexes = field(default_factory=Indexes)
     _locks: defaultdict[tuple[str, str, str], threading.Lock] = field(
         default_factory=lambda: defaultdict(threading.Lock)
     )
     _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def schedule(self, delay: float, action: Callable[[], None]) -> None:
+        """Run `action` once after `delay` seconds, on a daemon thread."""
+        timer = threading.Timer(delay, action)
+        timer.daemon = True
+        timer.start()
 
     def lock(self, kind: str, namespace: str, name: str) -> threading.Lock:
         """One lock per resource: its own handler and its children's events never interleave,
@@ -41,8 +52,11 @@ class Context:
             return self._locks[(kind, namespace, name)]
 
 
-def context(memo: Any) -> Context:
+def context(memo: Any, kwargs: Mapping[str, Any] | None = None) -> Context:
+    """The shared context; kopf hands every handler its indexes, which are kept here."""
     ctx: Context = memo.kubetune
+    if kwargs and (indexes := Indexes.from_kwargs(kwargs)) is not None:
+        ctx.indexes = indexes
     return ctx
 
 
@@ -55,22 +69,70 @@ def describe_validation_error(err: ValidationError, root: str = "") -> str:
     return "; ".join(lines)
 
 
+# Recomputed from the clock at every reconcile: written along with a real change, never alone
+# (otherwise every look at a running job would be a write).
+CLOCK_FIELDS = frozenset({"gpuHours", "energyKWh"})
+# A False here is the alarming state, True the normal one.
+NORMALLY_TRUE = frozenset({T.SCHEDULED, T.TRAINER_HEARTBEAT, T.MODEL_LOADED, T.SMOKE_TEST_PASSED})
+ALARMING_WHEN_TRUE = frozenset({T.STALLED, T.FAILED, T.DEGRADED})
+
+
+def status_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The part of `new` that differs from `old` (what a merge patch must carry), or {} when
+    nothing but the clock moved."""
+    changed = {key: value for key, value in new.items() if _plain(old.get(key)) != _plain(value)}
+    if not set(changed) - CLOCK_FIELDS:
+        return {}
+    return changed
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 def write_status(
     kube: Kube,
     kind: str,
     plural_kind: str,
     body: dict[str, Any],
     status: dict[str, Any],
-) -> None:
+) -> bool:
+    """Patch the status with what changed, post an Event for every condition that moved, and
+    write nothing when nothing did. True when something was written."""
     meta = body["metadata"]
+    old = body.get("status") or {}
+    changes = status_changes(old, status)
+    if "phase" in status:
+        metrics.record_phase(kind, f"{meta['namespace']}/{meta['name']}", status["phase"])
+    if not changes:
+        return False
     try:
-        kube.patch_status(API_VERSION, kind, meta["name"], meta["namespace"], status)
+        kube.patch_status(API_VERSION, kind, meta["name"], meta["namespace"], changes)
     except KubeError as err:
         raise kopf.TemporaryError(
             f"could not write the {plural_kind} status: {err}", delay=5
         ) from err
-    if "phase" in status:
-        metrics.record_phase(kind, f"{meta['namespace']}/{meta['name']}", status["phase"])
+    if "conditions" in changes:
+        post_transitions(body, old.get("conditions") or [], changes["conditions"])
+    return True
+
+
+def post_transitions(
+    body: dict[str, Any], before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> None:
+    """One Event per condition that changed status (or appeared in its unusual state), named by
+    the condition's reason; a Warning when the new state is a problem."""
+    previous = {c.get("type"): c.get("status") for c in before}
+    for cond in after:
+        type_, status = cond["type"], cond["status"]
+        usual = "True" if type_ in NORMALLY_TRUE else "False"
+        if previous.get(type_, usual) == status:
+            continue
+        bad = (type_ in ALARMING_WHEN_TRUE and status == "True") or (
+            type_ in NORMALLY_TRUE and status == "False"
+        )
+        message = cond.get("message") or f"{type_} is {status}"
+        post_event(body, bad, str(cond["reason"]), f"{type_}={status}: {message}")
 
 
 def reconcile_fresh(
@@ -98,18 +160,27 @@ def apply_children(
     children: list[dict[str, Any]],
     dry_run: bool,
     rejected: Callable[[str], Exception],
-) -> None:
-    """Server-side apply every child in order. A refusal by the server (validation, admission)
-    becomes `rejected(message)`; anything else is passing and retried.
+) -> int:
+    """Server-side apply, in order, every child whose live object differs from it (see
+    `builders.drift`); the ones that already match are not written. A refusal by the server
+    (validation, admission) becomes `rejected(message)`; anything else is passing and retried.
+    Returns how many were applied.
 
     In the dry run that precedes a spec change nothing is persisted, so a child that refers to an
     earlier one (a RoleBinding to its Role, which RBAC looks up) finds it missing: that NotFound
     says nothing about the spec and is let pass; the real apply creates them in order.
     """
+    applied = 0
     for child in children:
-        what = f"{child['kind']} {child['metadata']['name']}"
+        meta = child["metadata"]
+        what = f"{child['kind']} {meta['name']}"
         try:
+            if not dry_run:
+                live = kube.get(child["apiVersion"], child["kind"], meta["name"], meta["namespace"])
+                if live is not None and not differs(child, live):
+                    continue
             _apply_settling(kube, child, dry_run)
+            applied += 1
         except NotFound:
             if not dry_run:
                 raise kopf.TemporaryError(f"applying {what}: not found", delay=10) from None
@@ -117,6 +188,7 @@ def apply_children(
             raise rejected(f"the API server refused {what}: {err}") from err
         except KubeError as err:
             raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
+    return applied
 
 
 def _apply_settling(kube: Kube, child: dict[str, Any], dry_run: bool) -> None:
@@ -155,13 +227,15 @@ def with_conditions(
 
 
 @contextmanager
-def later() -> Iterator[None]:
-    """In event handlers (which kopf does not retry) a passing failure waits for the next event
-    or the timer instead of being logged as a crash."""
+def later(ctx: Context | None = None, again: Callable[[], None] | None = None) -> Iterator[None]:
+    """In event handlers (which kopf does not retry) a passing failure is logged, not raised as
+    a crash, and `again` runs after the error's delay: with no timer, nothing else would."""
     try:
         yield
     except kopf.TemporaryError as err:
         log.info("will retry later: %s", err)
+        if ctx is not None and again is not None:
+            ctx.schedule(float(err.delay or 10), again)
 
 
 def post_event(body: dict[str, Any], warning: bool, reason: str, message: str) -> None:

@@ -1,4 +1,10 @@
-"""FineTuneJob handlers: one reconcile for create, resume, update, timer and child events."""
+"""FineTuneJob handlers: reconciles driven by the resource's and its children's watch events.
+
+A reconcile builds the desired children (pure builders), writes only the ones whose live object
+differs, and patches the status only where it changed: a cluster of idle FineTuneJobs receives no
+writes from kubetune, and a restart with nothing changed writes nothing. The only timer runs for
+jobs that are Running, to notice a trainer that stopped reporting (no event says so).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,19 @@ from pydantic import ValidationError
 from kubetune import metrics
 from kubetune.api.v1alpha1.base import API_VERSION, Condition
 from kubetune.api.v1alpha1.finetunejob import KIND, PLURAL, FineTuneJob, Phase
+from kubetune.api.v1alpha1.reasons import Reason
 from kubetune.builders import training
 from kubetune.builders.common import FTJ_LABEL, MANAGED_BY, Owner
-from kubetune.builders.training_status import Observation, observe
+from kubetune.builders.drift import differs
+from kubetune.builders.training_status import (
+    FINISHED,
+    Observation,
+    gpu_usage,
+    heartbeat_condition,
+    observe,
+    rejected_conditions,
+    verdict_conditions,
+)
 from kubetune.handlers.common import (
     Context,
     apply_children,
@@ -33,12 +49,12 @@ CHILD_SELECTOR: dict[str, Any] = {
     MANAGED_BY: "kubetune",
     FTJ_LABEL: kopf.PRESENT,
 }
-GPU_WATTS = 700.0  # H100 SXM board power: the estimate behind status.energyKWh
-STALL_AFTER_SECONDS = 900
+HEARTBEAT_CHECK_SECONDS = 60
 
 
 class SpecRejected(Exception):
-    """The spec can never work as written; the message names the field."""
+    """The spec can never work as written (or waits for a dependency); the message names the
+    field."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -48,9 +64,28 @@ class SpecRejected(Exception):
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-@kopf.timer(GROUP, VERSION, PLURAL, interval=30, initial_delay=30, idle=10)
-def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    reconcile_body(context(memo), dict(body))
+def reconcile(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    reconcile_body(context(memo, kwargs), dict(body))
+
+
+def _running(status: kopf.Status, **_: Any) -> bool:
+    return bool(status.get("phase") == Phase.RUNNING.value)
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=HEARTBEAT_CHECK_SECONDS,
+    initial_delay=HEARTBEAT_CHECK_SECONDS,
+    idle=HEARTBEAT_CHECK_SECONDS,
+    when=_running,
+)
+def heartbeat_check(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Only running jobs have this timer: a trainer that went silent produces no event."""
+    ctx = context(memo, kwargs)
+    with later():
+        reconcile_fresh(ctx, KIND, dict(body), _refresh_locked)
 
 
 def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
@@ -62,6 +97,10 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
     owner = Owner.from_body(body)
     try:
         ftj = _parse(body)
+        if _finished(body) and _live_job(ctx, owner) is None:
+            # Its Job went (ttlSecondsAfterFinished, or a person): the run is over, the status
+            # keeps what it showed. Creating the Job again would train again.
+            return
         _check_dependencies(ctx, ftj, owner)
         children = _children(ctx, ftj, owner)
         stale_job = _stale_job(ctx, children[-1])
@@ -82,14 +121,31 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
     refresh_status(ctx, body, ftj)
 
 
+def _refresh_locked(ctx: Context, body: dict[str, Any]) -> None:
+    try:
+        ftj = FineTuneJob.model_validate(body)
+    except ValidationError:
+        return  # the parent's own reconcile reports a bad spec
+    refresh_status(ctx, body, ftj)
+
+
+def _finished(body: dict[str, Any]) -> bool:
+    status = body.get("status") or {}
+    return status.get("phase") in FINISHED and bool(status.get("completionTime"))
+
+
+def _live_job(ctx: Context, owner: Owner) -> dict[str, Any] | None:
+    return ctx.kube.get("batch/v1", "Job", training.names(owner.name)["job"], owner.namespace)
+
+
 def _parse(body: dict[str, Any]) -> FineTuneJob:
     try:
         ftj = FineTuneJob.model_validate(body)
     except ValidationError as err:
-        raise SpecRejected("InvalidSpec", describe_validation_error(err)) from err
+        raise SpecRejected(Reason.INVALID_SPEC, describe_validation_error(err)) from err
     problems = training.check_spec(ftj.spec)
     if problems:
-        raise SpecRejected("InvalidSpec", "; ".join(str(p) for p in problems))
+        raise SpecRejected(Reason.INVALID_SPEC, "; ".join(str(p) for p in problems))
     return ftj
 
 
@@ -99,7 +155,7 @@ def _check_dependencies(ctx: Context, ftj: FineTuneJob, owner: Owner) -> None:
         if ctx.kube.get("v1", dep.kind, dep.name, owner.namespace) is None:
             missing.append(f"{dep.field}: {dep.kind} {dep.name!r} not found in {owner.namespace}")
     if missing:
-        raise SpecRejected("MissingDependency", "; ".join(missing))
+        raise SpecRejected(Reason.MISSING_DEPENDENCY, "; ".join(missing))
 
 
 def _children(ctx: Context, ftj: FineTuneJob, owner: Owner) -> list[dict[str, Any]]:
@@ -147,86 +203,83 @@ def _spec_changed(body: dict[str, Any]) -> bool:
 
 def _apply_all(ctx: Context, children: list[dict[str, Any]], dry_run: bool) -> None:
     apply_children(
-        ctx.kube, children, dry_run, lambda message: SpecRejected("ChildRejected", message)
+        ctx.kube,
+        children,
+        dry_run,
+        lambda message: SpecRejected(Reason.CHILD_REJECTED, message),
     )
 
 
 def _report_rejected(ctx: Context, body: dict[str, Any], owner: Owner, err: SpecRejected) -> None:
+    waiting = err.reason == Reason.MISSING_DEPENDENCY
     conditions = with_conditions(
-        conditions_of(body), owner.generation, [("Ready", False, err.reason, str(err))]
+        conditions_of(body), owner.generation, rejected_conditions(err.reason, str(err))
     )
-    previous = (body.get("status") or {}).get("failureMessage")
     status = {
-        "phase": Phase.FAILED.value if err.reason != "MissingDependency" else Phase.PENDING.value,
+        "phase": Phase.PENDING.value if waiting else Phase.FAILED.value,
         "conditions": _wire(conditions),
         "observedGeneration": owner.generation,
         "failureReason": err.reason,
         "failureMessage": str(err),
     }
     write_status(ctx.kube, KIND, "FineTuneJob", body, status)
-    if previous != str(err):
-        post_event(body, True, err.reason, str(err))
-    if err.reason == "MissingDependency":
+    if waiting:
         raise kopf.TemporaryError(str(err), delay=15)  # it may appear: look again
 
 
 def refresh_status(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> None:
     owner = Owner.from_body(body)
-    names = training.names(owner.name)
-    job = ctx.kube.get("batch/v1", "Job", names["job"], owner.namespace)
-    pods = ctx.kube.list(
-        "v1", "Pod", owner.namespace, label_selector=f"batch.kubernetes.io/job-name={names['job']}"
-    )
+    job = _live_job(ctx, owner)
+    if job is None and _finished(body):
+        return  # the finished run's Job is gone: the status keeps what it showed
+    pods = ctx.indexes.pods_of(owner.namespace, KIND, owner.name)
     seen = observe(ftj, job, pods)
     old = body.get("status") or {}
-    status = _status(ftj, owner, seen, old, conditions_of(body))
+    now = datetime.now(UTC)
+    heartbeat = (
+        heartbeat_condition(
+            old.get("progress") or {}, now, ftj.spec.run_policy.heartbeat_timeout_seconds
+        )
+        if seen.phase == Phase.RUNNING
+        else None
+    )
+    status = _status(ctx, ftj, owner, seen, old, conditions_of(body), heartbeat, pods, now)
     write_status(ctx.kube, KIND, "FineTuneJob", body, status)
-    if old.get("phase") != status["phase"] or old.get("failureReason") != status.get(
-        "failureReason"
+    if (
+        heartbeat is not None
+        and heartbeat[2] == Reason.HEARTBEAT_STALE
+        and ftj.spec.run_policy.restart_on_stale_heartbeat
     ):
-        post_event(body, seen.phase == Phase.FAILED, seen.reason, seen.message)
+        _restart_silent_pods(ctx, body, owner, pods, heartbeat[3])
+
+
+def _restart_silent_pods(
+    ctx: Context, body: dict[str, Any], owner: Owner, pods: list[dict[str, Any]], why: str
+) -> None:
+    """The Job replaces the deleted pods; the trainer resumes from its last checkpoint."""
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    for pod in running:
+        ctx.kube.delete("v1", "Pod", pod["metadata"]["name"], owner.namespace)
+    if running:
+        post_event(body, True, "RestartingSilentTrainer", f"{why}; restarting the training pods")
 
 
 def _status(
+    ctx: Context,
     ftj: FineTuneJob,
     owner: Owner,
     seen: Observation,
     old: dict[str, Any],
     conditions: list[Condition],
+    heartbeat: tuple[str, bool, str, str] | None,
+    pods: list[dict[str, Any]],
+    now: datetime,
 ) -> dict[str, Any]:
     phase = seen.phase
-    finished = phase in (Phase.SUCCEEDED, Phase.FAILED)
-    updates: list[tuple[str, bool, str, str]] = [
-        ("Ready", True, "ChildrenReady", "training children are in place"),
-        ("Running", phase == Phase.RUNNING, seen.reason, seen.message),
-        (
-            "Succeeded",
-            phase == Phase.SUCCEEDED,
-            seen.reason if finished else "NotFinished",
-            seen.message if finished else "training has not finished",
-        ),
-        (
-            "Failed",
-            phase == Phase.FAILED,
-            seen.reason if phase == Phase.FAILED else "NotFailed",
-            seen.message if phase == Phase.FAILED else "",
-        ),
-        (
-            "Suspended",
-            phase == Phase.SUSPENDED,
-            seen.reason if phase == Phase.SUSPENDED else "NotSuspended",
-            seen.message if phase == Phase.SUSPENDED else "",
-        ),
-        (
-            "Scheduled",
-            seen.unschedulable is None,
-            "Unschedulable" if seen.unschedulable else "Scheduled",
-            seen.unschedulable or "",
-        ),
-    ]
-    if phase == Phase.RUNNING:
-        updates.append(_stall_condition(old))
-    gpus = ftj.spec.resources.nodes * ftj.spec.resources.gpus_per_node
+    queued = _kueue_decides(ftj)
+    updates = verdict_conditions(seen, queued, heartbeat)
+    res = ftj.spec.resources
+    gpus = res.nodes * res.gpus_per_node
     status: dict[str, Any] = {
         "phase": phase.value,
         "conditions": _wire(with_conditions(conditions, owner.generation, updates)),
@@ -242,15 +295,27 @@ def _status(
         status["startTime"] = started
     if seen.completion_time:
         status["completionTime"] = seen.completion_time
-    status.update(_usage(gpus, status.get("startTime"), seen.completion_time))
-    progress = old.get("progress") or {}
+    hours, kwh = gpu_usage(
+        pods, res.gpus_per_node, _watts_by_node(ctx, pods), ctx.settings.default_gpu_watts, now
+    )
+    if hours:
+        status["gpuHours"], status["energyKWh"] = hours, kwh
     if phase == Phase.SUCCEEDED:
         status["progressText"] = "100%"
-        if not (old.get("output") or {}).get("modelUri"):
-            status["output"] = _expected_output(ftj)
-    elif text := progress_text(progress):
+    elif text := progress_text(old.get("progress") or {}):
         status["progressText"] = text
     return status
+
+
+def _watts_by_node(ctx: Context, pods: list[dict[str, Any]]) -> dict[str, float]:
+    nodes = {view["name"]: view for view in ctx.indexes.node_list()}
+    watts = {}
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName")
+        product = ((nodes.get(node) or {}).get("labels") or {}).get("nvidia.com/gpu.product")
+        if node and isinstance(product, str) and product in ctx.settings.gpu_watts:
+            watts[node] = ctx.settings.gpu_watts[product]
+    return watts
 
 
 def progress_text(progress: dict[str, Any]) -> str | None:
@@ -258,33 +323,6 @@ def progress_text(progress: dict[str, Any]) -> str | None:
     if not progress.get("totalSteps"):
         return None
     return f"{progress.get('percent', 0)}% {progress.get('step', 0)}/{progress['totalSteps']}"
-
-
-def _stall_condition(old: dict[str, Any]) -> tuple[str, bool, str, str]:
-    beat = (old.get("progress") or {}).get("lastHeartbeat")
-    if not beat:
-        return ("Stalled", False, "NoHeartbeatYet", "")
-    age = (datetime.now(UTC) - datetime.fromisoformat(beat.replace("Z", "+00:00"))).total_seconds()
-    if age > STALL_AFTER_SECONDS:
-        return ("Stalled", True, "HeartbeatStale", f"no progress reported for {age:.0f}s")
-    return ("Stalled", False, "HeartbeatFresh", "")
-
-
-def _usage(gpus: int, start: str | None, end: str | None) -> dict[str, Any]:
-    if not start or not gpus:
-        return {}
-    begin = datetime.fromisoformat(start.replace("Z", "+00:00"))
-    stop = datetime.fromisoformat(end.replace("Z", "+00:00")) if end else datetime.now(UTC)
-    hours = max((stop - begin).total_seconds(), 0.0) / 3600 * gpus
-    return {"gpuHours": round(hours, 4), "energyKWh": round(hours * GPU_WATTS / 1000, 4)}
-
-
-def _expected_output(ftj: FineTuneJob) -> dict[str, Any]:
-    uri = ftj.spec.output.uri.rstrip("/")
-    out: dict[str, Any] = {"modelUri": uri}
-    if ftj.spec.output.triton:
-        out["tritonRepositoryUri"] = f"{uri}/triton-repository"
-    return out
 
 
 def _wire(conditions: list[Condition]) -> list[dict[str, Any]]:
@@ -311,33 +349,38 @@ def _owner_body(ctx: Context, obj: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _on_child_event(ctx: Context, event: dict[str, Any], full: bool) -> None:
-    with later():
-        _child_event(ctx, event, full)
+def _drifted(ctx: Context, parent: dict[str, Any], obj: dict[str, Any]) -> bool:
+    """Whether `obj` no longer holds what kubetune would apply to it."""
+    try:
+        ftj = FineTuneJob.model_validate(parent)
+    except ValidationError:
+        return False
+    meta = obj.get("metadata") or {}
+    for child in _children(ctx, ftj, Owner.from_body(parent)):
+        if child["kind"] == obj.get("kind") and child["metadata"]["name"] == meta.get("name"):
+            return differs(child, obj)
+    return False
 
 
-def _child_event(ctx: Context, event: dict[str, Any], full: bool) -> None:
+def _child_event(ctx: Context, event: dict[str, Any]) -> None:
+    """A child changed. Events of the initial listing (type None) are skipped: the resume
+    handler reconciles every FineTuneJob once at start-up anyway."""
+    kind = event.get("type")
     obj = event.get("object") or {}
-    parent = _owner_body(ctx, obj)
-    if parent is None or parent["metadata"].get("deletionTimestamp"):
+    if kind is None:
         return
-    if full or event.get("type") == "DELETED":
-        reconcile_body(ctx, parent)
-        return
-    meta = parent["metadata"]
-    with ctx.lock(KIND, meta["namespace"], meta["name"]):
-        fresh = ctx.kube.get(API_VERSION, KIND, meta["name"], meta["namespace"])
-        if fresh is None:
+    with later():
+        parent = _owner_body(ctx, obj)
+        if parent is None or parent["metadata"].get("deletionTimestamp"):
             return
-        try:
-            ftj = FineTuneJob.model_validate(fresh)
-        except ValidationError:
-            return  # the parent's own reconcile reports a bad spec
-        refresh_status(ctx, fresh, ftj)
+        if kind == "DELETED" or (obj.get("kind") != "Pod" and _drifted(ctx, parent, obj)):
+            reconcile_body(ctx, parent)
+        elif obj.get("kind") in ("Pod", "Job"):
+            reconcile_fresh(ctx, KIND, parent, _refresh_locked)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     """The trainer reported progress: keep the printer column in step (one cheap patch)."""
     body = _object(event)
     status = body.get("status") or {}
@@ -349,30 +392,21 @@ def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         return
     text = progress_text(status.get("progress") or {})
     if text and text != status.get("progressText"):
-        ctx = context(memo)
+        ctx = context(memo, kwargs)
         meta = body["metadata"]
         with ctx.lock(KIND, meta["namespace"], meta["name"]), later():
             write_status(ctx.kube, KIND, "FineTuneJob", body, {"progressText": text})
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_SELECTOR)
-def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _on_child_event(context(memo), _event(event), full=True)
-
-
 @kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
-def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _on_child_event(context(memo), _event(event), full=False)
-
-
 @kopf.on.event("", "v1", "configmaps", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "services", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "serviceaccounts", labels=CHILD_SELECTOR)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_SELECTOR)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_SELECTOR)
-def config_child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    if event.get("type") in ("DELETED", "MODIFIED"):
-        _on_child_event(context(memo), _event(event), full=True)
+def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    _child_event(context(memo, kwargs), _event(event))
 
 
 def _event(event: kopf.RawEvent) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""ModelServer handlers: one reconcile for create, resume, update, timer, children and jobs."""
+"""ModelServer handlers: reconciles driven by the resource's, its children's and its pods' watch
+events, and by the FineTuneJob it serves (found through an index, not a list). Children and status
+are written only where they differ from what exists."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
@@ -14,6 +15,8 @@ from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
 from kubetune.api.v1alpha1.finetunejob import KIND as FTJ_KIND
 from kubetune.api.v1alpha1.finetunejob import PLURAL as FTJ_PLURAL
 from kubetune.api.v1alpha1.modelserver import KIND, PLURAL, ModelServer, Phase
+from kubetune.api.v1alpha1.reasons import ConditionType as T
+from kubetune.api.v1alpha1.reasons import ServingReason as R
 from kubetune.builders import serving
 from kubetune.builders.common import (
     MANAGED_BY,
@@ -23,6 +26,15 @@ from kubetune.builders.common import (
     selector_labels,
 )
 from kubetune.builders.serving import ResolvedModel
+from kubetune.builders.serving_status import (
+    Update,
+    Verdict,
+    conditions_for,
+    crash_looping,
+    not_servable_conditions,
+    rollout_verdict,
+    served_checksum,
+)
 from kubetune.conditions import now
 from kubetune.handlers.common import (
     Context,
@@ -31,7 +43,6 @@ from kubetune.handlers.common import (
     context,
     describe_validation_error,
     later,
-    post_event,
     reconcile_fresh,
     with_conditions,
     write_status,
@@ -57,9 +68,8 @@ class NotServable(Exception):
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-@kopf.timer(GROUP, VERSION, PLURAL, interval=30, initial_delay=30, idle=10)
-def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    reconcile_body(context(memo), dict(body))
+def reconcile(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    reconcile_body(context(memo, kwargs), dict(body))
 
 
 def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
@@ -71,18 +81,40 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
     owner = Owner.from_body(body)
     try:
         ms = _parse(body)
-        model = _rollout_target(body, _resolve_model(ctx, ms, owner))
+        wanted, waiting = _resolve_or_last_good(ctx, body, ms, owner)
+        model = _rollout_target(body, wanted)
         spare = _spare_gpus(ctx, ms)
         children, absent = serving.build_children(ms, owner, model, ctx.settings, spare)
         if (body.get("status") or {}).get("observedGeneration") != owner.generation:
             _apply_all(ctx, children, dry_run=True)
         _apply_all(ctx, children, dry_run=False)
         for api_version, kind in absent:
-            ctx.kube.delete(api_version, kind, owner.name, owner.namespace)
+            if ctx.kube.get(api_version, kind, owner.name, owner.namespace) is not None:
+                ctx.kube.delete(api_version, kind, owner.name, owner.namespace)
     except NotServable as err:
         _report_not_servable(ctx, body, owner, err)
         return
-    refresh_status(ctx, body, ms, model)
+    refresh_status(ctx, body, ms, model, waiting)
+
+
+def _resolve_or_last_good(
+    ctx: Context, body: dict[str, Any], ms: ModelServer, owner: Owner
+) -> tuple[ResolvedModel, tuple[str, str] | None]:
+    """The model to serve, and why the server still waits (if it does). While the FineTuneJob it
+    follows is missing or training again, the revision that last passed keeps being served (and
+    its Deployment kept as it should be) instead of the server stopping."""
+    try:
+        return _resolve_model(ctx, ms, owner), None
+    except NotServable as err:
+        served = (body.get("status") or {}).get("served") or {}
+        if err.phase != Phase.PENDING or not served.get("revision"):
+            raise
+        last_good = ResolvedModel(
+            uri=str(served["uri"]),
+            revision=str(served["revision"]),
+            task=str(served.get("task") or "auto"),
+        )
+        return last_good, (err.reason, f"{err}; serving revision {last_good.revision} meanwhile")
 
 
 def _parse(body: dict[str, Any]) -> ModelServer:
@@ -102,24 +134,22 @@ def _resolve_model(ctx: Context, ms: ModelServer, owner: Owner) -> ResolvedModel
     job = ctx.kube.get(API_VERSION, FTJ_KIND, name, owner.namespace)
     if job is None:
         raise NotServable(
-            "FineTuneJobNotFound",
+            R.FINE_TUNE_JOB_NOT_FOUND,
             f"spec.model.fineTuneJobRef.name: FineTuneJob {name!r} not found in {owner.namespace}",
             Phase.PENDING,
-            retry=30,
         )
     status = job.get("status") or {}
     output = status.get("output") or {}
     uri = output.get("tritonRepositoryUri") or output.get("modelUri")
     if status.get("phase") != "Succeeded" or not uri:
         raise NotServable(
-            "WaitingForFineTuneJob",
+            R.WAITING_FOR_FINE_TUNE_JOB,
             f"waiting for FineTuneJob {name!r} to succeed "
             f"(it is {status.get('phase') or 'Pending'})",
             Phase.PENDING,
         )
-    run = f"{job['metadata']['uid'][:8]}-{status.get('completionTime') or ''}"
     task = (job.get("spec") or {}).get("task") or "sequence-classification"
-    return ResolvedModel(uri=uri, revision=f"ftj-{run}", task=task)
+    return ResolvedModel(uri=uri, revision=_served_run(job), task=task)
 
 
 def _rollout_target(body: dict[str, Any], wanted: ResolvedModel) -> ResolvedModel:
@@ -143,35 +173,30 @@ def _rollout_target(body: dict[str, Any], wanted: ResolvedModel) -> ResolvedMode
 
 def _spare_gpus(ctx: Context, ms: ModelServer) -> int:
     """GPUs of this kind free right now on the nodes these pods may use (what a surge pod
-    could get): nodes that match the nodeSelector and whose NoSchedule taints are tolerated."""
+    could get): nodes that match the nodeSelector and whose NoSchedule taints are tolerated.
+    Nodes and the GPUs their pods hold come from indexes, never from cluster-wide lists."""
     res = ms.spec.resources
     if not res.gpus or ms.spec.rollout.strategy != "auto":
         return 0
     gpu = res.gpu_resource_name
-    free: dict[str, int] = {}
-    for node in ctx.kube.list("v1", "Node", None):
-        amount = ((node.get("status") or {}).get("allocatable") or {}).get(gpu)
-        tolerations = gpu_tolerations(res.gpus, gpu) + [t.to_wire() for t in res.tolerations]
-        if amount and _eligible(node, res.node_selector, tolerations):
-            free[node["metadata"]["name"]] = int(amount)
-    for pod in ctx.kube.list("v1", "Pod", None):
-        spec, phase = pod.get("spec") or {}, (pod.get("status") or {}).get("phase")
-        if spec.get("nodeName") in free and phase not in ("Succeeded", "Failed"):
-            for container in spec.get("containers") or []:
-                requests = (container.get("resources") or {}).get("requests") or {}
-                free[spec["nodeName"]] -= int(requests.get(gpu, 0))
-    return max(free.values(), default=0)
+    tolerations = gpu_tolerations(res.gpus, gpu) + [t.to_wire() for t in res.tolerations]
+    free = [
+        node["gpus"][gpu] - ctx.indexes.gpus_in_use(node["name"]).get(gpu, 0)
+        for node in ctx.indexes.node_list()
+        if node["gpus"].get(gpu) and _eligible(node, res.node_selector, tolerations)
+    ]
+    return max(free, default=0)
 
 
 def _eligible(
     node: dict[str, Any], selector: dict[str, str], tolerations: list[dict[str, Any]]
 ) -> bool:
-    labels = node["metadata"].get("labels") or {}
-    if (node.get("spec") or {}).get("unschedulable"):
+    labels = node.get("labels") or {}
+    if node.get("unschedulable"):
         return False
     if any(labels.get(k) != v for k, v in selector.items()):
         return False
-    for taint in (node.get("spec") or {}).get("taints") or []:
+    for taint in node.get("taints") or []:
         if taint.get("effect") not in ("NoSchedule", "NoExecute"):
             continue
         if not any(
@@ -199,12 +224,8 @@ def _report_not_servable(
     conditions = with_conditions(
         conditions_of(body),
         owner.generation,
-        [
-            ("Ready", False, err.reason, str(err)),
-            ("ModelLoaded", False, err.reason, str(err)),
-        ],
+        not_servable_conditions(err.reason, str(err), waiting),
     )
-    old = body.get("status") or {}
     write_status(
         ctx.kube,
         KIND,
@@ -216,79 +237,8 @@ def _report_not_servable(
             "observedGeneration": owner.generation,
         },
     )
-    if old.get("phase") != err.phase.value or _condition_reason(old, "Ready") != err.reason:
-        post_event(body, not waiting, err.reason, str(err))
     if err.retry:
         raise kopf.TemporaryError(str(err), delay=err.retry)
-
-
-def _condition_reason(status: dict[str, Any], type_: str) -> str | None:
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == type_:
-            return str(cond.get("reason"))
-    return None
-
-
-def _deployment_condition(deploy: dict[str, Any], type_: str) -> dict[str, Any]:
-    for cond in (deploy.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_:
-            return dict(cond)
-    return {}
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What the status says, before conditions are written."""
-
-    phase: Phase
-    reason: str
-    message: str
-
-
-def _rollout_verdict(deploy: dict[str, Any]) -> tuple[Verdict, dict[str, int], bool]:
-    dstatus = deploy.get("status") or {}
-    counts = {
-        "desired": int((deploy.get("spec") or {}).get("replicas") or 0),
-        "ready": int(dstatus.get("readyReplicas") or 0),
-        "updated": int(dstatus.get("updatedReplicas") or 0),
-        "total": int(dstatus.get("replicas") or 0),
-    }
-    desired, ready, updated = counts["desired"], counts["ready"], counts["updated"]
-    generation = (deploy.get("metadata") or {}).get("generation")
-    caught_up = dstatus.get("observedGeneration") == generation
-    rolled_out = caught_up and updated == desired and counts["total"] == desired
-    progress = _deployment_condition(deploy, "Progressing")
-    if progress.get("reason") == "ProgressDeadlineExceeded":
-        verdict = Verdict(Phase.FAILED, "ProgressDeadlineExceeded", str(progress.get("message")))
-    elif desired == 0:
-        verdict = Verdict(Phase.PENDING, "ScaledToZero", "no replicas are wanted")
-    elif ready >= desired and rolled_out:
-        verdict = Verdict(
-            Phase.READY, "ModelAnswering", f"{ready}/{desired} replicas serve the model"
-        )
-    elif not rolled_out:
-        verdict = Verdict(
-            Phase.PROGRESSING, "RollingOut", f"{updated}/{desired} replicas updated, {ready} ready"
-        )
-    else:
-        verdict = Verdict(
-            Phase.DEGRADED, "ReplicasUnavailable", f"{ready}/{desired} replicas ready"
-        )
-    return verdict, counts, rolled_out
-
-
-def _served_checksum(pods: list[dict[str, Any]]) -> str | None:
-    """The weights' checksum, as the model-delivery init container reported it on exit."""
-    for pod in pods:
-        for item in (pod.get("status") or {}).get("initContainerStatuses") or []:
-            term = (item.get("state") or {}).get("terminated") or {}
-            message = str(term.get("message") or "")
-            if item.get("name") == "fetch-model" and message.startswith("checksum: "):
-                return message.removeprefix("checksum: ").strip()
-    return None
-
-
-CRASH_RESTARTS = 2  # a new pod that failed this often will not come up by itself
 
 
 def _revision_pods(ctx: Context, owner: Owner, model: ResolvedModel) -> list[dict[str, Any]]:
@@ -300,24 +250,6 @@ def _revision_pods(ctx: Context, owner: Owner, model: ResolvedModel) -> list[dic
         == model.revision
         and not pod["metadata"].get("deletionTimestamp")
     ]
-
-
-def _crash_looping(pods: list[dict[str, Any]]) -> str | None:
-    """Why the new revision's pods cannot start (model fetch failing, Triton exiting on a model
-    it cannot load), once a container has failed repeatedly: then waiting for the progress
-    deadline would only keep the old pods down longer."""
-    for pod in pods:
-        status = pod.get("status") or {}
-        for item in (status.get("initContainerStatuses") or []) + (
-            status.get("containerStatuses") or []
-        ):
-            if int(item.get("restartCount") or 0) < CRASH_RESTARTS:
-                continue
-            state = item.get("lastState") or item.get("state") or {}
-            term = state.get("terminated") or (item.get("state") or {}).get("terminated") or {}
-            detail = str(term.get("message") or term.get("reason") or "it keeps exiting").strip()
-            return f"container {item.get('name')} of pod {pod['metadata']['name']}: {detail[-500:]}"
-    return None
 
 
 def _smoke_test_pods(
@@ -351,7 +283,7 @@ def _smoke_test_pods(
 
 def _smoke_gate(
     ctx: Context, body: dict[str, Any], ms: ModelServer, owner: Owner, model: ResolvedModel
-) -> tuple[Verdict, dict[str, Any], list[tuple[str, bool | ConditionStatus, str, str]]]:
+) -> tuple[Verdict, dict[str, Any], list[Update]]:
     """After a rollout: test the new pods once, remember the model that passed, and turn a
     failure into a rollback to it."""
     old = body.get("status") or {}
@@ -362,22 +294,27 @@ def _smoke_gate(
             f"{old.get('failureMessage') or 'it failed'}"
         )
         return (
-            Verdict(Phase.DEGRADED, "RolledBack", message),
+            Verdict(Phase.DEGRADED, R.ROLLED_BACK, message, stalled=True),
             {},
             [
                 (
-                    "SmokeTestPassed",
+                    T.SMOKE_TEST_PASSED,
                     False,
-                    "SmokeTestFailed",
+                    R.SMOKE_TEST_FAILED,
                     (old.get("smokeTest") or {}).get("message", ""),
                 )
             ],
         )
     if not ms.spec.rollout.smoke_test.enabled:
         return (
-            Verdict(Phase.READY, "ModelAnswering", "replicas serve the model (no smoke test)"),
+            Verdict(
+                Phase.READY,
+                R.MODEL_ANSWERING,
+                "replicas serve the model (no smoke test)",
+                answering=True,
+            ),
             {"served": served},
-            [("SmokeTestPassed", ConditionStatus.UNKNOWN, "SmokeTestDisabled", "")],
+            [(T.SMOKE_TEST_PASSED, ConditionStatus.UNKNOWN, R.SMOKE_TEST_DISABLED, "")],
         )
     last = old.get("smokeTest") or {}
     if last.get("revision") != model.revision:
@@ -389,88 +326,71 @@ def _smoke_gate(
             "pods": pods,
             "time": now().isoformat().replace("+00:00", "Z"),
         }
-        post_event(body, not passed, "SmokeTestPassed" if passed else "SmokeTestFailed", message)
     extra: dict[str, Any] = {"smokeTest": last}
     if last["passed"]:
         extra["served"] = served
         return (
-            Verdict(Phase.READY, "ModelAnswering", last["message"]),
+            Verdict(Phase.READY, R.MODEL_ANSWERING, last["message"], answering=True),
             extra,
-            [("SmokeTestPassed", True, "SmokeTestPassed", last["message"])],
+            [(T.SMOKE_TEST_PASSED, True, R.SMOKE_TEST_PASSED, last["message"])],
         )
     extra["failedRevision"] = model.revision
     extra["failureMessage"] = last["message"]
     rollback = (old.get("served") or {}).get("revision") not in (None, model.revision)
     verdict = Verdict(
         Phase.DEGRADED if rollback else Phase.FAILED,
-        "SmokeTestFailed",
+        R.SMOKE_TEST_FAILED,
         last["message"] + ("; rolling back" if rollback else "; no earlier model to go back to"),
+        stalled=not rollback,  # a rollback is under way; without one a person must act
     )
-    return verdict, extra, [("SmokeTestPassed", False, "SmokeTestFailed", last["message"])]
+    return verdict, extra, [(T.SMOKE_TEST_PASSED, False, R.SMOKE_TEST_FAILED, last["message"])]
 
 
 def refresh_status(
-    ctx: Context, body: dict[str, Any], ms: ModelServer, model: ResolvedModel
+    ctx: Context,
+    body: dict[str, Any],
+    ms: ModelServer,
+    model: ResolvedModel,
+    waiting: tuple[str, str] | None = None,
 ) -> None:
     owner = Owner.from_body(body)
     deploy = ctx.kube.get("apps/v1", "Deployment", owner.name, owner.namespace) or {}
-    verdict, counts, rolled_out = _rollout_verdict(deploy)
+    verdict, counts = rollout_verdict(deploy)
     extra: dict[str, Any] = {}
-    smoke: list[tuple[str, bool | ConditionStatus, str, str]] = []
+    smoke: list[Update] = []
     if verdict.phase == Phase.READY:
         verdict, extra, smoke = _smoke_gate(ctx, body, ms, owner, model)
     elif (
-        not rolled_out
+        not counts.rolled_out
         and not model.rolled_back_from
-        and (crash := _crash_looping(_revision_pods(ctx, owner, model)))
+        and (crash := crash_looping(_revision_pods(ctx, owner, model)))
     ):
         served = (body.get("status") or {}).get("served") or {}
         rollback = served.get("revision") not in (None, model.revision)
         extra = {"failedRevision": model.revision, "failureMessage": crash}
         verdict = Verdict(
             Phase.DEGRADED if rollback else Phase.FAILED,
-            "RolloutFailed",
+            R.ROLLOUT_FAILED,
             f"revision {model.revision} does not start: {crash}"
             + ("; rolling back" if rollback else ""),
+            stalled=not rollback,
         )
-    phase, reason, message = verdict.phase, verdict.reason, verdict.message
-    ready = counts["ready"]
-    answering = phase == Phase.READY or reason == "RolledBack"
-    bad = phase in (Phase.DEGRADED, Phase.FAILED)
     conditions = with_conditions(
         conditions_of(body),
         owner.generation,
-        [
-            ("Ready", answering, reason, message),
-            (
-                "ModelLoaded",
-                ready > 0,
-                "ModelReady" if ready else "NoReadyReplica",
-                f"{ready} replicas report the model ready"
-                if ready
-                else "no replica has loaded the model yet",
-            ),
-            (
-                "Progressing",
-                not rolled_out,
-                "RollingOut" if not rolled_out else "RolloutComplete",
-                message if not rolled_out else f"revision {model.revision} rolled out",
-            ),
-            ("Degraded", bad, reason if bad else "AsDesired", message if bad else ""),
-            *smoke,
-        ],
+        conditions_for(verdict, counts, model.revision, waiting, smoke),
     )
     svc = ms.spec.service
     host = f"{owner.name}.{owner.namespace}.svc"
     old = body.get("status") or {}
     status: dict[str, Any] = {
-        "phase": phase.value,
+        "phase": verdict.phase.value,
         "conditions": _wire(conditions),
         "observedGeneration": owner.generation,
-        "replicas": counts["total"],
-        "readyReplicas": ready,
-        "desiredReplicas": counts["desired"],
-        "readyText": f"{ready}/{counts['desired']}",
+        "replicas": counts.total,
+        "readyReplicas": counts.ready,
+        "desiredReplicas": counts.desired,
+        "readyText": f"{counts.ready}/{counts.desired}",
         "selector": ",".join(f"{k}={v}" for k, v in selector_labels(owner).items()),
         "endpoints": {"http": f"{host}:{svc.http_port}", "grpc": f"{host}:{svc.grpc_port}"},
         "modelName": serving.model_name(ms, owner),
@@ -479,13 +399,11 @@ def refresh_status(
     if "served" in extra:
         if ms.spec.model.fine_tune_job_ref:
             status["served"]["fineTuneJobUid"] = _ftj_uid(ctx, ms, owner)
-        if checksum := _served_checksum(_revision_pods(ctx, owner, model)):
+        if checksum := served_checksum(_revision_pods(ctx, owner, model)):
             status["served"]["checksum"] = checksum
     write_status(ctx.kube, KIND, "ModelServer", body, status)
-    if old.get("phase") != phase.value or _condition_reason(old, "Ready") != reason:
-        post_event(body, bad, reason, message)
     if extra.get("failedRevision") and extra["failedRevision"] != old.get("failedRevision"):
-        raise kopf.TemporaryError(f"rolling back: {message}", delay=1)
+        raise kopf.TemporaryError(f"rolling back: {verdict.message}", delay=1)
 
 
 def _ftj_uid(ctx: Context, ms: ModelServer, owner: Owner) -> str | None:
@@ -498,7 +416,7 @@ def _wire(conditions: list[Condition]) -> list[dict[str, Any]]:
     return [c.to_wire() for c in conditions]
 
 
-# -- children and the FineTuneJobs being served --------------------------------------------------
+# -- children, pods and the FineTuneJobs being served ------------------------------------------
 
 
 def _parent(ctx: Context, obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -507,16 +425,27 @@ def _parent(ctx: Context, obj: dict[str, Any]) -> dict[str, Any] | None:
     return ctx.kube.get(API_VERSION, KIND, name, meta["namespace"]) if name else None
 
 
+def _reconcile_soon(ctx: Context, server: dict[str, Any]) -> None:
+    """Reconcile now; a passing failure is retried after its delay (event handlers are not
+    retried by kopf, and there is no timer to catch up)."""
+    with later(ctx, lambda: _reconcile_soon(ctx, server)):
+        reconcile_body(ctx, server)
+
+
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "services", labels=CHILD_SELECTOR)
 @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_SELECTOR)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_SELECTOR)
-def child_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    ctx = context(memo)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=CHILD_SELECTOR)
+@kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
+def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A child or a pod changed (skipping the initial listing: resume covers it)."""
+    if _event(event).get("type") is None:
+        return
+    ctx = context(memo, kwargs)
     parent = _parent(ctx, _object(event))
     if parent is not None and not parent["metadata"].get("deletionTimestamp"):
-        with later():
-            reconcile_body(ctx, parent)
+        _reconcile_soon(ctx, parent)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -529,18 +458,48 @@ def modelserver_event(event: kopf.RawEvent, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, FTJ_PLURAL)
-def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    """A FineTuneJob changed: the ModelServers that serve it may have a new model to roll out."""
-    ctx = context(memo)
+def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A FineTuneJob appeared, changed phase or went away: the ModelServers that follow it (from
+    the index) may have a new model to roll out, or keep serving the last one while it trains."""
+    kind = _event(event).get("type")
+    if kind is None:
+        return
+    ctx = context(memo, kwargs)
     job = _object(event)
     meta = job.get("metadata") or {}
-    if (job.get("status") or {}).get("phase") != "Succeeded" and event.get("type") != "DELETED":
-        return
-    for server in ctx.kube.list(API_VERSION, KIND, meta.get("namespace")):
-        ref = ((server.get("spec") or {}).get("model") or {}).get("fineTuneJobRef") or {}
-        if ref.get("name") == meta.get("name"):
-            with later():
-                reconcile_body(ctx, server)
+    namespace, job_name = str(meta.get("namespace")), str(meta.get("name"))
+    for name in ctx.indexes.servers_following(namespace, job_name):
+        server = ctx.kube.get(API_VERSION, KIND, name, namespace)
+        if server is None or _already_saw(server, job, kind):
+            continue
+        _reconcile_soon(ctx, server)
+
+
+def _already_saw(server: dict[str, Any], job: dict[str, Any], kind: str) -> bool:
+    """True when this job event cannot change the server: the trainer's progress reports
+    (many per minute) leave the job's phase as the server last showed it."""
+    if kind != "MODIFIED":
+        return False
+    status = server.get("status") or {}
+    phase = (job.get("status") or {}).get("phase") or "Pending"
+    if phase == "Succeeded":
+        return bool((status.get("served") or {}).get("revision") == _served_run(job))
+    shown = " ".join(
+        (_condition(status, type_) or {}).get("message", "") for type_ in (T.READY, T.RECONCILING)
+    )
+    return f"(it is {phase})" in shown
+
+
+def _served_run(job: dict[str, Any]) -> str:
+    status = job.get("status") or {}
+    return f"ftj-{job['metadata']['uid'][:8]}-{status.get('completionTime') or ''}"
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == type_:
+            return dict(cond)
+    return None
 
 
 def _event(event: kopf.RawEvent) -> dict[str, Any]:

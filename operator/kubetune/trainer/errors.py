@@ -12,8 +12,10 @@ This module imports nothing heavy, so it is usable (and testable) before torch i
 from __future__ import annotations
 
 import os
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from pathlib import Path
+
+from kubetune.api.contract import TrainerExit
 
 TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -31,21 +33,8 @@ class Reason(StrEnum):
     PREEMPTED = "Preempted"
 
 
-class ExitCode(IntEnum):
-    """Exit codes of `python -m kubetune.trainer`, one per reason (documented in docs/trainer.md).
-
-    2 is left to argparse (usage errors); 143 (128 + SIGTERM) is the conventional code of a process
-    stopped by SIGTERM, used after the preemption checkpoint is safely written.
-    """
-
-    OK = 0
-    OTHER = 1
-    BAD_DATA = 3
-    MODEL_NOT_FOUND = 4
-    ACCESS_DENIED = 5
-    OUT_OF_MEMORY = 6
-    NCCL_TIMEOUT = 7
-    PREEMPTED = 143
+# One list of exit codes for both sides: the operator's podFailurePolicy reads the same enum.
+ExitCode = TrainerExit
 
 
 EXIT_CODES: dict[Reason, ExitCode] = {

@@ -213,6 +213,21 @@ class RunPolicy(ApiModel):
     suspend: bool = Field(
         default=False, description="Hold (or stop) the pods; resuming continues from a checkpoint."
     )
+    heartbeat_timeout_seconds: int = Field(
+        default=900,
+        description=(
+            "The trainer reports at least every few seconds while it downloads, trains and "
+            "evaluates; after this long without a report the job is Stalled (TrainerHeartbeat)."
+        ),
+        ge=30,
+    )
+    restart_on_stale_heartbeat: bool = Field(
+        default=False,
+        description=(
+            "Delete the silent training pods when the heartbeat goes stale: the Job replaces "
+            "them and training resumes from the last checkpoint (counts against backoffLimit)."
+        ),
+    )
 
 
 IMMUTABLE_AFTER_START = ("model", "dataset", "task", "method", "lora", "hyperparameters", "output")

@@ -1,0 +1,47 @@
+"""The contract between the operator and the pods it creates, imported by both sides.
+
+The operator renders pods that set these environment variables and read these exit codes; the
+trainer reads the variables and exits with the codes. Keeping them in one module means a rename
+on one side cannot silently break the other.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class TrainerExit(IntEnum):
+    """Exit codes of `python -m kubetune.trainer`, one per failure reason (docs/trainer.md).
+
+    2 is left to argparse (usage errors); 143 (128 + SIGTERM) is the conventional code of a process
+    stopped by SIGTERM, used after the preemption checkpoint is safely written.
+    """
+
+    OK = 0
+    OTHER = 1
+    BAD_DATA = 3
+    MODEL_NOT_FOUND = 4
+    ACCESS_DENIED = 5
+    OUT_OF_MEMORY = 6
+    NCCL_TIMEOUT = 7
+    PREEMPTED = 143
+
+
+# A retry cannot fix these: the Job's podFailurePolicy fails the whole Job at once on them.
+NON_RETRYABLE_EXITS = (TrainerExit.BAD_DATA, TrainerExit.MODEL_NOT_FOUND, TrainerExit.ACCESS_DENIED)
+
+
+class TrainerEnv(StrEnum):
+    """Environment variables the operator sets in training pods."""
+
+    CONFIG = "KUBETUNE_TRAINER_CONFIG"
+    TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
+
+
+# Credentials: each source's Secret reaches the trainer under its own prefix, so a dataset's and
+# an output's S3 keys never mix ("KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID").
+CREDENTIAL_ROLES = ("MODEL", "DATASET", "OUTPUT")
+
+
+def credential_env(role: str, key: str) -> str:
+    return f"KUBETUNE_{role}_{key}"

@@ -1,0 +1,148 @@
+"""Handler orchestration on a fake Kube facade (see tests/fakekube.py): what is written, when.
+
+The real API server behaviour (defaults, admission, controllers) is covered in
+tests/integration; these tests pin the orchestration: nothing is written when nothing changed,
+a finished job is never trained again, output comes only from the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kubetune.api.v1alpha1.base import API_VERSION
+from kubetune.handlers import finetunejob as ftj_handlers
+from kubetune.handlers.common import Context
+from kubetune.handlers.indexes import Indexes
+from tests.fakekube import FakeKube
+
+
+def _ftj(name: str = "job") -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "ns", "generation": 1},
+        "spec": {
+            "model": {"source": "pvc://models/minilm"},
+            "dataset": {"source": "pvc://data/train.jsonl", "labelField": "label"},
+            "output": {"uri": "pvc://out/job"},
+            "resources": {"gpusPerNode": 1},
+        },
+    }
+
+
+@pytest.fixture
+def world() -> tuple[FakeKube, Context]:
+    kube = FakeKube()
+    for claim in ("models", "data", "out"):
+        kube.put(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": "ns"},
+            }
+        )
+    return kube, Context(kube=kube, indexes=Indexes())  # type: ignore[arg-type]
+
+
+def _reconcile(kube: FakeKube, ctx: Context, name: str = "job") -> dict[str, Any]:
+    body = kube.get(API_VERSION, "FineTuneJob", name, "ns")
+    assert body is not None
+    ftj_handlers.reconcile_body(ctx, body)
+    after = kube.get(API_VERSION, "FineTuneJob", name, "ns")
+    assert after is not None
+    return after
+
+
+def _job(kube: FakeKube) -> dict[str, Any] | None:
+    return kube.get("batch/v1", "Job", "job-train", "ns")
+
+
+def test_a_second_reconcile_with_nothing_changed_writes_nothing(world: Any) -> None:
+    kube, ctx = world
+    kube.put(_ftj())
+    first = _reconcile(kube, ctx)
+    assert kube.writes["apply Job"] == 1 and kube.writes["patch FineTuneJob/status"] == 1
+    assert first["status"]["phase"] == "Pending"
+    before = kube.total_writes()
+    _reconcile(kube, ctx)
+    assert kube.total_writes() == before, kube.writes
+
+
+def test_an_edited_child_is_written_back_and_only_that_one(world: Any) -> None:
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    config = kube.get("v1", "ConfigMap", "job-config", "ns")
+    config["data"] = {"config.json": "{}"}
+    kube.put(config)
+    before = dict(kube.writes)
+    _reconcile(kube, ctx)
+    assert kube.writes["apply ConfigMap"] == before["apply ConfigMap"] + 1
+    assert kube.writes["apply Job"] == before["apply Job"]
+
+
+def _finish(kube: FakeKube, condition: str) -> None:
+    job = _job(kube)
+    assert job is not None
+    job["status"] = {
+        "conditions": [
+            {"type": condition, "status": "True", "lastTransitionTime": "2026-01-01T00:10:00Z"}
+        ],
+        "completionTime": "2026-01-01T00:10:00Z",
+        "succeeded": 1,
+    }
+    kube.put(job)
+
+
+def test_a_finished_job_whose_job_was_deleted_is_not_trained_again(world: Any) -> None:
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    _finish(kube, "Complete")
+    done = _reconcile(kube, ctx)
+    assert done["status"]["phase"] == "Succeeded"
+    kube.delete("batch/v1", "Job", "job-train", "ns")  # ttlSecondsAfterFinished did this
+    applies = kube.writes["apply Job"]
+    again = _reconcile(kube, ctx)
+    assert _job(kube) is None and kube.writes["apply Job"] == applies
+    assert again["status"]["phase"] == "Succeeded"
+
+
+def test_output_is_only_what_the_trainer_reported(world: Any) -> None:
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    _finish(kube, "Complete")
+    done = _reconcile(kube, ctx)
+    assert "output" not in done["status"]  # the trainer never said it wrote anything
+
+
+def _conditions(body: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in body["status"]["conditions"]}
+
+
+def test_kstatus_conditions_through_the_lifecycle(world: Any) -> None:
+    kube, ctx = world
+    kube.put(_ftj())
+    pending = _conditions(_reconcile(kube, ctx))
+    assert pending["Ready"][0] == "False" and pending["Reconciling"][0] == "True"
+    assert pending["Stalled"][0] == "False"
+    _finish(kube, "Failed")
+    failed = _conditions(_reconcile(kube, ctx))
+    assert failed["Ready"][0] == "False" and failed["Stalled"][0] == "True"
+    assert failed["Reconciling"][0] == "False"
+
+
+def test_a_missing_claim_waits_reconciling_and_builds_nothing(world: Any) -> None:
+    kube, ctx = world
+    kube.delete("v1", "PersistentVolumeClaim", "data", "ns")
+    kube.put(_ftj())
+    with pytest.raises(Exception, match="not found"):
+        _reconcile(kube, ctx)
+    body = kube.get(API_VERSION, "FineTuneJob", "job", "ns")
+    conds = _conditions(body)
+    assert conds["Reconciling"] == ("True", "MissingDependency")
+    assert conds["Stalled"][0] == "False"
+    assert not any(key.startswith("apply") for key in kube.writes)
