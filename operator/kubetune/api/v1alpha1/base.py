@@ -14,7 +14,10 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # Kubernetes quantities ("500m", "4Gi", "2"): kept as strings, checked by the API server's pattern.
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# The grammar of resource.Quantity (a number, then a binary or decimal suffix or an exponent),
+# without a sign: a negative request or size is refused by the pods' validation anyway, and a
+# looser pattern let "1.2.3" through the CRD to fail only when the Job was created.
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
 DNS1123_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
