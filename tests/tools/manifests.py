@@ -23,16 +23,37 @@ import kubernetes_validate
 import yaml
 
 from kubetune.devcluster.binaries import KUBERNETES_VERSION
-from kubetune.devcluster.gotools import KUBE_SCORE, KUBECONFORM, ensure_tool, module_dir
+from kubetune.devcluster.gotools import (
+    KUBE_SCORE,
+    KUBECONFORM,
+    PublishedTool,
+    ensure_tool,
+    module_dir,
+)
 
 # The cluster's minor version, as kubeconform and kubernetes-validate name schema folders.
 SCHEMA_VERSION = ".".join(KUBERNETES_VERSION.removeprefix("v").split(".")[:2]) + ".0"
 CRITICAL = 1  # kube-score's grades: 1 critical, 5 warning, 7 almost OK, 10 OK
 
 
-def write_stream(docs: Iterable[dict[str, Any]], path: Path) -> Path:
-    path.write_text(yaml.safe_dump_all(list(docs), sort_keys=False))
-    return path
+def run_on_manifests(
+    tool: PublishedTool, docs: Iterable[dict[str, Any]], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `tool ARGS... FILE` on the manifests written as one YAML stream. Exit 1 means "found
+    something" to both tools; anything else non-zero is a failure of the tool itself."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "manifests.yaml"
+        path.write_text(yaml.safe_dump_all(list(docs), sort_keys=False))
+        result = subprocess.run(
+            [str(ensure_tool(tool)), *args, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    if result.returncode not in (0, 1):
+        raise AssertionError(f"{tool.name} failed ({result.returncode}):\n{result.stderr}")
+    return result
 
 
 # -- kube-score ------------------------------------------------------------------------------------
@@ -59,24 +80,15 @@ class Finding:
 def kube_score(docs: Iterable[dict[str, Any]], grade: int = CRITICAL) -> list[Finding]:
     """kube-score's findings at `grade` or worse (CRITICAL by default) on these manifests, checked
     as for the cluster's Kubernetes version."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_stream(docs, Path(tmp) / "manifests.yaml")
-        result = subprocess.run(
-            [
-                str(ensure_tool(KUBE_SCORE)),
-                "score",
-                "--output-format=json",
-                f"--kubernetes-version=v{SCHEMA_VERSION.rsplit('.', 1)[0]}",
-                str(path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-    # Exit 1 means "critical findings": the JSON is still complete.
-    if result.returncode not in (0, 1) or not result.stdout.startswith("["):
-        raise AssertionError(f"kube-score failed ({result.returncode}):\n{result.stderr}")
+    result = run_on_manifests(
+        KUBE_SCORE,
+        docs,
+        "score",
+        "--output-format=json",
+        f"--kubernetes-version=v{SCHEMA_VERSION.rsplit('.', 1)[0]}",
+    )
+    if not result.stdout.startswith("["):
+        raise AssertionError(f"kube-score printed no findings:\n{result.stderr}")
     findings = []
     for scored in json.loads(result.stdout):
         for check in scored["checks"]:
@@ -157,36 +169,18 @@ class Kubeconform:
         """kubeconform's verdict on each manifest, strictly (unknown fields are errors):
         {"filename", "kind", "name", "version", "status": "statusValid" | "statusInvalid" |
         "statusError" | ..., "msg"}. A kind without a schema is an error, not a skip."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = write_stream(docs, Path(tmp) / "manifests.yaml")
-            args = [arg for loc in self.schema_locations for arg in ("-schema-location", loc)]
-            result = subprocess.run(
-                [
-                    str(ensure_tool(KUBECONFORM)),
-                    "-strict",
-                    "-verbose",
-                    "-output=json",
-                    f"-kubernetes-version={SCHEMA_VERSION}",
-                    *args,
-                    str(path),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-        if result.returncode not in (0, 1):
-            raise AssertionError(f"kubeconform failed ({result.returncode}):\n{result.stderr}")
+        args = [arg for loc in self.schema_locations for arg in ("-schema-location", loc)]
+        result = run_on_manifests(
+            KUBECONFORM,
+            docs,
+            "-strict",
+            "-verbose",
+            "-output=json",
+            f"-kubernetes-version={SCHEMA_VERSION}",
+            *args,
+        )
         resources: list[dict[str, Any]] = json.loads(result.stdout)["resources"]
         return resources
-
-    def problems(self, docs: Iterable[dict[str, Any]]) -> list[str]:
-        """ "Kind name: message" for every manifest that is not valid."""
-        return [
-            f"{r['kind']} {r['name']}: {r['status']}: {r.get('msg', '')}"
-            for r in self.validate(docs)
-            if r["status"] != "statusValid"
-        ]
 
 
 def kubeconform_for(crd_files: Iterable[Path], root: Path) -> Kubeconform:

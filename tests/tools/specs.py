@@ -7,6 +7,7 @@ CRDs (whose faithfulness is what the tests check).
   lengths, patterns, enums, list sizes, required fields, unknown fields — plus the CEL rules,
   which only the CRD enforces.
 - `valid_specs(kind)`: specs the model accepts, varying every field that reaches a pod.
+- `children(kind, spec)`: what the builders make of a spec.
 """
 
 from __future__ import annotations
@@ -15,16 +16,35 @@ import copy
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from hypothesis import reject
+from hypothesis import HealthCheck, reject, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
+from kubetune.api.v1alpha1 import FineTuneJob, ModelServer
+from kubetune.api.v1alpha1.base import LABEL_VALUE_PATTERN, QUALIFIED_NAME_PATTERN
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.modelserver import ModelServerSpec
+from kubetune.builders import serving, training
+from kubetune.builders.common import Owner, Settings
+from kubetune.builders.serving import ResolvedModel
 
 INT_LIMIT = 2**53  # exact in JSON on both sides
+
+
+def examples(count: int) -> settings:
+    """Hypothesis settings for the spec properties: `count` examples, the same ones on every run
+    (derandomized, so a CI failure reproduces), no deadline (a loaded machine is no bug)."""
+    return settings(
+        max_examples=count,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+
 
 FTJ_BASE: dict[str, Any] = {
     "model": {
@@ -71,7 +91,7 @@ FTJ_BASE: dict[str, Any] = {
                 "tolerationSeconds": 60,
             }
         ],
-        "affinity": {"nodeAffinity": {}},
+        "affinity": {"nodeAffinity": {}, "podAntiAffinity": {}},
         "priorityClassName": "training",
     },
     "output": {"uri": "s3://bucket/out", "triton": True, "secretRef": {"name": "s3-creds"}},
@@ -134,14 +154,57 @@ BASES: dict[str, list[dict[str, Any]]] = {
     "ModelServer": [MS_SOURCE_BASE, MS_REF_BASE],
 }
 
-# Rules only the CRD states (CEL): (kind, base index, change, field the message names).
+# Rules only the CRD states (CEL): (kind, base index, set these dotted paths, delete these, the
+# field the refusal names).
 CEL_BREAKS: list[tuple[str, int, dict[str, Any], list[str], str]] = [
-    # (kind, base, set these paths, delete these paths, named field)
     ("FineTuneJob", 0, {"method": "full"}, [], "spec.lora"),
     ("ModelServer", 0, {"replicas": 3}, [], "spec"),
     ("ModelServer", 0, {"autoscaling.minReplicas": 7}, [], "spec.autoscaling"),
     ("ModelServer", 0, {"model.fineTuneJobRef": {"name": "x"}}, [], "spec.model"),
     ("ModelServer", 1, {}, ["model.fineTuneJobRef"], "spec.model"),
+    ("ModelServer", 0, {"service.grpcPort": 8000}, [], "spec.service"),
+    (
+        "ModelServer",
+        0,
+        {"resources.nodeSelector": {"x/y/z": "v"}},
+        [],
+        "spec.resources.nodeSelector",
+    ),
+    (
+        "FineTuneJob",
+        0,
+        {"resources.nodeSelector": {"a key": "v"}},
+        [],
+        "spec.resources.nodeSelector",
+    ),
+    (
+        "FineTuneJob",
+        0,
+        {"resources.tolerations": [{"operator": "Equal", "value": "v"}]},
+        [],
+        "spec.resources.tolerations[0].operator",
+    ),
+    (
+        "FineTuneJob",
+        0,
+        {"resources.tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
+        [],
+        "spec.resources.tolerations[0].value",
+    ),
+    (
+        "FineTuneJob",
+        0,
+        {"resources.tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]},
+        [],
+        "spec.resources.tolerations[0].effect",
+    ),
+    (
+        "FineTuneJob",
+        0,
+        {"resources.tolerations": [{"key": "a" * 254 + "/b", "operator": "Exists"}]},
+        [],
+        "spec.resources.tolerations[0].key",
+    ),
 ]
 
 
@@ -225,9 +288,22 @@ def _sites(
         yield from _sites(node["additionalProperties"], value[key], (*path, key), defs)
 
 
-def sites(kind: str, base: dict[str, Any]) -> list[Site]:
+@cache
+def sites(kind: str, index: int) -> list[Site]:
+    """Every site of the kind's base spec number `index`."""
     schema = MODELS[kind].model_json_schema(by_alias=True)
-    return list(_sites(schema, base, (), schema.get("$defs", {})))
+    return list(_sites(schema, BASES[kind][index], (), schema.get("$defs", {})))
+
+
+@cache
+def _breaks(kind: str, index: int) -> list[tuple[Site, str, st.SearchStrategy[Any]]]:
+    return [
+        (site, what, strategy)
+        for site in sites(kind, index)
+        for what, strategy in _breakers(site)
+        # the spec as a whole: only an unknown field applies
+        if site.path or what == "an unknown field"
+    ]
 
 
 # -- breaking one thing --------------------------------------------------------------------------
@@ -354,14 +430,7 @@ def invalid_specs(draw: st.DrawFn, kind: str) -> Broken:
     bases = BASES[kind]
     index = draw(st.integers(0, len(bases) - 1))
     base = bases[index]
-    candidates = [
-        (site, what, strategy)
-        for site in sites(kind, base)
-        for what, strategy in _breakers(site)
-        # the spec as a whole: only an unknown field applies
-        if site.path or what == "an unknown field"
-    ]
-    site, what, strategy = draw(st.sampled_from(candidates))
+    site, what, strategy = draw(st.sampled_from(_breaks(kind, index)))
     spec = copy.deepcopy(base)
     field = _set(spec, site.path, draw(strategy))
     # A break the model would let through is not a break: the generator must not produce one.
@@ -395,18 +464,48 @@ def cel_breaks(kind: str) -> list[Broken]:
 
 # -- valid specs -----------------------------------------------------------------------------------
 
-# Whatever JSON a user can put where the schema keeps unknown fields (affinity), including the
-# words of the pod fields that must never reach a pod from the spec.
-_DANGEROUS_WORDS = st.sampled_from(
-    ["hostPath", "privileged", "hostNetwork", "hostPID", "hostIPC", "capabilities", "add"]
+# Label keys and values as Kubernetes takes them, some spelled like the pod fields that must never
+# reach a pod from the spec.
+_LABEL_KEYS = st.sampled_from(["hostPath", "privileged", "hostNetwork", "capabilities"]) | (
+    st.from_regex(QUALIFIED_NAME_PATTERN, fullmatch=True).filter(
+        lambda k: len(k.partition("/")[0]) <= 253
+    )
 )
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-1000, 1000) | _TEXT,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(_DANGEROUS_WORDS | _TEXT, inner, max_size=3)
-    ),
-    max_leaves=8,
+_LABEL_VALUES = st.from_regex(LABEL_VALUE_PATTERN, fullmatch=True).filter(
+    lambda v: 0 < len(v) <= 63
 )
+_NODE_AFFINITY = st.builds(
+    lambda key, values: {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [
+                {"matchExpressions": [{"key": key, "operator": "In", "values": values}]}
+            ]
+        }
+    },
+    _LABEL_KEYS,
+    st.lists(_LABEL_VALUES, min_size=1, max_size=3),
+)
+_POD_AFFINITY = st.builds(
+    lambda weight, labels: {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": weight,
+                "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": labels},
+                    "topologyKey": "kubernetes.io/hostname",
+                },
+            }
+        ]
+    },
+    st.integers(1, 100),
+    st.dictionaries(_LABEL_KEYS, _LABEL_VALUES, min_size=1, max_size=3),
+)
+# The parts of a pod spec that the API passes through unchanged, as valid core/v1 values.
+_PASSED_THROUGH = {
+    "nodeAffinity": _NODE_AFFINITY,
+    "podAffinity": _POD_AFFINITY,
+    "podAntiAffinity": _POD_AFFINITY,
+}
 
 
 def _valid_value(site: Site) -> st.SearchStrategy[Any] | None:
@@ -430,14 +529,15 @@ def _valid_value(site: Site) -> st.SearchStrategy[Any] | None:
     if kind == "string":
         longest = s.get("maxLength", 64)
         if "pattern" in s:
-            strings = st.from_regex(s["pattern"])
+            strings = st.from_regex(s["pattern"], fullmatch=True)
         else:
             strings = st.text(st.characters(blacklist_categories=("Cs",)), max_size=longest)
         return strings.filter(lambda v: s.get("minLength", 0) <= len(v) <= longest)
     if kind == "object" and s.get("x-kubernetes-preserve-unknown-fields"):
-        return st.dictionaries(_DANGEROUS_WORDS | _TEXT, _JSON, max_size=3)
-    if kind == "object" and isinstance(s.get("additionalProperties"), dict):
-        return st.dictionaries(_DANGEROUS_WORDS | _TEXT, _TEXT, max_size=3)
+        return _PASSED_THROUGH[str(site.path[-1])]
+    if kind == "object" and isinstance(s.get("additionalProperties"), dict):  # nodeSelector
+        values = _valid_value(Site((), s["additionalProperties"], (), True))
+        return st.dictionaries(_LABEL_KEYS, values if values is not None else _TEXT, max_size=3)
     return None
 
 
@@ -454,19 +554,48 @@ def _cel_holds(kind: str, spec: dict[str, Any]) -> bool:
     )
 
 
+@cache
+def _changeable(kind: str, index: int) -> list[tuple[Site, st.SearchStrategy[Any]]]:
+    return [
+        (site, strategy)
+        for site in sites(kind, index)
+        if site.path and site.present and (strategy := _valid_value(site)) is not None
+    ]
+
+
 @st.composite
 def valid_specs(draw: st.DrawFn, kind: str) -> dict[str, Any]:
     """A base spec with any number of its fields (and every field that reaches a pod among
     them) replaced by values the model and the CRD's rules allow."""
-    base = draw(st.sampled_from(BASES[kind]))
-    spec = copy.deepcopy(base)
-    changeable = [
-        (site, strategy)
-        for site in sites(kind, base)
-        if site.path and site.present and (strategy := _valid_value(site)) is not None
-    ]
+    index = draw(st.integers(0, len(BASES[kind]) - 1))
+    spec = copy.deepcopy(BASES[kind][index])
+    changeable = _changeable(kind, index)
     for site, strategy in draw(st.lists(st.sampled_from(changeable), max_size=12, unique_by=id)):
         _set(spec, site.path, draw(strategy))
     if _rejected_by_model(kind, spec) or not _cel_holds(kind, spec):
         reject()
     return spec
+
+
+# -- what the builders make of a spec --------------------------------------------------------------
+
+SETTINGS = Settings(trainer_image="example.test/trainer:1", fetcher_image="example.test/fetcher:1")
+
+
+def children(kind: str, spec: dict[str, Any], namespace: str = "ns") -> list[dict[str, Any]]:
+    """The children the builders make of a resource `x` with this spec (a ModelServer serves
+    its source, or a FineTuneJob's output)."""
+    body = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": "x", "namespace": namespace, "uid": "u", "generation": 1},
+        "spec": spec,
+    }
+    owner = Owner.from_body(body)
+    if kind == "FineTuneJob":
+        return training.build_children(FineTuneJob.model_validate(body), owner, SETTINGS)
+    ms = ModelServer.model_validate(body)
+    uri = ms.spec.model.source or "pvc://models/out/x/triton-repository"
+    model = ResolvedModel(uri=uri, revision="r1", task="sequence-classification")
+    built, _ = serving.build_children(ms, owner, model, SETTINGS, spare_gpus=1)
+    return built

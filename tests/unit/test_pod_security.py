@@ -11,38 +11,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
-from kubetune.api.v1alpha1 import FineTuneJob, ModelServer
-from kubetune.builders import serving, training
-from kubetune.builders.common import Owner, Settings
-from kubetune.builders.serving import ResolvedModel
 from tests.tools.podsecurity import pod_security, violations
-from tests.tools.specs import valid_specs
+from tests.tools.specs import children, examples, valid_specs
 
-SETTINGS = Settings(trainer_image="example.test/trainer:1", fetcher_image="example.test/fetcher:1")
 EXAMPLES = 150
-
-
-def _body(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": kind,
-        "metadata": {"name": "x", "namespace": "ns", "uid": "u", "generation": 1},
-        "spec": spec,
-    }
-
-
-def children(kind: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
-    body = _body(kind, spec)
-    owner = Owner.from_body(body)
-    if kind == "FineTuneJob":
-        return training.build_children(FineTuneJob.model_validate(body), owner, SETTINGS)
-    ms = ModelServer.model_validate(body)
-    uri = ms.spec.model.source or "pvc://models/out/x/triton-repository"
-    model = ResolvedModel(uri=uri, revision="r1", task="sequence-classification")
-    built, _ = serving.build_children(ms, owner, model, SETTINGS, spare_gpus=1)
-    return built
 
 
 def pod_specs(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,25 +49,13 @@ def _check(kind: str, spec: dict[str, Any]) -> None:
     assert violations(built) == []
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+@examples(EXAMPLES)
 @given(valid_specs("FineTuneJob"))
 def test_no_finetunejob_spec_makes_a_privileged_or_unrestricted_pod(spec: dict[str, Any]) -> None:
     _check("FineTuneJob", spec)
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+@examples(EXAMPLES)
 @given(valid_specs("ModelServer"))
 def test_no_modelserver_spec_makes_a_privileged_or_unrestricted_pod(spec: dict[str, Any]) -> None:
     _check("ModelServer", spec)

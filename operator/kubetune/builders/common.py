@@ -181,8 +181,8 @@ def placement(scheduling: SchedulingSpec, gpus: int, gpu_resource: str) -> dict[
     ]
     if tolerations:
         fields["tolerations"] = tolerations
-    if scheduling.affinity:
-        fields["affinity"] = scheduling.affinity
+    if scheduling.affinity and (affinity := scheduling.affinity.to_wire()):
+        fields["affinity"] = affinity
     if scheduling.priority_class_name:
         fields["priorityClassName"] = scheduling.priority_class_name
     return fields

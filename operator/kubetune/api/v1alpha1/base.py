@@ -20,6 +20,20 @@ API_VERSION = f"{GROUP}/{VERSION}"
 QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
 DNS1123_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# What Kubernetes takes as a label value, and as a label key or other qualified name (an optional
+# DNS-subdomain prefix and a slash, then a name of at most 63 characters). Pod fields the spec
+# passes through (nodeSelector, tolerations, the Kueue label) are checked with them, so the CRD
+# refuses what the pods' validation would only refuse after the operator built them.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_SUBDOMAIN = DNS1123_NAME_PATTERN.removeprefix("^").removesuffix("$")
+QUALIFIED_NAME_PATTERN = rf"^({_SUBDOMAIN}/)?{_NAME}$"
+# An extended resource (nvidia.com/gpu, nvidia.com/mig-1g.10gb): a qualified name with a prefix.
+RESOURCE_NAME_PATTERN = rf"^{_SUBDOMAIN}/{_NAME}$"
+# A container image reference: not empty, printable ASCII without spaces (written as a class, not
+# \S, so that Python, pydantic's Rust engine and the API server's Go engine agree on it).
+IMAGE_PATTERN = r"^[!-~]+$"
+_PREFIX_RULE = "(!{0}.contains('/') || {0}.matches('^[^/]{{1,253}}/'))"
 
 
 class ApiModel(BaseModel):
@@ -77,34 +91,122 @@ class SecretRef(ApiModel):
     )
 
 
+class TolerationOperator(StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    ALL = ""
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
 class Toleration(ApiModel):
     """A core/v1 Toleration, passed through to the pods unchanged."""
 
-    key: str | None = Field(default=None, description="Taint key the toleration applies to.")
-    operator: str | None = Field(default=None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(default=None, description="Taint value the toleration matches.")
-    effect: str | None = Field(
+    key: str | None = Field(
+        default=None,
+        description="Taint key the toleration applies to; empty (with Exists) for every key.",
+        pattern=rf"^$|{QUALIFIED_NAME_PATTERN}",
+        max_length=317,
+    )
+    operator: TolerationOperator | None = Field(
+        default=None, description="Exists or Equal (default Equal)."
+    )
+    value: str | None = Field(
+        default=None,
+        description="Taint value the toleration matches.",
+        pattern=LABEL_VALUE_PATTERN,
+        max_length=63,
+    )
+    effect: TaintEffect | None = Field(
         default=None, description="NoSchedule, PreferNoSchedule or NoExecute; empty for all."
     )
     toleration_seconds: int | None = Field(
         default=None, description="How long a NoExecute taint is tolerated."
     )
 
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.key) || " + _PREFIX_RULE.format("self.key"),
+                    "message": "the key's prefix (before '/') has at most 253 characters",
+                    "fieldPath": ".key",
+                },
+                {
+                    "rule": "(has(self.key) && self.key != '') || "
+                    "(has(self.operator) && self.operator == 'Exists')",
+                    "message": "a toleration without a key needs operator Exists",
+                    "fieldPath": ".operator",
+                },
+                {
+                    "rule": "!has(self.operator) || self.operator != 'Exists' || "
+                    "!has(self.value) || self.value == ''",
+                    "message": "a toleration with operator Exists matches every value: no value",
+                    "fieldPath": ".value",
+                },
+                {
+                    "rule": "!has(self.tolerationSeconds) || "
+                    "(has(self.effect) && self.effect == 'NoExecute')",
+                    "message": "tolerationSeconds is only for effect NoExecute",
+                    "fieldPath": ".effect",
+                },
+            ]
+        }
+    }
+
+
+def _passed_through(what: str) -> Any:
+    return Field(
+        default=None,
+        description=f"A core/v1 {what}, passed through to the pods unchanged.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class Affinity(ApiModel):
+    """A core/v1 Affinity. Its three parts are passed through unchanged (the pods' validation
+    judges them); anything else is refused."""
+
+    node_affinity: dict[str, Any] | None = _passed_through("NodeAffinity")
+    pod_affinity: dict[str, Any] | None = _passed_through("PodAffinity")
+    pod_anti_affinity: dict[str, Any] | None = _passed_through("PodAntiAffinity")
+
 
 class SchedulingSpec(ApiModel):
     """Where the pods may run. Passed through to the pod template."""
 
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the pods must match."
+    node_selector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]] = (
+        Field(
+            default_factory=dict,
+            description="Node labels the pods must match.",
+            max_length=64,
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    {
+                        "rule": f"self.all(k, k.matches(r'{QUALIFIED_NAME_PATTERN}') && "
+                        + _PREFIX_RULE.format("k")
+                        + ")",
+                        "message": "every key must be a label key: an optional DNS-subdomain "
+                        "prefix and '/', then a name of at most 63 letters, digits, '-', '_', '.'",
+                    }
+                ]
+            },
+        )
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Tolerations for tainted (e.g. GPU) nodes.", max_length=32
     )
-    affinity: dict[str, Any] | None = Field(
+    affinity: Affinity | None = Field(
         default=None,
         description="A core/v1 Affinity (node, pod and anti-affinity), passed through unchanged.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     priority_class_name: str | None = Field(
-        default=None, description="PriorityClass of the pods.", max_length=253
+        default=None,
+        description="PriorityClass of the pods.",
+        max_length=253,
+        pattern=DNS1123_NAME_PATTERN,
     )

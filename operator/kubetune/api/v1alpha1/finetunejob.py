@@ -9,6 +9,10 @@ from typing import Any
 from pydantic import Field
 
 from kubetune.api.v1alpha1.base import (
+    DNS1123_NAME_PATTERN,
+    IMAGE_PATTERN,
+    LABEL_VALUE_PATTERN,
+    RESOURCE_NAME_PATTERN,
     ApiModel,
     Condition,
     Quantity,
@@ -18,8 +22,11 @@ from kubetune.api.v1alpha1.base import (
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
-SOURCE_PATTERN = r"^(hf|pvc|s3)://[^\s]+$"
-OUTPUT_PATTERN = r"^(pvc|s3)://[^\s]+$"
+# pvc://<claim>/...: the claim is a PersistentVolumeClaim's name (a DNS subdomain), which the pods
+# mount; hf:// and s3:// take any URI without whitespace.
+_CLAIM = DNS1123_NAME_PATTERN.removeprefix("^").removesuffix("$")
+SOURCE_PATTERN = rf"^((hf|s3)://[^\s]+|pvc://{_CLAIM}(/[^\s]*)?)$"
+OUTPUT_PATTERN = rf"^(s3://[^\s]+|pvc://{_CLAIM}(/[^\s]*)?)$"
 
 
 class Task(StrEnum):
@@ -164,7 +171,7 @@ class ResourcesSpec(SchedulingSpec):
     gpu_resource_name: str = Field(
         default="nvidia.com/gpu",
         description="Extended resource to request, e.g. nvidia.com/mig-1g.10gb for a MIG profile.",
-        pattern=r"^[a-z0-9.-]+/[a-zA-Z0-9._-]+$",
+        pattern=RESOURCE_NAME_PATTERN,
         max_length=253,
     )
     cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod.")
@@ -261,11 +268,13 @@ class FineTuneJobSpec(ApiModel):
         default=None,
         description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.",
         max_length=63,
+        pattern=LABEL_VALUE_PATTERN,
     )
     image: str | None = Field(
         default=None,
         description="Trainer image; the operator's default when absent.",
         max_length=512,
+        pattern=IMAGE_PATTERN,
     )
 
     model_config = ApiModel.model_config | {

@@ -11,12 +11,15 @@ from pydantic import Field
 from kubetune import __version__
 from kubetune.api.v1alpha1.base import (
     DNS1123_NAME_PATTERN,
+    IMAGE_PATTERN,
+    RESOURCE_NAME_PATTERN,
     ApiModel,
     Condition,
     Quantity,
     SchedulingSpec,
     SecretRef,
 )
+from kubetune.api.v1alpha1.finetunejob import SOURCE_PATTERN
 
 KIND = "ModelServer"
 PLURAL = "modelservers"
@@ -78,7 +81,7 @@ class ServedModel(ApiModel):
         default=None,
         description="pvc://claim/path or s3://bucket/prefix of a Triton model repository or of a "
         "Hugging Face checkpoint (packaged for Triton on the fly).",
-        pattern=r"^(pvc|s3|hf)://[^\s]+$",
+        pattern=SOURCE_PATTERN,
         max_length=1024,
     )
     name: str | None = Field(
@@ -121,7 +124,10 @@ class TritonSpec(ApiModel):
     """Triton Inference Server settings."""
 
     image: str = Field(
-        default=DEFAULT_TRITON_IMAGE, description="Triton server image.", max_length=512
+        default=DEFAULT_TRITON_IMAGE,
+        description="Triton server image.",
+        max_length=512,
+        pattern=IMAGE_PATTERN,
     )
     max_batch_size: int = Field(
         default=16, description="Largest batch one model execution takes.", ge=0, le=4096
@@ -149,7 +155,7 @@ class ServingResources(SchedulingSpec):
     gpu_resource_name: str = Field(
         default="nvidia.com/gpu",
         description="Extended resource to request, e.g. a MIG profile.",
-        pattern=r"^[a-z0-9.-]+/[a-zA-Z0-9._-]+$",
+        pattern=RESOURCE_NAME_PATTERN,
         max_length=253,
     )
     cpu: Quantity | None = Field(default=None, description="CPU request and limit per replica.")
@@ -216,6 +222,18 @@ class ServiceSpec(ApiModel):
     http_port: int = Field(default=8000, description="HTTP/REST port.", ge=1, le=65535)
     grpc_port: int = Field(default=8001, description="gRPC port.", ge=1, le=65535)
     metrics_port: int = Field(default=8002, description="Prometheus metrics port.", ge=1, le=65535)
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.httpPort != self.grpcPort && self.httpPort != self.metricsPort "
+                    "&& self.grpcPort != self.metricsPort",
+                    "message": "spec.service's httpPort, grpcPort and metricsPort must differ",
+                }
+            ]
+        }
+    }
 
 
 class ModelServerSpec(ApiModel):
