@@ -29,7 +29,7 @@ pytestmark = pytest.mark.cluster
 
 PLURALS = {"FineTuneJob": "finetunejobs", "ModelServer": "modelservers"}
 EXAMPLES_PER_KIND = 520
-VALID_EXAMPLES_PER_KIND = 80
+VALID_EXAMPLES_PER_KIND = 150
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 
 
