@@ -41,9 +41,8 @@ IDLE_SECONDS = 60.0
 
 def _writes(api: client.ApiClient) -> dict[str, float]:
     """Write requests the API server has served so far, by resource."""
-    response = api.call_api(
-        "/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False
-    )[0]
+    response = api.call_api("GET", f"{api.configuration.host}/metrics")
+    response.read()
     text = response.data.decode()
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):

@@ -61,9 +61,7 @@ def run_operator(
     return 0
 
 
-def _wait_for_leadership(
-    where: str, liveness_endpoint: str | None, kubeconfig: str | None
-) -> None:
+def _wait_for_leadership(where: str, liveness_endpoint: str | None, kubeconfig: str | None) -> None:
     """Block until this replica holds the Lease; keep renewing it in the background."""
     from kubernetes import config
     from kubernetes.leaderelection import electionconfig, leaderelection

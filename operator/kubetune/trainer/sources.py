@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.contract import DATASET, MODEL, credentials
 from kubetune.trainer.errors import (
     AccessDeniedError,
     BadDataError,
@@ -35,9 +36,9 @@ def cache_dir(uri: str) -> Path:
 def fetch_model(location: str, revision: str | None) -> Path:
     """A local folder holding the checkpoint (config.json and weights)."""
     if location.startswith("hf://"):
-        path = _hf_snapshot(location.removeprefix("hf://"), revision, "model", None)
+        path = _hf_snapshot(location.removeprefix("hf://"), revision, "model", None, MODEL)
     elif location.startswith("s3://"):
-        path = _s3_download(location, "model")
+        path = _s3_download(location, "model", MODEL)
     else:
         path = _local(location, "model")
     if not path.is_dir():
@@ -54,9 +55,9 @@ def fetch_dataset(location: str) -> Path:
     if location.startswith("hf://"):
         parts = location.removeprefix("hf://").removeprefix("datasets/").split("/")
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
-        return _hf_snapshot(repo, None, "dataset", filename)
+        return _hf_snapshot(repo, None, "dataset", filename, DATASET)
     if location.startswith("s3://"):
-        return _s3_download(location, "dataset")
+        return _s3_download(location, "dataset", DATASET)
     return _local(location, "dataset")
 
 
@@ -73,10 +74,12 @@ def _local(location: str, what: str) -> Path:
 # --------------------------------------------------------------------------- Hugging Face hub
 
 
-def _hf_snapshot(repo: str, revision: str | None, repo_type: str, filename: str | None) -> Path:
+def _hf_snapshot(
+    repo: str, revision: str | None, repo_type: str, filename: str | None, role: str
+) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    token = os.environ.get("HF_TOKEN") or None
+    token = credentials(role, os.environ).get("HF_TOKEN") or None
     try:
         if filename:
             return Path(
@@ -117,7 +120,9 @@ def _hf_error(exc: Exception, repo: str, revision: str | None, repo_type: str) -
 # --------------------------------------------------------------------------- S3
 
 
-def _s3_client() -> Any:
+def s3_client(role: str) -> Any:
+    """A boto3 S3 client with the credentials of one location (spec.<location>.secretRef);
+    without them, boto3's own chain (an IAM role for the pod's ServiceAccount, for example)."""
     try:
         boto3 = importlib.import_module("boto3")  # optional: only images that read s3://
     except ImportError as exc:
@@ -125,12 +130,19 @@ def _s3_client() -> Any:
             "an s3:// source needs the 'boto3' package, which is not installed in the trainer "
             "image (pip install boto3)"
         ) from exc
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    given = credentials(role, os.environ)
+    return boto3.client(
+        "s3",
+        endpoint_url=given.get("AWS_ENDPOINT_URL") or None,
+        aws_access_key_id=given.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=given.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=given.get("AWS_SESSION_TOKEN"),
+    )
 
 
-def _s3_download(uri: str, what: str) -> Path:
+def _s3_download(uri: str, what: str, role: str) -> Path:
     """Downloads one object, or every object under a prefix, into the URI's cache folder."""
-    client = _s3_client()
+    client = s3_client(role)
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     target = cache_dir(uri)
     field = f"spec.{what}.source"
