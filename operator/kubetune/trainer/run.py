@@ -79,14 +79,15 @@ def _run(
     result = job.loop.run(job.start)
     output = None
     if ctx.is_main:
-        output = export(
-            config,
-            model=job.loop.trainee.model,
-            tokenizer=job.tokenizer,
-            labels=job.prepared.labels,
-            metrics=result.metrics,
-            steps=result.position.step,
-        )
+        with reporter.beating("exporting the model"):
+            output = export(
+                config,
+                model=job.loop.trainee.model,
+                tokenizer=job.tokenizer,
+                labels=job.prepared.labels,
+                metrics=result.metrics,
+                steps=result.position.step,
+            )
         events.emit("exported", path=config.paths.output, output=output.to_wire())
         reporter.output(output, result.progress)
     ctx.barrier()  # nobody exits (and tears the group down) while rank 0 still exports
@@ -116,8 +117,9 @@ def set_up(config: TrainerConfig, ctx: DistContext, stop: StopAgreement, reporte
     spec, hp = config.spec, config.spec.hyperparameters
     checkpointer = Checkpointer(Path(config.paths.checkpoints), spec.checkpointing.keep_last)
     resume = load_resume(ctx, checkpointer)
-    table = read_data(config, ctx)
-    with ctx.local_main_first():
+    with reporter.beating("fetching the dataset"):
+        table = read_data(config, ctx)
+    with ctx.local_main_first(), reporter.beating("fetching the model"):
         model_dir = fetch_model(config.paths.model, spec.model.revision)
     tokenizer = modeling.load_tokenizer(model_dir)
     prepared = prepare(config, table, tokenizer, resume.meta.labels if resume else None)
