@@ -99,7 +99,10 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         ftj = _parse(body)
         if _finished(body) and _live_job(ctx, owner) is None:
             # Its Job went (ttlSecondsAfterFinished, or a person): the run is over, the status
-            # keeps what it showed. Creating the Job again would train again.
+            # keeps what it showed. Creating the Job again would train again. A later spec edit
+            # is acted on by doing nothing, which observedGeneration says.
+            status = {"observedGeneration": owner.generation}
+            write_status(ctx.kube, KIND, "FineTuneJob", body, status)
             return
         _check_dependencies(ctx, ftj, owner)
         children = _children(ctx, ftj, owner)
