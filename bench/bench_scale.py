@@ -229,7 +229,18 @@ def run(count: int) -> dict[str, float]:
 
         log = cluster.dir / "operator.log"
         operator = _start_operator(cluster, log)
-        time.sleep(5)
+        # Warm up (the first reconcile loads the API discovery cache, models, builders) before
+        # the baseline, so that RSS per resource is what each resource adds.
+        core.create_namespace({"metadata": {"name": "warm-up"}})
+        for claim in ("models", "datasets"):
+            ensure_claim(api, "warm-up", claim, cluster.dir / "volumes" / "warm-up" / claim)
+        warm = Watcher(batch.list_namespaced_job, "warm-up", lambda o: o.metadata.name)
+        custom.create_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", "warm-up", "finetunejobs", _ftj("warm")
+        )
+        warm.wait(["warm-train"], 120)
+        warm.stop.set()
+        _quiet(api)
         rss_empty = _rss_kib(operator.pid)
         jobs = Watcher(
             batch.list_namespaced_job,
@@ -257,7 +268,8 @@ def run(count: int) -> dict[str, float]:
         _quiet(api)
         before = _writes(api)
         time.sleep(IDLE_SECONDS)
-        idle, idle_nodes = _split(_delta(_writes(api), before))
+        idle_delta = _delta(_writes(api), before)
+        idle, idle_nodes = _split(idle_delta)
         rss_full = _rss_kib(operator.pid)
 
         operator.terminate()
@@ -281,6 +293,7 @@ def run(count: int) -> dict[str, float]:
         "node_writes_per_min": idle_nodes * 60 / IDLE_SECONDS,
         "restart_writes": restart,
         "restart_detail": restart_delta,  # type: ignore[dict-item]
+        "idle_detail": idle_delta,  # type: ignore[dict-item]
         "kib_per_resource": (rss_full - rss_empty) / count,
     }
 
@@ -306,6 +319,7 @@ def main() -> None:
     for r in rows:
         print(
             f"N={r['n']}: node heartbeats (kwok, not kubetune) {r['node_writes_per_min']:.0f}/min; "
+            f"idle writes by resource: {r['idle_detail'] or 'none'}; "
             f"restart writes by resource: {r['restart_detail'] or 'none'}"
         )
 

@@ -36,6 +36,7 @@ from kubetune.handlers.common import (
     conditions_of,
     context,
     describe_validation_error,
+    is_new,
     later,
     post_event,
     reconcile_fresh,
@@ -95,9 +96,11 @@ def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
 
 def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
     owner = Owner.from_body(body)
+    fresh = is_new(body)
     try:
         ftj = _parse(body)
-        if _finished(body) and _live_job(ctx, owner) is None:
+        live_job = None if fresh else _live_job(ctx, owner)
+        if _finished(body) and live_job is None:
             # Its Job went (ttlSecondsAfterFinished, or a person): the run is over, the status
             # keeps what it showed. Creating the Job again would train again. A later spec edit
             # is acted on by doing nothing, which observedGeneration says.
@@ -106,8 +109,8 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             return
         _check_dependencies(ctx, ftj, owner)
         children = _children(ctx, ftj, owner)
-        stale_job = _stale_job(ctx, children[-1])
-        if _spec_changed(body):
+        stale_job = _stale_job(live_job, children[-1])
+        if _spec_changed(body) and not fresh:
             _apply_all(ctx, children[:-1] if stale_job else children, dry_run=True)
         if stale_job:
             # A Job's pod template is immutable: a changed template means a new Job, which
@@ -116,8 +119,10 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             post_event(
                 body, False, "Recreating", f"pod template changed; recreating Job {stale_job}"
             )
-        _create_suspended_for_kueue(ctx, ftj, children[-1])
-        _apply_all(ctx, children, dry_run=False)
+            live_job = None
+        if live_job is None:
+            _create_suspended_for_kueue(ctx, ftj, children[-1])
+        _apply_all(ctx, children, dry_run=False, fresh=fresh)
     except SpecRejected as err:
         _report_rejected(ctx, body, owner, err)
         return
@@ -176,9 +181,9 @@ def _create_suspended_for_kueue(ctx: Context, ftj: FineTuneJob, job: dict[str, A
     """Kueue admits a Job by unsuspending it, so the Job must be created suspended. The field is
     applied once, under a field manager of its own: kubetune's applies leave it out, so they
     neither undo Kueue's decision nor make the server drop the field (back to false), which is
-    what happens to a field its only applier stops sending."""
+    what happens to a field its only applier stops sending. Called only when no Job exists."""
     meta = job["metadata"]
-    if not _kueue_decides(ftj) or ctx.kube.get("batch/v1", "Job", meta["name"], meta["namespace"]):
+    if not _kueue_decides(ftj):
         return
     suspended = {**job, "spec": {**job["spec"], "suspend": True}}
     try:
@@ -189,13 +194,12 @@ def _create_suspended_for_kueue(ctx: Context, ftj: FineTuneJob, job: dict[str, A
         ) from err
 
 
-def _stale_job(ctx: Context, job: dict[str, Any]) -> str | None:
+def _stale_job(live: dict[str, Any] | None, job: dict[str, Any]) -> str | None:
     """The name of the live Job when its pod template differs from the one we would build."""
-    meta = job["metadata"]
-    live = ctx.kube.get("batch/v1", "Job", meta["name"], meta["namespace"])
     if live is None:
         return None
     live_hash = (live["metadata"].get("annotations") or {}).get(training.TEMPLATE_HASH)
+    meta = job["metadata"]
     return None if live_hash == meta["annotations"][training.TEMPLATE_HASH] else str(meta["name"])
 
 
@@ -204,12 +208,15 @@ def _spec_changed(body: dict[str, Any]) -> bool:
     return bool(observed != body["metadata"].get("generation"))
 
 
-def _apply_all(ctx: Context, children: list[dict[str, Any]], dry_run: bool) -> None:
+def _apply_all(
+    ctx: Context, children: list[dict[str, Any]], dry_run: bool, fresh: bool = False
+) -> None:
     apply_children(
         ctx.kube,
         children,
         dry_run,
         lambda message: SpecRejected(Reason.CHILD_REJECTED, message),
+        fresh=fresh,
     )
 
 

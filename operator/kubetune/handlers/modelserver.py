@@ -42,6 +42,7 @@ from kubetune.handlers.common import (
     conditions_of,
     context,
     describe_validation_error,
+    is_new,
     later,
     reconcile_fresh,
     with_conditions,
@@ -85,9 +86,10 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         model = _rollout_target(body, wanted)
         spare = _spare_gpus(ctx, ms)
         children, absent = serving.build_children(ms, owner, model, ctx.settings, spare)
-        if (body.get("status") or {}).get("observedGeneration") != owner.generation:
+        fresh = is_new(body)
+        if (body.get("status") or {}).get("observedGeneration") != owner.generation and not fresh:
             _apply_all(ctx, children, dry_run=True)
-        _apply_all(ctx, children, dry_run=False)
+        _apply_all(ctx, children, dry_run=False, fresh=fresh)
         for api_version, kind in absent:
             if ctx.kube.get(api_version, kind, owner.name, owner.namespace) is not None:
                 ctx.kube.delete(api_version, kind, owner.name, owner.namespace)
@@ -208,12 +210,15 @@ def _eligible(
     return True
 
 
-def _apply_all(ctx: Context, children: list[dict[str, Any]], dry_run: bool) -> None:
+def _apply_all(
+    ctx: Context, children: list[dict[str, Any]], dry_run: bool, fresh: bool = False
+) -> None:
     apply_children(
         ctx.kube,
         children,
         dry_run,
         lambda message: NotServable("ChildRejected", message, Phase.FAILED),
+        fresh=fresh,
     )
 
 
