@@ -151,7 +151,12 @@ class Resources:
         return result
 
     def report_output(self, name: str, model_uri: str) -> None:
-        """What the trainer writes on success (simulated pods run no trainer)."""
+        """What the trainer writes on success (simulated pods run no trainer), once the operator
+        has written a status (the trainer runs only after it has)."""
+        wait_for(
+            lambda: (self.get("finetunejobs", name).get("status") or {}).get("phase"),
+            what=f"finetunejobs/{name} to have a status",
+        )
         self.patch_status(
             "finetunejobs",
             name,

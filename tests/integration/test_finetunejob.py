@@ -114,7 +114,6 @@ def test_pods_succeed_then_the_job_succeeds_with_output(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:
     resources.create(FTJ, finetunejob("ok", resources={"nodes": 1, "gpusPerNode": 1}))
-    resources.wait_phase(FTJ, "ok", "Pending")
     resources.report_output("ok", "pvc://models/out/ok")  # as the trainer does before it exits
     _finish_pods(
         client.CoreV1Api(api_client), namespace, "ok-train", 1, **{OUTCOME_ANNOTATION: "succeed"}
@@ -407,6 +406,33 @@ def test_what_only_the_operator_can_judge_becomes_ready_false_and_no_children(
     # Another resource in the same namespace is still served.
     resources.create(FTJ, finetunejob("fine", resources={"nodes": 1, "gpusPerNode": 1}))
     resources.wait_phase(FTJ, "fine", "Running")
+
+
+def test_a_child_the_server_refuses_leaves_no_half_built_set(
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+) -> None:
+    """A quota that allows no Job: the Job is refused after the other children were applied,
+    and those are removed again; the FineTuneJob is Stalled and says why."""
+    core = client.CoreV1Api(api_client)
+    core.create_namespaced_resource_quota(
+        namespace, {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
+    )
+    wait_for(
+        lambda: core.read_namespaced_resource_quota("no-jobs", namespace).status.hard or {},
+        what="the quota to be computed",
+    )
+    resources.create(FTJ, finetunejob("quota", resources={"nodes": 1, "gpusPerNode": 1}))
+    cond = wait_for(
+        lambda: (c := resources.condition(FTJ, "quota", "Stalled")) and c["status"] == "True" and c,
+        what="Stalled",
+    )
+    assert cond["reason"] == "ChildRejected" and "exceeded quota" in cond["message"]
+    selector = "kubetune.io/finetunejob=quota"
+    assert not core.list_namespaced_config_map(namespace, label_selector=selector).items
+    assert not core.list_namespaced_service(namespace, label_selector=selector).items
+    assert not core.list_namespaced_service_account(namespace, label_selector=selector).items
+    rbac = client.RbacAuthorizationV1Api(api_client)
+    assert not rbac.list_namespaced_role(namespace, label_selector=selector).items
 
 
 def test_operator_restart_loses_nothing_and_duplicates_nothing(

@@ -158,7 +158,6 @@ def test_waits_for_its_finetunejob_then_serves_and_rolls_out_a_new_run(
     resources.create(
         "finetunejobs", finetunejob("trainer", resources={"nodes": 1, "gpusPerNode": 1})
     )
-    resources.wait_phase("finetunejobs", "trainer", "Pending")
     resources.report_output("trainer", "pvc://models/out/trainer")
     _finish_pods(core, namespace, "trainer-train", 1, **{OUTCOME_ANNOTATION: "succeed"})
     wait_for(

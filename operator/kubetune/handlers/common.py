@@ -168,35 +168,38 @@ def apply_children(
     Returns how many were applied.
 
     `fresh`: the owner is new, so none of its children can exist yet: they are applied without
-    being read first, and when the server refuses one, the ones applied before it are deleted
-    again, so bad input leaves no half-built set (an owner that already has children gets a dry
-    run of every child first instead, which costs a request per child).
+    being read first. When the server refuses a child, the ones this call created are deleted
+    again, so bad input leaves no half-built set (an owner whose spec changed gets a dry run of
+    every child first, so that it keeps its working children).
 
     In the dry run that precedes a spec change nothing is persisted, so a child that refers to an
     earlier one (a RoleBinding to its Role, which RBAC looks up) finds it missing: that NotFound
     says nothing about the spec and is let pass; the real apply creates them in order.
     """
-    applied: list[dict[str, Any]] = []
+    applied = 0
+    created: list[dict[str, Any]] = []
     for child in children:
         meta = child["metadata"]
         what = f"{child['kind']} {meta['name']}"
         try:
+            live = None
             if not dry_run and not fresh:
                 live = kube.get(child["apiVersion"], child["kind"], meta["name"], meta["namespace"])
                 if live is not None and not differs(child, live):
                     continue
             _apply_settling(kube, child, dry_run)
-            applied.append(child)
+            applied += 1
+            if live is None and not dry_run:
+                created.append(child)
         except NotFound:
             if not dry_run:
                 raise kopf.TemporaryError(f"applying {what}: not found", delay=10) from None
         except (Invalid, Forbidden) as err:
-            if fresh and not dry_run:
-                _delete_all(kube, applied)
+            _delete_all(kube, created)
             raise rejected(f"the API server refused {what}: {err}") from err
         except KubeError as err:
             raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
-    return len(applied)
+    return applied
 
 
 def _delete_all(kube: Kube, children: list[dict[str, Any]]) -> None:
@@ -206,6 +209,20 @@ def _delete_all(kube: Kube, children: list[dict[str, Any]]) -> None:
             kube.delete(child["apiVersion"], child["kind"], meta["name"], meta["namespace"])
         except KubeError:
             log.warning("could not remove %s %s after a refusal", child["kind"], meta["name"])
+
+
+def refused(body: dict[str, Any]) -> bool:
+    """The current spec was refused (Stalled InvalidSpec or ChildRejected): the children's
+    events (the removal of a refused set among them) must not build it again; a spec change
+    or an operator restart does."""
+    generation = body["metadata"].get("generation")
+    for cond in (body.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == T.STALLED and cond.get("status") == "True":
+            return bool(
+                cond.get("reason") in ("InvalidSpec", "ChildRejected")
+                and cond.get("observedGeneration") == generation
+            )
+    return False
 
 
 def is_new(body: dict[str, Any]) -> bool:

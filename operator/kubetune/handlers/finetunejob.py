@@ -40,6 +40,7 @@ from kubetune.handlers.common import (
     later,
     post_event,
     reconcile_fresh,
+    refused,
     with_conditions,
     write_status,
 )
@@ -127,6 +128,13 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         _report_rejected(ctx, body, owner, err)
         return
     refresh_status(ctx, body, ftj)
+
+
+def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
+    """A child went or drifted: restore it, unless the spec was refused (then the children's
+    removal is what the refusal did, and building them again would loop)."""
+    if not refused(body):
+        _reconcile_locked(ctx, body)
 
 
 def _refresh_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -381,10 +389,10 @@ def _child_event(ctx: Context, event: dict[str, Any]) -> None:
         return
     with later():
         parent = _owner_body(ctx, obj)
-        if parent is None or parent["metadata"].get("deletionTimestamp"):
+        if parent is None or parent["metadata"].get("deletionTimestamp") or refused(parent):
             return
         if kind == "DELETED" or (obj.get("kind") != "Pod" and _drifted(ctx, parent, obj)):
-            reconcile_body(ctx, parent)
+            reconcile_fresh(ctx, KIND, parent, _restore_locked)
         elif obj.get("kind") in ("Pod", "Job"):
             reconcile_fresh(ctx, KIND, parent, _refresh_locked)
 

@@ -45,6 +45,7 @@ from kubetune.handlers.common import (
     is_new,
     later,
     reconcile_fresh,
+    refused,
     with_conditions,
     write_status,
 )
@@ -434,7 +435,14 @@ def _reconcile_soon(ctx: Context, server: dict[str, Any]) -> None:
     """Reconcile now; a passing failure is retried after its delay (event handlers are not
     retried by kopf, and there is no timer to catch up)."""
     with later(ctx, lambda: _reconcile_soon(ctx, server)):
-        reconcile_body(ctx, server)
+        reconcile_fresh(ctx, KIND, server, _restore_locked)
+
+
+def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
+    """See finetunejob._restore_locked: a refused spec is not built again by its children's
+    events."""
+    if not refused(body):
+        _reconcile_locked(ctx, body)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_SELECTOR)
@@ -449,7 +457,11 @@ def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
         return
     ctx = context(memo, kwargs)
     parent = _parent(ctx, _object(event))
-    if parent is not None and not parent["metadata"].get("deletionTimestamp"):
+    if (
+        parent is not None
+        and not parent["metadata"].get("deletionTimestamp")
+        and not refused(parent)
+    ):
         _reconcile_soon(ctx, parent)
 
 
