@@ -6,8 +6,9 @@ Prints, for N = 100 and 1,000 (or the counts given):
   same number of plain batch/v1 Jobs applied directly in the same run (the Job controller's own
   speed, which kubetune cannot beat since it creates such Jobs);
 - API writes per idle minute, and in the minute after a restart with nothing changed, read from
-  the API server's own `apiserver_request_total` (writes = POST, PUT, PATCH, APPLY, DELETE);
-  the nodes' heartbeats (leases, node status: kwok's) are counted apart, they are not kubetune's;
+  the API server's own `apiserver_request_total` (writes = POST, PUT, PATCH, APPLY, DELETE) to
+  the kinds kubetune manages; the rest (kwok's node heartbeats, the control plane's own leases)
+  is counted apart;
 - the operator's resident memory per resource (RSS with N resources minus RSS with none).
 
     PYTHONPATH=operator python bench/bench_scale.py [N ...]
@@ -35,7 +36,13 @@ from kubetune.devcluster.volumes import ensure_claim
 
 REPO = Path(__file__).resolve().parents[1]
 WRITE_VERBS = {"POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION", "CREATE", "UPDATE"}
-NODE_TRAFFIC = {"leases", "nodes"}  # kwok's heartbeats
+# What kubetune writes (its resources, their children, Events). Everything else (kwok's node
+# heartbeats, the control plane's own leader-election leases and endpoints) is counted apart.
+KUBETUNE_RESOURCES = {
+    "finetunejobs", "modelservers", "jobs", "configmaps", "services", "serviceaccounts", "roles",
+    "rolebindings", "events", "pods", "deployments", "horizontalpodautoscalers",
+    "poddisruptionbudgets", "networkpolicies",
+}  # fmt: skip
 IDLE_SECONDS = 60.0
 
 
@@ -66,9 +73,9 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 
 
 def _split(delta: dict[str, float]) -> tuple[float, float]:
-    """(kubetune-side writes, node heartbeat writes)."""
-    nodes = sum(v for k, v in delta.items() if k.split("/")[0] in NODE_TRAFFIC)
-    return sum(delta.values()) - nodes, nodes
+    """(writes to what kubetune manages, all other writes)."""
+    ours = sum(v for k, v in delta.items() if k.split("/")[0] in KUBETUNE_RESOURCES)
+    return ours, sum(delta.values()) - ours
 
 
 def _rss_kib(pid: int) -> int:
@@ -318,7 +325,8 @@ def main() -> None:
         )
     for r in rows:
         print(
-            f"N={r['n']}: node heartbeats (kwok, not kubetune) {r['node_writes_per_min']:.0f}/min; "
+            f"N={r['n']}: other writes (kwok's nodes, control-plane leases) "
+            f"{r['node_writes_per_min']:.0f}/min; "
             f"idle writes by resource: {r['idle_detail'] or 'none'}; "
             f"restart writes by resource: {r['restart_detail'] or 'none'}"
         )
