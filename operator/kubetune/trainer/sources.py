@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -160,18 +161,82 @@ def _s3_download(uri: str, what: str, role: str) -> Path:
     except TrainerError:
         raise
     except Exception as exc:
-        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or (
-            type(exc).__name__ == "NoCredentialsError"
-        ):
-            raise AccessDeniedError(f"S3 refused {uri} ({field}): {exc}") from exc
-        if code in ("NoSuchBucket", "NoSuchKey", "404"):
-            raise (ModelNotFoundError if what == "model" else BadDataError)(
-                f"{uri} ({field}) does not exist: {exc}"
-            ) from exc
-        raise
+        raise _s3_error(exc, uri, what) from exc
     single = len(keys) == 1 and keys[0] == key
     return target / Path(key).name if single else target
+
+
+def _s3_error(exc: Exception, uri: str, what: str) -> Exception:
+    field = f"spec.{what}.source"
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or (
+        type(exc).__name__ == "NoCredentialsError"
+    ):
+        return AccessDeniedError(f"S3 refused {uri} ({field}): {exc}")
+    if code in ("NoSuchBucket", "NoSuchKey", "404"):
+        missing = ModelNotFoundError if what == "model" else BadDataError
+        return missing(f"{uri} ({field}) does not exist: {exc}")
+    return exc
+
+
+# --------------------------------------------------------------------------- pre-flight probes
+
+
+def probe_model_config(location: str, revision: str | None) -> dict[str, Any]:
+    """The model's config.json alone, without the weights: it proves that the source exists and
+    that the credentials open it, and it is all the memory planner needs."""
+    if location.startswith("hf://"):
+        path = _hf_snapshot(location.removeprefix("hf://"), revision, "model", "config.json")
+    elif location.startswith("s3://"):
+        path = _s3_download(location.rstrip("/") + "/config.json", "model")
+    else:
+        folder = _local(location, "model")
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"model folder {folder} (paths.model) does not exist")
+        path = folder / "config.json"
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"model folder {folder} (paths.model) has no config.json: not a Hugging Face "
+                "checkpoint"
+            )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"the model's config.json ({location}) is unreadable: {exc}"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"the model's config.json ({location}) is not a JSON object")
+    return config
+
+
+def probe_dataset(location: str) -> Path | None:
+    """A local dataset's path (the caller validates its rows); for hf:// and s3:// only that
+    the data exists and the credentials open it, from metadata (nothing is downloaded)."""
+    if location.startswith("hf://"):
+        parts = location.removeprefix("hf://").removeprefix("datasets/").split("/")
+        repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        from huggingface_hub import HfApi
+
+        try:
+            info = HfApi(token=os.environ.get("HF_TOKEN") or None).dataset_info(repo)
+        except Exception as exc:
+            raise _hf_error(exc, repo, None, "dataset") from exc
+        files = [sibling.rfilename for sibling in info.siblings or []]
+        if filename and filename not in files:
+            raise BadDataError(f"hf://{repo} (spec.dataset.source) has no file {filename}")
+        return None
+    if location.startswith("s3://"):
+        client = _s3_client()
+        bucket, _, key = location.removeprefix("s3://").partition("/")
+        try:
+            keys = _s3_keys(client, bucket, key)
+        except Exception as exc:
+            raise _s3_error(exc, location, "dataset") from exc
+        if not keys:
+            raise BadDataError(f"nothing found at {location} (spec.dataset.source)")
+        return None
+    return _local(location, "dataset")
 
 
 def _s3_keys(client: Any, bucket: str, key: str) -> list[str]:

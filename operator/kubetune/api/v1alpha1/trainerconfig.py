@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from kubetune.api.v1alpha1.base import ApiModel
-from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
+from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec, MemoryPlan, ValidatedReason
 
 
 class JobRef(ApiModel):
@@ -59,3 +59,23 @@ class TrainerConfig(ApiModel):
     reporting: ReportingSpec = Field(
         default_factory=ReportingSpec, description="Progress reporting."
     )
+
+
+# --- issue 10 (pre-flight check): begin
+# The contract between the operator and the pre-flight pod (`python -m kubetune.trainer
+# preflight`): the GPU memory to compare with arrives in these variables; the verdict leaves as
+# one PreflightResult JSON object in the container's termination message.
+PREFLIGHT_GPU_MEMORY_ENV = "KUBETUNE_GPU_MEMORY_BYTES"
+PREFLIGHT_GPU_MEMORY_SOURCE_ENV = "KUBETUNE_GPU_MEMORY_SOURCE"
+
+
+class PreflightResult(ApiModel):
+    """What the pre-flight pod found: the Validated condition's status, reason and message."""
+
+    validated: bool = Field(description="True: start training; False: refuse the job.")
+    reason: ValidatedReason = Field(description="The Validated condition's reason.")
+    message: str = Field(default="", description="The condition's message.", max_length=3000)
+    plan: MemoryPlan | None = Field(default=None, description="The memory plan, when computed.")
+
+
+# --- issue 10 (pre-flight check): end
