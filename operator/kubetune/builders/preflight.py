@@ -1,0 +1,142 @@
+"""FineTuneJob -> the pre-flight Job: one CPU pod that checks before any GPU is held.
+
+It runs `python -m kubetune.trainer preflight` on the same rendered config (the same ConfigMap)
+and mounts as the training pods, so it sees the sources exactly as training will: config.json
+from the model source, the dataset, with the same credentials. It requests no GPU but may land
+wherever the job may (the user's placement and the GPU taint's toleration), so a zonal volume or
+a dedicated node pool work the same. Its verdict comes back as a PreflightResult JSON in the
+container's termination message (see kubetune.trainer.preflight).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubetune.api.v1alpha1.finetunejob import FineTuneJob
+from kubetune.api.v1alpha1.trainerconfig import (
+    PREFLIGHT_GPU_MEMORY_ENV,
+    PREFLIGHT_GPU_MEMORY_SOURCE_ENV,
+    PreflightResult,
+)
+from kubetune.builders.common import (
+    TERMINATION_LOG,
+    Owner,
+    Settings,
+    child_name,
+    container_security_context,
+    metadata,
+    placement,
+    pod_security_context,
+    selector_labels,
+)
+from kubetune.builders.training import (
+    CONFIG_DIR,
+    CONFIG_KEY,
+    PVC_ROOT,
+    SCRATCH,
+    TEMPLATE_HASH,
+    _claims,
+    _secret_env,
+    names,
+)
+
+COMPONENT = "preflight"
+CHECKED_DIGEST = "kubetune.io/checked-spec"
+DEADLINE_SECONDS = 900  # a hub or S3 that does not answer in 15 minutes fails the check
+RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+
+
+def preflight_name(owner_name: str) -> str:
+    return child_name(owner_name, "preflight", limit=52)
+
+
+def build_preflight_job(
+    ftj: FineTuneJob,
+    owner: Owner,
+    settings: Settings,
+    gpu_memory_bytes: int | None,
+    gpu_memory_source: str | None,
+) -> dict[str, Any]:
+    """The Job; `gpu_memory_*` from kubetune.planner.device_memory (None: not known)."""
+    spec = ftj.spec
+    res = spec.resources
+    n = names(owner.name)
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_TRAINER_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
+        {"name": "TMPDIR", "value": f"{SCRATCH}/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *_secret_env(spec),
+    ]
+    if gpu_memory_bytes is not None:
+        env.append({"name": PREFLIGHT_GPU_MEMORY_ENV, "value": str(gpu_memory_bytes)})
+        env.append({"name": PREFLIGHT_GPU_MEMORY_SOURCE_ENV, "value": gpu_memory_source or ""})
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "scratch", "mountPath": SCRATCH},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": n["config"]}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    for index, claim in enumerate(_claims(spec)):
+        volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append(
+            {"name": f"pvc-{index}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}
+        )
+    container = {
+        "name": COMPONENT,
+        "image": spec.image or settings.trainer_image,
+        "command": ["python", "-m", "kubetune.trainer", "preflight"],
+        "env": env,
+        "resources": RESOURCES,
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # it talks to no API server
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    pod_spec.update(placement(res, res.gpus_per_node, res.gpu_resource_name))
+    # The verdict belongs to one spec and one GPU size: a change of either changes the
+    # template hash, which tells the handler to check again.
+    checked = json.dumps([spec.to_wire(), gpu_memory_bytes], sort_keys=True).encode()
+    template = {
+        "metadata": {
+            "labels": selector_labels(owner) | {"app.kubernetes.io/component": COMPONENT},
+            "annotations": {CHECKED_DIGEST: hashlib.sha256(checked).hexdigest()[:16]},
+        },
+        "spec": pod_spec,
+    }
+    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(
+            owner, preflight_name(owner.name), COMPONENT, annotations={TEMPLATE_HASH: digest[:16]}
+        ),
+        "spec": {
+            "backoffLimit": 1,  # a verdict exits 0; only a check that could not run is retried
+            "activeDeadlineSeconds": DEADLINE_SECONDS,
+            "template": template,
+        },
+    }
+
+
+def read_result(termination_message: str | None) -> PreflightResult | None:
+    """The verdict from the pre-flight container's termination message (None: none there)."""
+    text = (termination_message or "").strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        return PreflightResult.model_validate_json(text)
+    except ValueError:
+        return None
