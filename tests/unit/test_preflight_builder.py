@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 
 from kubetune import planner
+from kubetune.api.contract import PreflightEnv
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.api.v1alpha1.finetunejob import ValidatedReason
-from kubetune.api.v1alpha1.trainerconfig import PREFLIGHT_GPU_MEMORY_ENV, PreflightResult
+from kubetune.api.v1alpha1.trainerconfig import PreflightResult
 from kubetune.builders.common import Owner, Settings
 from kubetune.builders.preflight import CHECKED_DIGEST, build_preflight_job, read_result
 from kubetune.builders.training import build_job
@@ -44,8 +45,8 @@ def test_the_preflight_pod_holds_no_gpu_but_sees_what_training_sees() -> None:
     assert container["command"] == ["python", "-m", "kubetune.trainer", "preflight"]
     assert "nvidia.com/gpu" not in str(container["resources"])
     env = {e["name"]: e for e in container["env"]}
-    assert env[PREFLIGHT_GPU_MEMORY_ENV]["value"] == str(80 * 1024**3)
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hub"  # same credentials
+    assert env[PreflightEnv.GPU_MEMORY_BYTES]["value"] == str(80 * 1024**3)
+    assert env["KUBETUNE_MODEL_HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hub"
     train_env = {e["name"]: e for e in train_spec["containers"][0]["env"]}
     assert env["KUBETUNE_TRAINER_CONFIG"] == train_env["KUBETUNE_TRAINER_CONFIG"]
     assert {v["name"]: v for v in spec["volumes"]}["config"] == {
@@ -78,7 +79,7 @@ def test_a_new_spec_or_gpu_size_is_checked_again() -> None:
 
 def test_unknown_gpu_memory_passes_nothing() -> None:
     (container,) = pod(build_preflight_job(ftj(), OWNER, Settings(), None, None))["containers"]
-    assert PREFLIGHT_GPU_MEMORY_ENV not in {e["name"] for e in container["env"]}
+    assert PreflightEnv.GPU_MEMORY_BYTES not in {e["name"] for e in container["env"]}
 
 
 def test_results_are_read_back_from_the_termination_message() -> None:

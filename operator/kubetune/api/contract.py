@@ -57,3 +57,15 @@ def credentials(role: str, environ: Mapping[str, str]) -> dict[str, str]:
     keys = {key for scheme in SECRET_KEYS.values() for key in scheme}
     found = {key: environ.get(credential_env(role, key), "") for key in sorted(keys)}
     return {key: value for key, value in found.items() if value}
+
+
+# --- issue 10 (pre-flight check): begin
+class PreflightEnv(StrEnum):
+    """What the operator tells the pre-flight pod (`python -m kubetune.trainer preflight`), which
+    answers with one PreflightResult JSON object in its termination message."""
+
+    GPU_MEMORY_BYTES = "KUBETUNE_GPU_MEMORY_BYTES"  # one GPU's memory; absent: not known
+    GPU_MEMORY_SOURCE = "KUBETUNE_GPU_MEMORY_SOURCE"  # where that figure came from
+
+
+# --- issue 10 (pre-flight check): end

@@ -14,10 +14,9 @@ import hashlib
 import json
 from typing import Any
 
+from kubetune.api.contract import OUTPUT, PreflightEnv, TrainerEnv, credential_env
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob
 from kubetune.api.v1alpha1.trainerconfig import (
-    PREFLIGHT_GPU_MEMORY_ENV,
-    PREFLIGHT_GPU_MEMORY_SOURCE_ENV,
     PreflightResult,
 )
 from kubetune.builders.common import (
@@ -64,16 +63,17 @@ def build_preflight_job(
     res = spec.resources
     n = names(owner.name)
     env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_TRAINER_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
-        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": TrainerEnv.CONFIG, "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"name": TrainerEnv.TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
         {"name": "TMPDIR", "value": f"{SCRATCH}/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        *_secret_env(spec),
+        # the model's and the dataset's credentials; the output is not its business
+        *(e for e in _secret_env(spec) if not e["name"].startswith(credential_env(OUTPUT, ""))),
     ]
     if gpu_memory_bytes is not None:
-        env.append({"name": PREFLIGHT_GPU_MEMORY_ENV, "value": str(gpu_memory_bytes)})
-        env.append({"name": PREFLIGHT_GPU_MEMORY_SOURCE_ENV, "value": gpu_memory_source or ""})
+        env.append({"name": PreflightEnv.GPU_MEMORY_BYTES, "value": str(gpu_memory_bytes)})
+        env.append({"name": PreflightEnv.GPU_MEMORY_SOURCE, "value": gpu_memory_source or ""})
     mounts = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "scratch", "mountPath": SCRATCH},

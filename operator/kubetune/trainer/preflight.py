@@ -23,10 +23,9 @@ import os
 from typing import Any
 
 from kubetune import planner
+from kubetune.api.contract import PreflightEnv
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec, Task, ValidatedReason
 from kubetune.api.v1alpha1.trainerconfig import (
-    PREFLIGHT_GPU_MEMORY_ENV,
-    PREFLIGHT_GPU_MEMORY_SOURCE_ENV,
     PreflightResult,
     TrainerConfig,
 )
@@ -100,16 +99,16 @@ def check_dataset(config: TrainerConfig) -> int:
 
 
 def gpu_memory(environ: dict[str, str]) -> tuple[int | None, str | None]:
-    value = environ.get(PREFLIGHT_GPU_MEMORY_ENV, "").strip()
+    value = environ.get(PreflightEnv.GPU_MEMORY_BYTES, "").strip()
     if not value:
         return None, None
     try:
         size = int(value)
     except ValueError as exc:
         raise planner.PlanError(
-            f"${PREFLIGHT_GPU_MEMORY_ENV} is {value!r}, not a number of bytes"
+            f"${PreflightEnv.GPU_MEMORY_BYTES} is {value!r}, not a number of bytes"
         ) from exc
-    return size, environ.get(PREFLIGHT_GPU_MEMORY_SOURCE_ENV) or PREFLIGHT_GPU_MEMORY_ENV
+    return size, environ.get(PreflightEnv.GPU_MEMORY_SOURCE) or PreflightEnv.GPU_MEMORY_BYTES
 
 
 def plan(

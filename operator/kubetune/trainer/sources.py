@@ -186,9 +186,9 @@ def probe_model_config(location: str, revision: str | None) -> dict[str, Any]:
     """The model's config.json alone, without the weights: it proves that the source exists and
     that the credentials open it, and it is all the memory planner needs."""
     if location.startswith("hf://"):
-        path = _hf_snapshot(location.removeprefix("hf://"), revision, "model", "config.json")
+        path = _hf_snapshot(location.removeprefix("hf://"), revision, "model", "config.json", MODEL)
     elif location.startswith("s3://"):
-        path = _s3_download(location.rstrip("/") + "/config.json", "model")
+        path = _s3_download(location.rstrip("/") + "/config.json", "model", MODEL)
     else:
         folder = _local(location, "model")
         if not folder.is_dir():
@@ -219,7 +219,8 @@ def probe_dataset(location: str) -> Path | None:
         from huggingface_hub import HfApi
 
         try:
-            info = HfApi(token=os.environ.get("HF_TOKEN") or None).dataset_info(repo)
+            token = credentials(DATASET, os.environ).get("HF_TOKEN") or None
+            info = HfApi(token=token).dataset_info(repo)
         except Exception as exc:
             raise _hf_error(exc, repo, None, "dataset") from exc
         files = [sibling.rfilename for sibling in info.siblings or []]
@@ -227,7 +228,7 @@ def probe_dataset(location: str) -> Path | None:
             raise BadDataError(f"hf://{repo} (spec.dataset.source) has no file {filename}")
         return None
     if location.startswith("s3://"):
-        client = _s3_client()
+        client = s3_client(DATASET)
         bucket, _, key = location.removeprefix("s3://").partition("/")
         try:
             keys = _s3_keys(client, bucket, key)

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.contract import PreflightEnv
 from kubetune.api.v1alpha1.finetunejob import ValidatedReason
 from kubetune.api.v1alpha1.trainerconfig import (
-    PREFLIGHT_GPU_MEMORY_ENV,
-    PREFLIGHT_GPU_MEMORY_SOURCE_ENV,
     PreflightResult,
     TrainerConfig,
 )
@@ -57,7 +56,7 @@ def config(
 
 
 def gpu(size: int, source: str = "node label nvidia.com/gpu.memory") -> dict[str, str]:
-    return {PREFLIGHT_GPU_MEMORY_ENV: str(size), PREFLIGHT_GPU_MEMORY_SOURCE_ENV: source}
+    return {PreflightEnv.GPU_MEMORY_BYTES: str(size), PreflightEnv.GPU_MEMORY_SOURCE: source}
 
 
 def test_fits_a_large_gpu(tmp_path: Path) -> None:

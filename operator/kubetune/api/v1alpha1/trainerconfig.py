@@ -62,15 +62,11 @@ class TrainerConfig(ApiModel):
 
 
 # --- issue 10 (pre-flight check): begin
-# The contract between the operator and the pre-flight pod (`python -m kubetune.trainer
-# preflight`): the GPU memory to compare with arrives in these variables; the verdict leaves as
-# one PreflightResult JSON object in the container's termination message.
-PREFLIGHT_GPU_MEMORY_ENV = "KUBETUNE_GPU_MEMORY_BYTES"
-PREFLIGHT_GPU_MEMORY_SOURCE_ENV = "KUBETUNE_GPU_MEMORY_SOURCE"
-
-
 class PreflightResult(ApiModel):
-    """What the pre-flight pod found: the Validated condition's status, reason and message."""
+    """What the pre-flight pod found: the Validated condition's status, reason and message.
+
+    Written as one JSON object into the pre-flight container's termination message; the GPU
+    memory it compared with came in api.contract.PreflightEnv."""
 
     validated: bool = Field(description="True: start training; False: refuse the job.")
     reason: ValidatedReason = Field(description="The Validated condition's reason.")
