@@ -9,7 +9,7 @@ import pytest
 from kubetune import planner
 from kubetune.api.contract import PreflightEnv
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.api.v1alpha1.finetunejob import ValidatedReason
+from kubetune.api.v1alpha1.reasons import ValidatedReason
 from kubetune.api.v1alpha1.trainerconfig import PreflightResult
 from kubetune.builders.common import Owner, Settings
 from kubetune.builders.preflight import CHECKED_DIGEST, build_preflight_job, read_result

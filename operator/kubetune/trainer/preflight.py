@@ -24,7 +24,8 @@ from typing import Any
 
 from kubetune import planner
 from kubetune.api.contract import PreflightEnv
-from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec, Task, ValidatedReason
+from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec, Task
+from kubetune.api.v1alpha1.reasons import ValidatedReason
 from kubetune.api.v1alpha1.trainerconfig import (
     PreflightResult,
     TrainerConfig,

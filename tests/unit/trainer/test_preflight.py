@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.contract import PreflightEnv
-from kubetune.api.v1alpha1.finetunejob import ValidatedReason
+from kubetune.api.v1alpha1.reasons import ValidatedReason
 from kubetune.api.v1alpha1.trainerconfig import (
     PreflightResult,
     TrainerConfig,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from kubetune.api.v1alpha1.base import ApiModel
-from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec, MemoryPlan, ValidatedReason
+from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec, MemoryPlan
+from kubetune.api.v1alpha1.reasons import ValidatedReason
 
 
 class JobRef(ApiModel):
