@@ -16,10 +16,13 @@ from typing import Any
 
 from kubetune.api.contract import OUTPUT, PreflightEnv, TrainerEnv, credential_env
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob
+from kubetune.api.v1alpha1.reasons import ValidatedReason
 from kubetune.api.v1alpha1.trainerconfig import (
     PreflightResult,
 )
 from kubetune.builders.common import (
+    COMPONENT_LABEL,
+    MANAGED_BY,
     TERMINATION_LOG,
     Owner,
     Settings,
@@ -28,7 +31,6 @@ from kubetune.builders.common import (
     metadata,
     placement,
     pod_security_context,
-    selector_labels,
 )
 from kubetune.builders.training import (
     CONFIG_DIR,
@@ -42,6 +44,7 @@ from kubetune.builders.training import (
 )
 
 COMPONENT = "preflight"
+PREFLIGHT_OF = "kubetune.io/preflight-of"
 CHECKED_DIGEST = "kubetune.io/checked-spec"
 DEADLINE_SECONDS = 900  # a hub or S3 that does not answer in 15 minutes fails the check
 RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
@@ -111,7 +114,9 @@ def build_preflight_job(
     checked = json.dumps([spec.to_wire(), gpu_memory_bytes], sort_keys=True).encode()
     template = {
         "metadata": {
-            "labels": selector_labels(owner) | {"app.kubernetes.io/component": COMPONENT},
+            # Not the FineTuneJob's pod label: the training status counts those pods, and
+            # this one is read once, by its Job's name, when the Job has finished.
+            "labels": {MANAGED_BY: "kubetune", PREFLIGHT_OF: owner.name},
             "annotations": {CHECKED_DIGEST: hashlib.sha256(checked).hexdigest()[:16]},
         },
         "spec": pod_spec,
@@ -140,3 +145,40 @@ def read_result(termination_message: str | None) -> PreflightResult | None:
         return PreflightResult.model_validate_json(text)
     except ValueError:
         return None
+
+
+def is_preflight_job(obj: dict[str, Any]) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return obj.get("kind") == "Job" and labels.get(COMPONENT_LABEL) == COMPONENT
+
+
+def checked_digest(job: dict[str, Any]) -> str | None:
+    template = (job.get("spec") or {}).get("template") or {}
+    value = ((template.get("metadata") or {}).get("annotations") or {}).get(CHECKED_DIGEST)
+    return str(value) if value else None
+
+
+def outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> PreflightResult | None:
+    """The verdict of a finished pre-flight Job from its pods' termination messages; None while
+    it runs. A Job that failed without a verdict (the check could not run) refuses the job."""
+    status = job.get("status") or {}
+    failed = any(
+        c.get("type") == "Failed" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    if not (status.get("succeeded") or failed):
+        return None
+    messages = []
+    for pod in sorted(pods, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp"))):
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = ((container.get("state") or {}).get("terminated")) or {}
+            if terminated.get("message"):
+                messages.append(str(terminated["message"]))
+    for message in reversed(messages):
+        result = read_result(message)
+        if result is not None:
+            return result
+    last = messages[-1].strip() if messages else "the pre-flight pod ended without a verdict"
+    return PreflightResult(
+        validated=False, reason=ValidatedReason.CHECK_FAILED, message=last[:3000]
+    )

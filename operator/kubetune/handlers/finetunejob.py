@@ -8,17 +8,18 @@ jobs that are Running, to notice a trainer that stopped reporting (no event says
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
 
-from kubetune import metrics
-from kubetune.api.v1alpha1.base import API_VERSION, Condition
+from kubetune import metrics, planner
+from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
 from kubetune.api.v1alpha1.finetunejob import KIND, PLURAL, FineTuneJob, Phase
-from kubetune.api.v1alpha1.reasons import Reason
-from kubetune.builders import training
+from kubetune.api.v1alpha1.reasons import VALIDATED, ConditionType, Reason, ValidatedReason
+from kubetune.builders import preflight, training
 from kubetune.builders.common import FTJ_LABEL, MANAGED_BY, Owner
 from kubetune.builders.drift import differs
 from kubetune.builders.training_status import (
@@ -110,6 +111,9 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             return
         _check_dependencies(ctx, ftj, owner)
         children = _children(ctx, ftj, owner)
+        checking = ctx.settings.preflight and live_job is None
+        if checking and not preflight_passed(ctx, body, ftj, owner, children[:-1]):
+            return  # checking (its Job's events come back here), or refused
         stale_job = _stale_job(live_job, children[-1])
         if _spec_changed(body) and not fresh:
             _apply_all(ctx, children[:-1] if stale_job else children, dry_run=True)
@@ -135,6 +139,94 @@ def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
     removal is what the refusal did, and building them again would loop)."""
     if not refused(body):
         _reconcile_locked(ctx, body)
+
+
+# -- issue 10: the pre-flight check, before any GPU is held ----------------------------------
+
+
+def preflight_passed(
+    ctx: Context, body: dict[str, Any], ftj: FineTuneJob, owner: Owner, setup: list[dict[str, Any]]
+) -> bool:
+    """True when the pre-flight Job's verdict lets the training Job be created.
+
+    Until then the Job runs (with the ConfigMap and the rest of `setup` it needs) and the status
+    says Validated=Unknown; a refusal is Validated=False and Stalled, and no training Job is
+    made. A changed spec or GPU size is checked again (the Job's digest differs)."""
+    res = ftj.spec.resources
+    nodes = [
+        view.get("labels") or {}
+        for view in ctx.indexes.node_list()
+        if (view.get("gpus") or {}).get(res.gpu_resource_name)
+        and all((view.get("labels") or {}).get(k) == v for k, v in res.node_selector.items())
+    ]
+    size, source = planner.device_memory(ftj.spec, nodes)
+    job = preflight.build_preflight_job(ftj, owner, ctx.settings, size, source)
+    name, namespace = job["metadata"]["name"], owner.namespace
+    live = ctx.kube.get("batch/v1", "Job", name, namespace)
+    if live is not None and preflight.checked_digest(live) != preflight.checked_digest(job):
+        ctx.kube.delete("batch/v1", "Job", name, namespace)  # its DELETED event comes back
+        return False
+    if live is None:
+        _apply_all(ctx, [*setup, job], dry_run=False)
+        message = "the pre-flight pod checks the sources and plans memory"
+        _write_preflight(
+            ctx,
+            body,
+            owner,
+            [
+                (VALIDATED, ConditionStatus.UNKNOWN, ValidatedReason.CHECKING, message),
+                (ConditionType.READY, False, ValidatedReason.CHECKING, message),
+                (ConditionType.RECONCILING, True, ValidatedReason.CHECKING, message),
+                (ConditionType.STALLED, False, "AsExpected", ""),
+            ],
+            {"phase": Phase.PENDING.value},
+        )
+        return False
+    finished = (live.get("status") or {}).get("succeeded") or (live.get("status") or {}).get(
+        "failed"
+    )
+    pods = (
+        ctx.kube.list("v1", "Pod", namespace, f"batch.kubernetes.io/job-name={name}")
+        if finished
+        else []
+    )
+    result = preflight.outcome(live, pods)
+    if result is None:
+        return False
+    plan = result.plan.to_wire() if result.plan else None
+    if result.validated:
+        _write_preflight(
+            ctx, body, owner, [(VALIDATED, True, result.reason, result.message)], {"plan": plan}
+        )
+        return True
+    updates = [
+        *rejected_conditions(result.reason, result.message),
+        (VALIDATED, False, result.reason, result.message),
+    ]
+    status = {
+        "phase": Phase.FAILED.value,
+        "observedGeneration": owner.generation,
+        "failureReason": str(result.reason),
+        "failureMessage": result.message,
+        "plan": plan,
+    }
+    if _write_preflight(ctx, body, owner, updates, status):
+        post_event(body, True, str(result.reason), result.message)
+    return False
+
+
+def _write_preflight(
+    ctx: Context,
+    body: dict[str, Any],
+    owner: Owner,
+    updates: Sequence[tuple[str, bool | ConditionStatus, str, str]],
+    fields: dict[str, Any],
+) -> bool:
+    conditions = with_conditions(conditions_of(body), owner.generation, updates)
+    status = {**fields, "conditions": _wire(conditions)}
+    written = write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+    body["status"] = {**(body.get("status") or {}), **status}  # what follows builds on it
+    return written
 
 
 def _refresh_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -393,6 +485,8 @@ def _child_event(ctx: Context, event: dict[str, Any]) -> None:
             return
         if kind == "DELETED" or (obj.get("kind") != "Pod" and _drifted(ctx, parent, obj)):
             reconcile_fresh(ctx, KIND, parent, _restore_locked)
+        elif preflight.is_preflight_job(obj):
+            reconcile_body(ctx, parent)  # a verdict decides whether the training Job comes
         elif obj.get("kind") in ("Pod", "Job"):
             reconcile_fresh(ctx, KIND, parent, _refresh_locked)
 

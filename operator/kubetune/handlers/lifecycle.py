@@ -37,6 +37,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         settings=Settings(
             trainer_image=os.environ.get("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
             fetcher_image=os.environ.get("KUBETUNE_FETCHER_IMAGE", defaults.fetcher_image),
+            preflight=os.environ.get("KUBETUNE_PREFLIGHT", "") in ("1", "true"),
         ),
     )
 
