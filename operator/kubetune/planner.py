@@ -434,8 +434,9 @@ def _layer_elements(shape: ModelShape, setup: Setup) -> tuple[float, float]:
         # mask and the dropped-out probabilities (GPU kernels keep O(s) state instead).
         elements += shape.num_heads * setup.seq_length * 3
     if setup.method in ADAPTER_METHODS:
-        for lin in lora_targets(shape, setup.lora_targets):  # x after dropout, x @ A
+        for lin in lora_targets(shape, setup.lora_targets):  # x after dropout, its mask, x @ A
             elements += setup.lora_rank + (lin.fan_in if setup.lora_dropout > 0 else 0)
+            masks += lin.fan_in if setup.lora_dropout > 0 else 0
     return elements, masks
 
 

