@@ -12,7 +12,7 @@ from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.api.v1alpha1.reasons import ValidatedReason
 from kubetune.api.v1alpha1.trainerconfig import PreflightResult
 from kubetune.builders.common import Owner, Settings
-from kubetune.builders.preflight import CHECKED_DIGEST, build_preflight_job, read_result
+from kubetune.builders.preflight import CHECKED_DIGEST, build_preflight_job, outcome, read_result
 from kubetune.builders.training import build_job
 
 OWNER = Owner("kubetune.io/v1alpha1", "FineTuneJob", "big", "ns", "uid-1")
@@ -118,3 +118,29 @@ def test_device_memory_comes_from_the_spec_or_the_node_labels(
 )
 def test_quantities(text: str, value: int) -> None:
     assert planner.quantity_bytes(text) == value
+
+
+def pod_with_message(message: str, created: str) -> dict[str, Any]:
+    terminated = {"exitCode": 0, "message": message}
+    return {
+        "metadata": {"creationTimestamp": created},
+        "status": {
+            "containerStatuses": [{"name": "preflight", "state": {"terminated": terminated}}]
+        },
+    }
+
+
+def test_the_outcome_waits_for_the_job_and_reads_the_last_verdict() -> None:
+    verdict = PreflightResult(validated=True, reason=ValidatedReason.FITS, message="ok")
+    assert outcome({"status": {"active": 1}}, []) is None  # still running
+    done = {"status": {"succeeded": 1}}
+    pods = [
+        pod_with_message("Other: the hub did not answer", "2026-01-01T00:00:00Z"),
+        pod_with_message(verdict.model_dump_json(by_alias=True), "2026-01-01T00:01:00Z"),
+    ]
+    assert outcome(done, pods) == verdict
+    failed = {"status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    refused = outcome(failed, pods[:1])
+    assert refused is not None
+    assert (refused.validated, refused.reason) == (False, ValidatedReason.CHECK_FAILED)
+    assert refused.message == "Other: the hub did not answer"

@@ -12,14 +12,17 @@ from typing import Any
 
 import pytest
 
+from kubetune import planner
 from kubetune.api.contract import PreflightEnv
+from kubetune.api.v1alpha1.finetunejob import Hyperparameters
 from kubetune.api.v1alpha1.reasons import ValidatedReason
 from kubetune.api.v1alpha1.trainerconfig import (
     PreflightResult,
     TrainerConfig,
 )
 from kubetune.devcluster.demo import minilm_checkpoint
-from kubetune.trainer.preflight import check
+from kubetune.trainer.preflight import check, plan
+from tests.unit.test_planner import LLAMA_7B
 
 ROOT = Path(__file__).resolve().parents[3]
 DATASET = ROOT / "examples" / "data" / "support-intents.jsonl"
@@ -132,3 +135,26 @@ def test_the_command_writes_the_verdict_without_importing_torch(tmp_path: Path) 
     assert result.reason == ValidatedReason.FITS
     (event,) = [json.loads(line) for line in done.stdout.splitlines() if '"preflight"' in line]
     assert event["plan"]["deviceMemorySource"] == "spec.resources.gpuMemory"
+
+
+def test_sharding_auto_plans_fsdp_over_the_jobs_gpus(tmp_path: Path) -> None:
+    """hyperparameters.sharding (items 1-2 of issue 10) is read by name: a spec that has it
+    with `auto` is planned with FSDP over every GPU of the job when one GPU is not enough."""
+
+    class WithSharding(Hyperparameters):
+        sharding: str = "auto"
+
+    base = config(tmp_path, batchSize=8, maxSeqLength=128).spec
+    spec = base.model_copy(
+        update={
+            "hyperparameters": WithSharding(batch_size=8, max_seq_length=128),
+            "resources": base.resources.model_copy(update={"gpus_per_node": 8}),
+        }
+    )
+    shape = planner.shape_from_config(LLAMA_7B)
+    verdict = plan(shape, spec, 2, 80 * GIB)
+    assert verdict.fits is True
+    assert verdict.setup.sharding_degree == 8
+    assert verdict.message.startswith("sharding auto: FSDP over 8 GPUs")
+    alone = plan(shape, base.model_copy(update={"resources": spec.resources}), 2, 80 * GIB)
+    assert alone.fits is False and alone.setup.sharding_degree == 1
