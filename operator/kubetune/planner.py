@@ -204,7 +204,14 @@ def shape_from_config(config: Mapping[str, Any]) -> ModelShape:
         norm_bias=encoder_like,
         dropout=dropout,
         attention_dropout=float(
-            config.get("attention_probs_dropout_prob", config.get("attention_dropout", 0.0)) or 0.0
+            next(
+                (
+                    config[k]
+                    for k in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+                    if config.get(k)
+                ),
+                0.0,
+            )
         ),
         qkv_bias=attention_bias or model_type == "qwen2",  # Qwen2: q/k/v biases, no o bias
         o_bias=attention_bias,
