@@ -29,14 +29,12 @@ class OperatorProcess:
         self.cluster = cluster
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
-        self.extra_env: dict[str, str] = {}  # operator settings a test restarts it with
 
     def start(self) -> None:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.cluster.kubeconfig),
             "PYTHONPATH": str(REPO / "operator"),
-            **self.extra_env,
         }
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(

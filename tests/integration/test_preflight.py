@@ -5,38 +5,24 @@ whether the training Job is created."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from kubernetes import client
 
-from kubetune.devcluster.cluster import LocalCluster
 from kubetune.devcluster.demo import PLACEMENT, minilm_checkpoint
-from tests.cluster_fixtures import OperatorProcess, Resources
+from tests.cluster_fixtures import Resources
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def preflight_operator(operator: OperatorProcess) -> Iterator[OperatorProcess]:
-    """The session's operator, restarted with the pre-flight check on for this test."""
-    operator.extra_env = {"KUBETUNE_PREFLIGHT": "1"}
-    operator.restart()
-    try:
-        yield operator
-    finally:
-        operator.extra_env = {}
-        operator.restart()
 
 
 def job(name: str, gpu_memory: str, **extra: Any) -> dict[str, Any]:
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
-        "metadata": {"name": name},
+        # this job asks for the check whatever the operator's default (Settings.preflight)
+        "metadata": {"name": name, "annotations": {"kubetune.io/preflight": "true"}},
         "spec": {
             "model": {"source": "pvc://models/minilm"},
             "dataset": {"source": "pvc://datasets/intents.jsonl"},
@@ -61,12 +47,10 @@ def validated(resources: Resources, name: str) -> dict[str, Any]:
 
 
 def test_a_job_whose_plan_does_not_fit_is_refused_with_no_job(
-    preflight_operator: OperatorProcess,
     resources: Resources,
     api_client: client.ApiClient,
     namespace: str,
     volumes: dict[str, Path],
-    cluster: LocalCluster,
 ) -> None:
     (volumes["models"] / "minilm").mkdir()
     # config.json is all the pre-flight reads of a model: no weights are needed for the check
@@ -109,7 +93,6 @@ def test_a_job_whose_plan_does_not_fit_is_refused_with_no_job(
 
 
 def test_an_unreachable_model_is_refused_before_any_gpu(
-    preflight_operator: OperatorProcess,
     resources: Resources,
     api_client: client.ApiClient,
     namespace: str,

@@ -12,7 +12,13 @@ from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.api.v1alpha1.reasons import ValidatedReason
 from kubetune.api.v1alpha1.trainerconfig import PreflightResult
 from kubetune.builders.common import Owner, Settings
-from kubetune.builders.preflight import CHECKED_DIGEST, build_preflight_job, outcome, read_result
+from kubetune.builders.preflight import (
+    CHECKED_DIGEST,
+    build_preflight_job,
+    outcome,
+    read_result,
+    wanted,
+)
 from kubetune.builders.training import build_job
 
 OWNER = Owner("kubetune.io/v1alpha1", "FineTuneJob", "big", "ns", "uid-1")
@@ -144,3 +150,14 @@ def test_the_outcome_waits_for_the_job_and_reads_the_last_verdict() -> None:
     assert refused is not None
     assert (refused.validated, refused.reason) == (False, ValidatedReason.CHECK_FAILED)
     assert refused.message == "Other: the hub did not answer"
+
+
+@pytest.mark.parametrize(
+    ("annotation", "default", "expected"),
+    [(None, False, False), (None, True, True), ("true", False, True), ("false", True, False)],
+)
+def test_a_job_annotation_overrides_the_operators_default(
+    annotation: str | None, default: bool, expected: bool
+) -> None:
+    annotations = {"kubetune.io/preflight": annotation} if annotation else {}
+    assert wanted({"metadata": {"annotations": annotations}}, default) is expected

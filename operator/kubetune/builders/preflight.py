@@ -44,10 +44,19 @@ from kubetune.builders.training import (
 )
 
 COMPONENT = "preflight"
+# "true" or "false" on a FineTuneJob overrides the operator's default (Settings.preflight)
+PREFLIGHT_ANNOTATION = "kubetune.io/preflight"
 PREFLIGHT_OF = "kubetune.io/preflight-of"
 CHECKED_DIGEST = "kubetune.io/checked-spec"
 DEADLINE_SECONDS = 900  # a hub or S3 that does not answer in 15 minutes fails the check
 RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+
+
+def wanted(body: dict[str, Any], default: bool) -> bool:
+    """Whether this FineTuneJob is checked before its training Job: its annotation, else the
+    operator's default."""
+    value = ((body.get("metadata") or {}).get("annotations") or {}).get(PREFLIGHT_ANNOTATION)
+    return default if value not in ("true", "false") else value == "true"
 
 
 def preflight_name(owner_name: str) -> str:

@@ -111,7 +111,7 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             return
         _check_dependencies(ctx, ftj, owner)
         children = _children(ctx, ftj, owner)
-        checking = ctx.settings.preflight and live_job is None
+        checking = preflight.wanted(body, ctx.settings.preflight) and live_job is None
         if checking and not preflight_passed(ctx, body, ftj, owner, children[:-1]):
             return  # checking (its Job's events come back here), or refused
         stale_job = _stale_job(live_job, children[-1])
