@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ WRITE_VERBS = {"POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION", "C
 # heartbeats, the control plane's own leader-election leases and endpoints) is counted apart.
 KUBETUNE_RESOURCES = {
     "finetunejobs", "modelservers", "jobs", "configmaps", "services", "serviceaccounts", "roles",
-    "rolebindings", "events", "pods", "deployments", "horizontalpodautoscalers",
+    "rolebindings", "pods", "deployments", "horizontalpodautoscalers",
     "poddisruptionbudgets", "networkpolicies",
 }  # fmt: skip
 IDLE_SECONDS = 60.0
@@ -76,6 +77,20 @@ def _split(delta: dict[str, float]) -> tuple[float, float]:
     """(writes to what kubetune manages, all other writes)."""
     ours = sum(v for k, v in delta.items() if k.split("/")[0] in KUBETUNE_RESOURCES)
     return ours, sum(delta.values()) - ours
+
+
+def _our_events(core: client.CoreV1Api, namespace: str, since: datetime) -> int:
+    """Events kubetune posted since `since` (events are counted apart from the metric: the
+    scheduler posts FailedScheduling events for every waiting pod, and they are not ours)."""
+    count = 0
+    for kind in ("FineTuneJob", "ModelServer"):
+        for event in core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.kind={kind}"
+        ).items:
+            when = event.last_timestamp or event.event_time or event.first_timestamp
+            if when is not None and when >= since:
+                count += int(event.count or 1)
+    return count
 
 
 def _rss_kib(pid: int) -> int:
@@ -176,8 +191,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _start_operator(cluster: Any, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    env["PYTHONPATH"] = str(REPO / "operator")
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "MALLOC_ARENA_MAX": "2"}
+    env["PYTHONPATH"] = str(REPO / "operator")  # the chart sets MALLOC_ARENA_MAX too
     out = log.open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubetune", "run"], env=env, stdout=out, stderr=out
@@ -274,18 +289,22 @@ def run(count: int) -> dict[str, float]:
 
         _quiet(api)
         before = _writes(api)
+        since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
         time.sleep(IDLE_SECONDS)
         idle_delta = _delta(_writes(api), before)
         idle, idle_nodes = _split(idle_delta)
+        idle += _our_events(core, ns, since)
         rss_full = _rss_kib(operator.pid)
 
         operator.terminate()
         operator.wait(30)
         before = _writes(api)
+        since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
         operator = _start_operator(cluster, log)
         time.sleep(IDLE_SECONDS)
         restart_delta = _delta(_writes(api), before)
         restart, _ = _split(restart_delta)
+        restart += _our_events(core, ns, since)
         operator.terminate()
         operator.wait(30)
     return {

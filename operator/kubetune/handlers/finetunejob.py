@@ -474,11 +474,12 @@ def _drifted(ctx: Context, parent: dict[str, Any], obj: dict[str, Any]) -> bool:
 
 def _child_event(ctx: Context, event: dict[str, Any]) -> None:
     """A child changed. Events of the initial listing (type None) are skipped: the resume
-    handler reconciles every FineTuneJob once at start-up anyway."""
+    handler reconciles every FineTuneJob once at start-up anyway. So are the creations of
+    children (ADDED, but for pods, which the Job controller creates): they are kubetune's own."""
     kind = event.get("type")
     obj = event.get("object") or {}
-    if kind is None:
-        return
+    if kind is None or (kind == "ADDED" and obj.get("kind") != "Pod"):
+        return  # a child's creation is the reconcile's own write, which refreshes the status
     with later():
         parent = _owner_body(ctx, obj)
         if parent is None or parent["metadata"].get("deletionTimestamp") or refused(parent):
