@@ -144,6 +144,30 @@ class Resources:
         )
         return result
 
+    def patch_status(self, plural: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.api.patch_namespaced_custom_object_status(
+            "kubetune.io", "v1alpha1", self.namespace, plural, name, {"status": status}
+        )
+        return result
+
+    def report_output(self, name: str, model_uri: str) -> None:
+        """What the trainer writes on success (simulated pods run no trainer), once the operator
+        has written a status (the trainer runs only after it has)."""
+        wait_for(
+            lambda: (self.get("finetunejobs", name).get("status") or {}).get("phase"),
+            what=f"finetunejobs/{name} to have a status",
+        )
+        self.patch_status(
+            "finetunejobs",
+            name,
+            {
+                "output": {
+                    "modelUri": model_uri,
+                    "tritonRepositoryUri": f"{model_uri}/triton-repository",
+                }
+            },
+        )
+
     def delete(self, plural: str, name: str) -> None:
         self.api.delete_namespaced_custom_object(
             "kubetune.io", "v1alpha1", self.namespace, plural, name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,8 @@ def _run_cmd(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         liveness_endpoint=args.liveness,
         metrics_port=args.metrics_port,
+        leader_election=args.leader_election,
+        kubeconfig=os.environ.get("KUBECONFIG"),
     )
 
 
@@ -102,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="PORT",
         help="serve the operator's Prometheus metrics on this port (default: off)",
+    )
+    run.add_argument(
+        "--leader-election",
+        metavar="NAMESPACE/NAME",
+        help="run as one of several replicas: only the holder of this Lease acts",
     )
     run.set_defaults(func=_run_cmd)
 

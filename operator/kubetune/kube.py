@@ -23,6 +23,7 @@ from kubernetes.dynamic.exceptions import (
 )
 
 FIELD_MANAGER = "kubetune"
+POOL_SIZE = 32
 
 
 class KubeError(Exception):
@@ -91,13 +92,17 @@ class Kube:
     @classmethod
     def from_environment(cls, kubeconfig: str | None = None) -> Kube:
         """In-cluster credentials when running in a pod, else the kubeconfig."""
+        settings = client.Configuration()
+        # One connection per handler thread (kopf's workers), not urllib3's default of a few.
+        settings.connection_pool_maxsize = POOL_SIZE
         if kubeconfig is None:
             try:
-                config.load_incluster_config()
-                return cls(client.ApiClient())
+                config.load_incluster_config(client_configuration=settings)
+                return cls(client.ApiClient(settings))
             except config.ConfigException:
                 pass
-        return cls(config.new_client_from_config(kubeconfig))
+        config.load_kube_config(config_file=kubeconfig, client_configuration=settings)
+        return cls(client.ApiClient(settings))
 
     @property
     def dynamic(self) -> DynamicClient:

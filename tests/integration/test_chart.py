@@ -127,6 +127,9 @@ def test_defaults_render_the_operator_with_the_app_version_images(helm: Helm) ->
         "CustomResourceDefinition",
         "CustomResourceDefinition",
         "Deployment",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
         "ServiceAccount",
     ]
     container = operator_container(docs)
@@ -138,8 +141,17 @@ def test_defaults_render_the_operator_with_the_app_version_images(helm: Helm) ->
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     (deployment,) = find(docs, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas elect a leader through a Lease in the release's namespace.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert "--leader-election=kubetune-system/kt-kubetune" in container["args"]
+    (budget,) = find(docs, "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    (single,) = find(helm.template("replicas=1"), "Deployment")
+    assert single["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [
+        a for a in single["spec"]["template"]["spec"]["containers"][0]["args"] if "leader" in a
+    ]
     assert {
         d["metadata"]["namespace"] for d in docs if d["kind"] in ("Deployment", "ServiceAccount")
     } == {"kubetune-system"}
@@ -301,7 +313,7 @@ def test_install_creates_the_operator_its_rbac_and_a_restricted_pod(
     rbac = client.RbacAuthorizationV1Api(api_client)
     ns = installed.namespace
     deployment = apps.read_namespaced_deployment(installed.fullname, ns)
-    assert deployment.spec.replicas == 1
+    assert deployment.spec.replicas == 2
     assert deployment.spec.template.spec.service_account_name == installed.account
     assert (
         core.read_namespaced_service_account(installed.account, ns).metadata.labels[

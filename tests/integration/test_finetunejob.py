@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from typing import Any
 
 import pytest
@@ -113,6 +114,7 @@ def test_pods_succeed_then_the_job_succeeds_with_output(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:
     resources.create(FTJ, finetunejob("ok", resources={"nodes": 1, "gpusPerNode": 1}))
+    resources.report_output("ok", "pvc://models/out/ok")  # as the trainer does before it exits
     _finish_pods(
         client.CoreV1Api(api_client), namespace, "ok-train", 1, **{OUTCOME_ANNOTATION: "succeed"}
     )
@@ -122,6 +124,7 @@ def test_pods_succeed_then_the_job_succeeds_with_output(
         "tritonRepositoryUri": "pvc://models/out/ok/triton-repository",
     }
     assert resources.condition(FTJ, "ok", "Succeeded")["status"] == "True"  # type: ignore[index]
+    assert resources.condition(FTJ, "ok", "Ready")["status"] == "True"  # type: ignore[index]
     assert obj["status"]["completionTime"]
 
 
@@ -135,7 +138,7 @@ def test_failing_pods_are_retried_then_the_job_fails_with_the_classified_reason(
     core = client.CoreV1Api(api_client)
     failure = {
         OUTCOME_ANNOTATION: "fail",
-        EXIT_CODE_ANNOTATION: "3",
+        EXIT_CODE_ANNOTATION: "6",  # the trainer's exit code for OutOfMemory
         TERMINATION_MESSAGE_ANNOTATION: "OutOfMemory: CUDA out of memory at batch size 64",
     }
     _finish_pods(core, namespace, "oom-train", 1, **failure)
@@ -145,8 +148,81 @@ def test_failing_pods_are_retried_then_the_job_fails_with_the_classified_reason(
     obj = resources.wait_phase(FTJ, "oom", "Failed")
     assert obj["status"]["failureReason"] == "OutOfMemory"
     assert "CUDA out of memory at batch size 64" in obj["status"]["failureMessage"]
-    assert "exit code 3" in obj["status"]["failureMessage"]
+    assert "exit code 6" in obj["status"]["failureMessage"]
     assert obj["status"]["failed"] == 2
+    assert resources.condition(FTJ, "oom", "Stalled")["status"] == "True"  # type: ignore[index]
+    assert resources.condition(FTJ, "oom", "Ready")["status"] == "False"  # type: ignore[index]
+
+
+def test_a_failure_a_retry_cannot_fix_fails_the_job_at_once(
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+) -> None:
+    """BadData (exit 3): the Job's podFailurePolicy fails it on the first pod, retries left."""
+    body = finetunejob(
+        "bad", resources={"nodes": 1, "gpusPerNode": 1}, runPolicy={"backoffLimit": 3}
+    )
+    resources.create(FTJ, body)
+    core = client.CoreV1Api(api_client)
+    failure = {
+        OUTCOME_ANNOTATION: "fail",
+        EXIT_CODE_ANNOTATION: "3",
+        TERMINATION_MESSAGE_ANNOTATION: "BadData: dataset.labelField: column 'label' is missing",
+    }
+    _finish_pods(core, namespace, "bad-train", 1, **failure)
+    obj = resources.wait_phase(FTJ, "bad", "Failed")
+    assert obj["status"]["failureReason"] == "BadData"
+    assert len(_pods(core, namespace, "bad-train")) == 1  # no retry pod was made
+
+
+def test_the_first_failure_of_a_multi_node_job_is_the_reason(
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+) -> None:
+    """Rank 0 runs out of memory; rank 1 then times out in NCCL: the cause is the first."""
+    body = finetunejob(
+        "ranks", resources={"nodes": 2, "gpusPerNode": 1}, runPolicy={"backoffLimit": 1}
+    )
+    resources.create(FTJ, body)
+    core = client.CoreV1Api(api_client)
+    pods = wait_for(
+        lambda: (p := _pods(core, namespace, "ranks-train")) and len(p) == 2 and p, what="pods"
+    )
+    rank = {p.metadata.annotations["batch.kubernetes.io/job-completion-index"]: p for p in pods}
+    fail = {OUTCOME_ANNOTATION: "fail"}
+    core.patch_namespaced_pod(
+        rank["0"].metadata.name,
+        namespace,
+        {
+            "metadata": {
+                "annotations": fail
+                | {
+                    EXIT_CODE_ANNOTATION: "6",
+                    TERMINATION_MESSAGE_ANNOTATION: "OutOfMemory: CUDA out of memory on rank 0",
+                }
+            }
+        },
+    )
+    wait_for(
+        lambda: (
+            core.read_namespaced_pod(rank["0"].metadata.name, namespace).status.phase == "Failed"
+        ),
+        what="rank 0 to fail",
+    )
+    time.sleep(1.1)  # finishedAt has one-second resolution: rank 1 must fail in a later second
+    core.patch_namespaced_pod(
+        rank["1"].metadata.name,
+        namespace,
+        {
+            "metadata": {
+                "annotations": fail
+                | {
+                    EXIT_CODE_ANNOTATION: "7",
+                    TERMINATION_MESSAGE_ANNOTATION: "NcclTimeout: collective timed out",
+                }
+            }
+        },
+    )
+    obj = resources.wait_phase(FTJ, "ranks", "Failed")
+    assert obj["status"]["failureReason"] == "OutOfMemory", obj["status"]["failureMessage"]
 
 
 def test_more_gpus_than_any_node_has_is_reported_unschedulable(
@@ -330,6 +406,33 @@ def test_what_only_the_operator_can_judge_becomes_ready_false_and_no_children(
     # Another resource in the same namespace is still served.
     resources.create(FTJ, finetunejob("fine", resources={"nodes": 1, "gpusPerNode": 1}))
     resources.wait_phase(FTJ, "fine", "Running")
+
+
+def test_a_child_the_server_refuses_leaves_no_half_built_set(
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+) -> None:
+    """A quota that allows no Job: the Job is refused after the other children were applied,
+    and those are removed again; the FineTuneJob is Stalled and says why."""
+    core = client.CoreV1Api(api_client)
+    core.create_namespaced_resource_quota(
+        namespace, {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
+    )
+    wait_for(
+        lambda: core.read_namespaced_resource_quota("no-jobs", namespace).status.hard or {},
+        what="the quota to be computed",
+    )
+    resources.create(FTJ, finetunejob("quota", resources={"nodes": 1, "gpusPerNode": 1}))
+    cond = wait_for(
+        lambda: (c := resources.condition(FTJ, "quota", "Stalled")) and c["status"] == "True" and c,
+        what="Stalled",
+    )
+    assert cond["reason"] == "ChildRejected" and "exceeded quota" in cond["message"]
+    selector = "kubetune.io/finetunejob=quota"
+    assert not core.list_namespaced_config_map(namespace, label_selector=selector).items
+    assert not core.list_namespaced_service(namespace, label_selector=selector).items
+    assert not core.list_namespaced_service_account(namespace, label_selector=selector).items
+    rbac = client.RbacAuthorizationV1Api(api_client)
+    assert not rbac.list_namespaced_role(namespace, label_selector=selector).items
 
 
 def test_operator_restart_loses_nothing_and_duplicates_nothing(

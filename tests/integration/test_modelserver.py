@@ -134,6 +134,7 @@ def test_waits_for_its_finetunejob_then_serves_and_rolls_out_a_new_run(
         what="WaitingForFineTuneJob",
     )
     assert _read(apps.read_namespaced_deployment, "follow", namespace) is None
+    resources.report_output("trainer", "pvc://models/out/trainer")
     _finish_pods(core, namespace, "trainer-train", 1, **{OUTCOME_ANNOTATION: "succeed"})
     obj = resources.wait_phase(MS, "follow", "Ready")
     first = apps.read_namespaced_deployment("follow", namespace)
@@ -157,6 +158,7 @@ def test_waits_for_its_finetunejob_then_serves_and_rolls_out_a_new_run(
     resources.create(
         "finetunejobs", finetunejob("trainer", resources={"nodes": 1, "gpusPerNode": 1})
     )
+    resources.report_output("trainer", "pvc://models/out/trainer")
     _finish_pods(core, namespace, "trainer-train", 1, **{OUTCOME_ANNOTATION: "succeed"})
     wait_for(
         lambda: (

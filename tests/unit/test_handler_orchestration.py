@@ -146,3 +146,17 @@ def test_a_missing_claim_waits_reconciling_and_builds_nothing(world: Any) -> Non
     assert conds["Reconciling"] == ("True", "MissingDependency")
     assert conds["Stalled"][0] == "False"
     assert not any(key.startswith("apply") for key in kube.writes)
+
+
+def test_an_edit_of_a_finished_job_is_observed_without_training_again(world: Any) -> None:
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    _finish(kube, "Complete")
+    _reconcile(kube, ctx)
+    kube.delete("batch/v1", "Job", "job-train", "ns")
+    body = kube.get(API_VERSION, "FineTuneJob", "job", "ns")
+    body["metadata"]["generation"] = 2  # e.g. runPolicy.ttlSecondsAfterFinished edited
+    kube.put(body)
+    after = _reconcile(kube, ctx)
+    assert after["status"]["observedGeneration"] == 2 and _job(kube) is None

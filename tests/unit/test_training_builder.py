@@ -7,7 +7,8 @@ from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.api.v1alpha1.finetunejob import Phase
-from kubetune.builders.common import child_name
+from kubetune.builders import training
+from kubetune.builders.common import Owner, Settings, child_name
 from kubetune.builders.training import check_spec, dependencies
 from kubetune.builders.training_status import classify_termination, observe
 from kubetune.handlers.common import describe_validation_error
@@ -118,3 +119,41 @@ def test_child_names_stay_dns_labels() -> None:
     assert len(name) <= 52 and name.endswith("-train")
     assert child_name(long, "train", limit=52) == name  # stable
     assert child_name("short", "train") == "short-train"
+
+
+def test_each_location_gets_its_own_credentials() -> None:
+    """An S3 dataset and an S3 output with Secrets of their own: neither's keys stand in for
+    the other's (the trainer reads them by location, api.contract.credentials)."""
+    from kubetune.api.contract import credentials
+
+    ftj = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "creds", "namespace": "ns", "uid": "u"},
+            "spec": {
+                "model": {"source": "hf://org/model", "secretRef": {"name": "hub"}},
+                "dataset": {"source": "s3://data/train.jsonl", "secretRef": {"name": "data-s3"}},
+                "output": {"uri": "s3://models/out", "secretRef": {"name": "out-s3"}},
+            },
+        }
+    )
+    job = training.build_job(ftj, Owner.from_body(ftj.model_dump(by_alias=True)), Settings())
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in env
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert refs["KUBETUNE_DATASET_AWS_ACCESS_KEY_ID"] == {
+        "name": "data-s3",
+        "key": "AWS_ACCESS_KEY_ID",
+        "optional": True,
+    }
+    assert refs["KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID"]["name"] == "out-s3"
+    assert refs["KUBETUNE_MODEL_HF_TOKEN"]["name"] == "hub"
+    assert not {"AWS_ACCESS_KEY_ID", "HF_TOKEN"} & set(refs)
+    pod_env = {"KUBETUNE_DATASET_AWS_ACCESS_KEY_ID": "d", "KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID": "o"}
+    assert credentials("DATASET", pod_env) == {"AWS_ACCESS_KEY_ID": "d"}
+    assert credentials("OUTPUT", pod_env) == {"AWS_ACCESS_KEY_ID": "o"}
+    assert credentials("MODEL", pod_env) == {}

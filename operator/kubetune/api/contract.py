@@ -7,6 +7,7 @@ on one side cannot silently break the other.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum, StrEnum
 
 
@@ -38,10 +39,33 @@ class TrainerEnv(StrEnum):
     TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
 
 
-# Credentials: each source's Secret reaches the trainer under its own prefix, so a dataset's and
-# an output's S3 keys never mix ("KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID").
-CREDENTIAL_ROLES = ("MODEL", "DATASET", "OUTPUT")
+# Credentials: each location's Secret reaches the trainer under its own prefix, so a dataset's and
+# an output's S3 keys never mix ("KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID" from spec.output.secretRef).
+MODEL, DATASET, OUTPUT = "MODEL", "DATASET", "OUTPUT"
+SECRET_KEYS = {
+    "hf": ("HF_TOKEN",),
+    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"),
+}
 
 
 def credential_env(role: str, key: str) -> str:
     return f"KUBETUNE_{role}_{key}"
+
+
+def credentials(role: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The Secret keys given for one location ({"AWS_ACCESS_KEY_ID": ...}), read from `environ`."""
+    keys = {key for scheme in SECRET_KEYS.values() for key in scheme}
+    found = {key: environ.get(credential_env(role, key), "") for key in sorted(keys)}
+    return {key: value for key, value in found.items() if value}
+
+
+# --- issue 10 (pre-flight check): begin
+class PreflightEnv(StrEnum):
+    """What the operator tells the pre-flight pod (`python -m kubetune.trainer preflight`), which
+    answers with one PreflightResult JSON object in its termination message."""
+
+    GPU_MEMORY_BYTES = "KUBETUNE_GPU_MEMORY_BYTES"  # one GPU's memory; absent: not known
+    GPU_MEMORY_SOURCE = "KUBETUNE_GPU_MEMORY_SOURCE"  # where that figure came from
+
+
+# --- issue 10 (pre-flight check): end

@@ -83,6 +83,10 @@ class Settings:
     # status.energyKWh; the chart's values extend it. Unknown products count default_gpu_watts.
     gpu_watts: Mapping[str, float] = field(default_factory=lambda: dict(GPU_WATTS))
     default_gpu_watts: float = 700.0
+    # --- issue 10 (pre-flight check): begin
+    # Run the no-GPU pre-flight Job (sources reachable, memory plan) before the training Job.
+    preflight: bool = False
+    # --- issue 10 (pre-flight check): end
 
 
 def child_name(owner_name: str, suffix: str = "", limit: int = 63) -> str:

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from kubetune.api.contract import NON_RETRYABLE_EXITS
+from kubetune.api.contract import (
+    DATASET,
+    MODEL,
+    NON_RETRYABLE_EXITS,
+    OUTPUT,
+    SECRET_KEYS,
+    credential_env,
+)
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob, FineTuneJobSpec
 from kubetune.api.v1alpha1.trainerconfig import JobRef, ReportingSpec, TrainerConfig, TrainerPaths
 from kubetune.builders.common import (
@@ -41,10 +48,6 @@ PVC_ROOT = "/kubetune/pvc"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TEMPLATE_HASH = "kubetune.io/template-hash"
 FORMAT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-SECRET_KEYS = {
-    "hf": ("HF_TOKEN",),
-    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"),
-}
 
 
 @dataclass(frozen=True)
@@ -217,22 +220,20 @@ def build_service(owner: Owner) -> dict[str, Any]:
 
 
 def _secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """Each location's Secret under its own names (api.contract.credential_env): the dataset's
+    and the output's credentials never stand in for each other."""
     env: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for uri, ref in (
-        (spec.model.source, spec.model.secret_ref),
-        (spec.dataset.source, spec.dataset.secret_ref),
-        (spec.output.uri, spec.output.secret_ref),
+    for role, uri, ref in (
+        (MODEL, spec.model.source, spec.model.secret_ref),
+        (DATASET, spec.dataset.source, spec.dataset.secret_ref),
+        (OUTPUT, spec.output.uri, spec.output.secret_ref),
     ):
         if ref is None:
             continue
         for key in SECRET_KEYS.get(split_uri(uri)[0], ()):
-            if key in seen:
-                continue
-            seen.add(key)
             env.append(
                 {
-                    "name": key,
+                    "name": credential_env(role, key),
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}},
                 }
             )

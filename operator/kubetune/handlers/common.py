@@ -160,35 +160,74 @@ def apply_children(
     children: list[dict[str, Any]],
     dry_run: bool,
     rejected: Callable[[str], Exception],
+    fresh: bool = False,
 ) -> int:
     """Server-side apply, in order, every child whose live object differs from it (see
     `builders.drift`); the ones that already match are not written. A refusal by the server
     (validation, admission) becomes `rejected(message)`; anything else is passing and retried.
     Returns how many were applied.
 
+    `fresh`: the owner is new, so none of its children can exist yet: they are applied without
+    being read first. When the server refuses a child, the ones this call created are deleted
+    again, so bad input leaves no half-built set (an owner whose spec changed gets a dry run of
+    every child first, so that it keeps its working children).
+
     In the dry run that precedes a spec change nothing is persisted, so a child that refers to an
     earlier one (a RoleBinding to its Role, which RBAC looks up) finds it missing: that NotFound
     says nothing about the spec and is let pass; the real apply creates them in order.
     """
     applied = 0
+    created: list[dict[str, Any]] = []
     for child in children:
         meta = child["metadata"]
         what = f"{child['kind']} {meta['name']}"
         try:
-            if not dry_run:
+            live = None
+            if not dry_run and not fresh:
                 live = kube.get(child["apiVersion"], child["kind"], meta["name"], meta["namespace"])
                 if live is not None and not differs(child, live):
                     continue
             _apply_settling(kube, child, dry_run)
             applied += 1
+            if live is None and not dry_run:
+                created.append(child)
         except NotFound:
             if not dry_run:
                 raise kopf.TemporaryError(f"applying {what}: not found", delay=10) from None
         except (Invalid, Forbidden) as err:
+            _delete_all(kube, created)
             raise rejected(f"the API server refused {what}: {err}") from err
         except KubeError as err:
             raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
     return applied
+
+
+def _delete_all(kube: Kube, children: list[dict[str, Any]]) -> None:
+    for child in reversed(children):
+        meta = child["metadata"]
+        try:
+            kube.delete(child["apiVersion"], child["kind"], meta["name"], meta["namespace"])
+        except KubeError:
+            log.warning("could not remove %s %s after a refusal", child["kind"], meta["name"])
+
+
+def refused(body: dict[str, Any]) -> bool:
+    """The current spec was refused (Stalled InvalidSpec or ChildRejected): the children's
+    events (the removal of a refused set among them) must not build it again; a spec change
+    or an operator restart does."""
+    generation = body["metadata"].get("generation")
+    for cond in (body.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == T.STALLED and cond.get("status") == "True":
+            return bool(
+                cond.get("reason") in ("InvalidSpec", "ChildRejected")
+                and cond.get("observedGeneration") == generation
+            )
+    return False
+
+
+def is_new(body: dict[str, Any]) -> bool:
+    """Never reconciled: no status yet, so no children either."""
+    return (body.get("status") or {}).get("observedGeneration") is None
 
 
 def _apply_settling(kube: Kube, child: dict[str, Any], dry_run: bool) -> None:
@@ -239,12 +278,15 @@ def later(ctx: Context | None = None, again: Callable[[], None] | None = None) -
 
 
 def post_event(body: dict[str, Any], warning: bool, reason: str, message: str) -> None:
-    """An Event on the resource; never fails the reconcile (events are best-effort)."""
+    """An Event on the resource; never fails the reconcile (events are best-effort). Posted with
+    kopf.event, which is not subject to the posting level that keeps kopf's own per-handler
+    "succeeded" messages from becoming Events (handlers/lifecycle.py)."""
     try:
-        target = cast(kopf.Body, body)
-        if warning:
-            kopf.warn(target, reason=reason, message=message)
-        else:
-            kopf.info(target, reason=reason, message=message)
+        kopf.event(
+            cast(kopf.Body, body),
+            type="Warning" if warning else "Normal",
+            reason=reason,
+            message=message,
+        )
     except Exception:
         log.debug("could not post event %s", reason, exc_info=True)

@@ -8,17 +8,18 @@ jobs that are Running, to notice a trainer that stopped reporting (no event says
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
 
-from kubetune import metrics
-from kubetune.api.v1alpha1.base import API_VERSION, Condition
+from kubetune import metrics, planner
+from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
 from kubetune.api.v1alpha1.finetunejob import KIND, PLURAL, FineTuneJob, Phase
-from kubetune.api.v1alpha1.reasons import Reason
-from kubetune.builders import training
+from kubetune.api.v1alpha1.reasons import VALIDATED, ConditionType, Reason, ValidatedReason
+from kubetune.builders import preflight, training
 from kubetune.builders.common import FTJ_LABEL, MANAGED_BY, Owner
 from kubetune.builders.drift import differs
 from kubetune.builders.training_status import (
@@ -36,9 +37,11 @@ from kubetune.handlers.common import (
     conditions_of,
     context,
     describe_validation_error,
+    is_new,
     later,
     post_event,
     reconcile_fresh,
+    refused,
     with_conditions,
     write_status,
 )
@@ -95,16 +98,24 @@ def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
 
 def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
     owner = Owner.from_body(body)
+    fresh = is_new(body)
     try:
         ftj = _parse(body)
-        if _finished(body) and _live_job(ctx, owner) is None:
+        live_job = None if fresh else _live_job(ctx, owner)
+        if _finished(body) and live_job is None:
             # Its Job went (ttlSecondsAfterFinished, or a person): the run is over, the status
-            # keeps what it showed. Creating the Job again would train again.
+            # keeps what it showed. Creating the Job again would train again. A later spec edit
+            # is acted on by doing nothing, which observedGeneration says.
+            status = {"observedGeneration": owner.generation}
+            write_status(ctx.kube, KIND, "FineTuneJob", body, status)
             return
         _check_dependencies(ctx, ftj, owner)
         children = _children(ctx, ftj, owner)
-        stale_job = _stale_job(ctx, children[-1])
-        if _spec_changed(body):
+        checking = preflight.wanted(body, ctx.settings.preflight) and live_job is None
+        if checking and not preflight_passed(ctx, body, ftj, owner, children[:-1]):
+            return  # checking (its Job's events come back here), or refused
+        stale_job = _stale_job(live_job, children[-1])
+        if _spec_changed(body) and not fresh:
             _apply_all(ctx, children[:-1] if stale_job else children, dry_run=True)
         if stale_job:
             # A Job's pod template is immutable: a changed template means a new Job, which
@@ -113,12 +124,109 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             post_event(
                 body, False, "Recreating", f"pod template changed; recreating Job {stale_job}"
             )
-        _create_suspended_for_kueue(ctx, ftj, children[-1])
-        _apply_all(ctx, children, dry_run=False)
+            live_job = None
+        if live_job is None:
+            _create_suspended_for_kueue(ctx, ftj, children[-1])
+        _apply_all(ctx, children, dry_run=False, fresh=fresh)
     except SpecRejected as err:
         _report_rejected(ctx, body, owner, err)
         return
     refresh_status(ctx, body, ftj)
+
+
+def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
+    """A child went or drifted: restore it, unless the spec was refused (then the children's
+    removal is what the refusal did, and building them again would loop)."""
+    if not refused(body):
+        _reconcile_locked(ctx, body)
+
+
+# -- issue 10: the pre-flight check, before any GPU is held ----------------------------------
+
+
+def preflight_passed(
+    ctx: Context, body: dict[str, Any], ftj: FineTuneJob, owner: Owner, setup: list[dict[str, Any]]
+) -> bool:
+    """True when the pre-flight Job's verdict lets the training Job be created.
+
+    Until then the Job runs (with the ConfigMap and the rest of `setup` it needs) and the status
+    says Validated=Unknown; a refusal is Validated=False and Stalled, and no training Job is
+    made. A changed spec or GPU size is checked again (the Job's digest differs)."""
+    res = ftj.spec.resources
+    nodes = [
+        view.get("labels") or {}
+        for view in ctx.indexes.node_list()
+        if (view.get("gpus") or {}).get(res.gpu_resource_name)
+        and all((view.get("labels") or {}).get(k) == v for k, v in res.node_selector.items())
+    ]
+    size, source = planner.device_memory(ftj.spec, nodes)
+    job = preflight.build_preflight_job(ftj, owner, ctx.settings, size, source)
+    name, namespace = job["metadata"]["name"], owner.namespace
+    live = ctx.kube.get("batch/v1", "Job", name, namespace)
+    if live is not None and preflight.checked_digest(live) != preflight.checked_digest(job):
+        ctx.kube.delete("batch/v1", "Job", name, namespace)  # its DELETED event comes back
+        return False
+    if live is None:
+        _apply_all(ctx, [*setup, job], dry_run=False)
+        message = "the pre-flight pod checks the sources and plans memory"
+        _write_preflight(
+            ctx,
+            body,
+            owner,
+            [
+                (VALIDATED, ConditionStatus.UNKNOWN, ValidatedReason.CHECKING, message),
+                (ConditionType.READY, False, ValidatedReason.CHECKING, message),
+                (ConditionType.RECONCILING, True, ValidatedReason.CHECKING, message),
+                (ConditionType.STALLED, False, "AsExpected", ""),
+            ],
+            {"phase": Phase.PENDING.value},
+        )
+        return False
+    finished = (live.get("status") or {}).get("succeeded") or (live.get("status") or {}).get(
+        "failed"
+    )
+    pods = (
+        ctx.kube.list("v1", "Pod", namespace, f"batch.kubernetes.io/job-name={name}")
+        if finished
+        else []
+    )
+    result = preflight.outcome(live, pods)
+    if result is None:
+        return False
+    plan = result.plan.to_wire() if result.plan else None
+    if result.validated:
+        _write_preflight(
+            ctx, body, owner, [(VALIDATED, True, result.reason, result.message)], {"plan": plan}
+        )
+        return True
+    updates = [
+        *rejected_conditions(result.reason, result.message),
+        (VALIDATED, False, result.reason, result.message),
+    ]
+    status = {
+        "phase": Phase.FAILED.value,
+        "observedGeneration": owner.generation,
+        "failureReason": str(result.reason),
+        "failureMessage": result.message,
+        "plan": plan,
+    }
+    if _write_preflight(ctx, body, owner, updates, status):
+        post_event(body, True, str(result.reason), result.message)
+    return False
+
+
+def _write_preflight(
+    ctx: Context,
+    body: dict[str, Any],
+    owner: Owner,
+    updates: Sequence[tuple[str, bool | ConditionStatus, str, str]],
+    fields: dict[str, Any],
+) -> bool:
+    conditions = with_conditions(conditions_of(body), owner.generation, updates)
+    status = {**fields, "conditions": _wire(conditions)}
+    written = write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+    body["status"] = {**(body.get("status") or {}), **status}  # what follows builds on it
+    return written
 
 
 def _refresh_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -173,9 +281,9 @@ def _create_suspended_for_kueue(ctx: Context, ftj: FineTuneJob, job: dict[str, A
     """Kueue admits a Job by unsuspending it, so the Job must be created suspended. The field is
     applied once, under a field manager of its own: kubetune's applies leave it out, so they
     neither undo Kueue's decision nor make the server drop the field (back to false), which is
-    what happens to a field its only applier stops sending."""
+    what happens to a field its only applier stops sending. Called only when no Job exists."""
     meta = job["metadata"]
-    if not _kueue_decides(ftj) or ctx.kube.get("batch/v1", "Job", meta["name"], meta["namespace"]):
+    if not _kueue_decides(ftj):
         return
     suspended = {**job, "spec": {**job["spec"], "suspend": True}}
     try:
@@ -186,13 +294,12 @@ def _create_suspended_for_kueue(ctx: Context, ftj: FineTuneJob, job: dict[str, A
         ) from err
 
 
-def _stale_job(ctx: Context, job: dict[str, Any]) -> str | None:
+def _stale_job(live: dict[str, Any] | None, job: dict[str, Any]) -> str | None:
     """The name of the live Job when its pod template differs from the one we would build."""
-    meta = job["metadata"]
-    live = ctx.kube.get("batch/v1", "Job", meta["name"], meta["namespace"])
     if live is None:
         return None
     live_hash = (live["metadata"].get("annotations") or {}).get(training.TEMPLATE_HASH)
+    meta = job["metadata"]
     return None if live_hash == meta["annotations"][training.TEMPLATE_HASH] else str(meta["name"])
 
 
@@ -201,12 +308,15 @@ def _spec_changed(body: dict[str, Any]) -> bool:
     return bool(observed != body["metadata"].get("generation"))
 
 
-def _apply_all(ctx: Context, children: list[dict[str, Any]], dry_run: bool) -> None:
+def _apply_all(
+    ctx: Context, children: list[dict[str, Any]], dry_run: bool, fresh: bool = False
+) -> None:
     apply_children(
         ctx.kube,
         children,
         dry_run,
         lambda message: SpecRejected(Reason.CHILD_REJECTED, message),
+        fresh=fresh,
     )
 
 
@@ -364,17 +474,20 @@ def _drifted(ctx: Context, parent: dict[str, Any], obj: dict[str, Any]) -> bool:
 
 def _child_event(ctx: Context, event: dict[str, Any]) -> None:
     """A child changed. Events of the initial listing (type None) are skipped: the resume
-    handler reconciles every FineTuneJob once at start-up anyway."""
+    handler reconciles every FineTuneJob once at start-up anyway. So are the creations of
+    children (ADDED, but for pods, which the Job controller creates): they are kubetune's own."""
     kind = event.get("type")
     obj = event.get("object") or {}
-    if kind is None:
-        return
+    if kind is None or (kind == "ADDED" and obj.get("kind") != "Pod"):
+        return  # a child's creation is the reconcile's own write, which refreshes the status
     with later():
         parent = _owner_body(ctx, obj)
-        if parent is None or parent["metadata"].get("deletionTimestamp"):
+        if parent is None or parent["metadata"].get("deletionTimestamp") or refused(parent):
             return
         if kind == "DELETED" or (obj.get("kind") != "Pod" and _drifted(ctx, parent, obj)):
-            reconcile_body(ctx, parent)
+            reconcile_fresh(ctx, KIND, parent, _restore_locked)
+        elif preflight.is_preflight_job(obj):
+            reconcile_body(ctx, parent)  # a verdict decides whether the training Job comes
         elif obj.get("kind") in ("Pod", "Job"):
             reconcile_fresh(ctx, KIND, parent, _refresh_locked)
 

@@ -23,7 +23,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
-    settings.posting.level = logging.INFO
+    # kopf's own log lines ("Handler 'reconcile' succeeded") become Events only from WARNING up:
+    # at INFO every reconcile and timer tick would be a write. kubetune's Events (one per
+    # condition transition) are posted explicitly.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
@@ -34,6 +37,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         settings=Settings(
             trainer_image=os.environ.get("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
             fetcher_image=os.environ.get("KUBETUNE_FETCHER_IMAGE", defaults.fetcher_image),
+            preflight=os.environ.get("KUBETUNE_PREFLIGHT", "") in ("1", "true"),
         ),
     )
 

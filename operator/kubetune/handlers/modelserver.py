@@ -42,8 +42,10 @@ from kubetune.handlers.common import (
     conditions_of,
     context,
     describe_validation_error,
+    is_new,
     later,
     reconcile_fresh,
+    refused,
     with_conditions,
     write_status,
 )
@@ -85,9 +87,10 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         model = _rollout_target(body, wanted)
         spare = _spare_gpus(ctx, ms)
         children, absent = serving.build_children(ms, owner, model, ctx.settings, spare)
-        if (body.get("status") or {}).get("observedGeneration") != owner.generation:
+        fresh = is_new(body)
+        if (body.get("status") or {}).get("observedGeneration") != owner.generation and not fresh:
             _apply_all(ctx, children, dry_run=True)
-        _apply_all(ctx, children, dry_run=False)
+        _apply_all(ctx, children, dry_run=False, fresh=fresh)
         for api_version, kind in absent:
             if ctx.kube.get(api_version, kind, owner.name, owner.namespace) is not None:
                 ctx.kube.delete(api_version, kind, owner.name, owner.namespace)
@@ -208,12 +211,15 @@ def _eligible(
     return True
 
 
-def _apply_all(ctx: Context, children: list[dict[str, Any]], dry_run: bool) -> None:
+def _apply_all(
+    ctx: Context, children: list[dict[str, Any]], dry_run: bool, fresh: bool = False
+) -> None:
     apply_children(
         ctx.kube,
         children,
         dry_run,
         lambda message: NotServable("ChildRejected", message, Phase.FAILED),
+        fresh=fresh,
     )
 
 
@@ -429,7 +435,14 @@ def _reconcile_soon(ctx: Context, server: dict[str, Any]) -> None:
     """Reconcile now; a passing failure is retried after its delay (event handlers are not
     retried by kopf, and there is no timer to catch up)."""
     with later(ctx, lambda: _reconcile_soon(ctx, server)):
-        reconcile_body(ctx, server)
+        reconcile_fresh(ctx, KIND, server, _restore_locked)
+
+
+def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
+    """See finetunejob._restore_locked: a refused spec is not built again by its children's
+    events."""
+    if not refused(body):
+        _reconcile_locked(ctx, body)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_SELECTOR)
@@ -444,7 +457,11 @@ def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
         return
     ctx = context(memo, kwargs)
     parent = _parent(ctx, _object(event))
-    if parent is not None and not parent["metadata"].get("deletionTimestamp"):
+    if (
+        parent is not None
+        and not parent["metadata"].get("deletionTimestamp")
+        and not refused(parent)
+    ):
         _reconcile_soon(ctx, parent)
 
 

@@ -1,4 +1,4 @@
-"""Entry point: `python -m kubetune.trainer [--config PATH]`.
+"""Entry point: `python -m kubetune.trainer [train|preflight] [--config PATH]`.
 
 Turns every outcome into an exit code and, on failure, into the pod's termination message, so the
 operator learns why a pod failed without reading its logs. Exit codes: see errors.ExitCode.
@@ -26,6 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(config_path(args.config))
+        if args.command == "preflight":
+            from kubetune.trainer.preflight import preflight  # no torch: a small CPU pod
+
+            preflight(config)
+            return 0
         from kubetune.trainer.run import run  # torch loads after the config parses
 
         run(config)

@@ -27,6 +27,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Fine-tune a model as a FineTuneJob's training process (see docs/trainer.md).",
     )
     parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["train", "preflight"],
+        default="train",
+        help="train (default), or preflight: check sources and plan memory, without GPUs",
+    )
+    parser.add_argument(
         "--config",
         default=None,
         help=f"TrainerConfig JSON file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH})",

@@ -11,6 +11,7 @@ error point at a line number.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import importlib
 import json
@@ -61,11 +62,21 @@ class CausalData:
 
 
 @dataclass(frozen=True)
+class ChatData:
+    conversations: list[list[dict[str, str]]]  # each a list of {role, content} turns
+
+
+@dataclass(frozen=True)
 class Example:
-    """One tokenized example: input ids and its target (a class id, or per-token labels)."""
+    """One tokenized example: input ids and its target (a class id, or per-token labels).
+
+    A packed example (several short ones in one sequence) has `position_ids` that restart at 0
+    for each example inside it; the model then keeps attention within each of them.
+    """
 
     input_ids: list[int]
     target: int | list[int]
+    position_ids: list[int] | None = None
 
 
 # --------------------------------------------------------------------------- reading
@@ -255,6 +266,45 @@ def causal_data(table: Table, spec: DatasetSpec) -> CausalData:
     return CausalData(texts, responses)
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_data(table: Table, spec: DatasetSpec) -> ChatData:
+    """Conversations from `spec.dataset.messagesField`: lists of {role, content} turns with at
+    least one assistant turn (the only text the model is trained to produce)."""
+    assert spec.messages_field is not None
+    field = spec.messages_field
+    conversations: list[list[dict[str, str]]] = []
+    for index, row in enumerate(table.rows):
+        if field not in row:
+            raise _field_error(table, index, field, "messagesField", "is missing")
+        turns = row[field]
+        if not isinstance(turns, list) or not turns:
+            raise _field_error(
+                table, index, field, "messagesField", "is not a non-empty list of turns"
+            )
+        conversation: list[dict[str, str]] = []
+        for number, turn in enumerate(turns):
+            role = turn.get("role") if isinstance(turn, dict) else None
+            content = turn.get("content") if isinstance(turn, dict) else None
+            if role not in CHAT_ROLES or not isinstance(content, str):
+                raise _field_error(
+                    table,
+                    index,
+                    field,
+                    "messagesField",
+                    f"turn {number} is not {{role: {'|'.join(CHAT_ROLES)}, content: string}}: "
+                    f"{turn!r:.200}",
+                )
+            conversation.append({"role": role, "content": content})
+        if not any(t["role"] == "assistant" and t["content"].strip() for t in conversation):
+            raise _field_error(
+                table, index, field, "messagesField", "has no assistant turn to learn from"
+            )
+        conversations.append(conversation)
+    return ChatData(conversations)
+
+
 # --------------------------------------------------------------------------- splitting
 
 
@@ -315,6 +365,114 @@ def tokenize_causal(
         kept_prompt = list(prompt)[-(max_length - len(answer)) :]
         examples.append(Example(kept_prompt + answer, [IGNORE_INDEX] * len(kept_prompt) + answer))
     return examples
+
+
+def tokenize_chat(
+    tokenizer: Any, data: ChatData, indices: Sequence[int], max_length: int
+) -> list[Example]:
+    """Conversations rendered with the tokenizer's chat template; loss on assistant tokens only.
+
+    Each assistant turn's characters are found by rendering the conversation up to that turn
+    twice, with the generation prompt and with the turn itself; tokens whose characters fall in
+    such a span keep their label (the template's end-of-turn token too, so the model learns to
+    stop), every other token is IGNORE_INDEX. This works with any template that renders a
+    conversation prefix by prefix, which needs no `{% generation %}` markers in it.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "spec.dataset.messagesField needs a tokenizer with a chat template "
+            "(chat_template in tokenizer_config.json or chat_template.jinja); this model's "
+            "tokenizer has none"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("spec.dataset.messagesField needs a fast tokenizer (tokenizer.json)")
+    examples: list[Example] = []
+    for i in indices:
+        conversation = data.conversations[i]
+        text, spans = _render_chat(tokenizer, conversation)
+        encoded = tokenizer(
+            text,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            truncation=True,
+            max_length=max_length,
+        )
+        ids = list(encoded["input_ids"])
+        labels = [
+            token if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+            for token, (start, _) in zip(ids, encoded["offset_mapping"], strict=True)
+        ]
+        examples.append(Example(ids, labels))
+    return examples
+
+
+def _render_chat(
+    tokenizer: Any, conversation: list[dict[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
+    def render(turns: list[dict[str, str]], prompt: bool) -> str:
+        return str(
+            tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+        )
+
+    text = render(conversation, False)
+    spans: list[tuple[int, int]] = []
+    for k, turn in enumerate(conversation):
+        if turn["role"] != "assistant":
+            continue
+        before, through = (
+            render(conversation[:k], True) if k else "",
+            render(conversation[: k + 1], False),
+        )
+        if not (text.startswith(before) and text.startswith(through)):
+            raise ConfigError(
+                "the tokenizer's chat template does not render a conversation prefix by prefix, "
+                "so the assistant's turns cannot be told apart for the loss"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
+    """Short causal-LM examples packed into sequences of at most `max_length` tokens.
+
+    Best-fit decreasing bins (deterministic), each flattened by transformers'
+    `DataCollatorWithFlattening`: concatenated ids, position ids restarting at 0 per example
+    (from which the model builds a block-diagonal causal mask: no example sees another), and the
+    first label of each example masked, so no token is predicted across a boundary.
+    """
+    from transformers import DataCollatorWithFlattening
+
+    flatten = DataCollatorWithFlattening(  # type: ignore[no-untyped-call]
+        return_tensors="np", separator_id=IGNORE_INDEX
+    )
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
+    for index in order:
+        size = len(examples[index].input_ids)
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            room, target = free.pop(at)
+            bins[target].append(index)
+        else:
+            room, target = max_length, len(bins)
+            bins.append([index])
+        if room - size > 0:
+            bisect.insort(free, (room - size, target))
+    packed: list[Example] = []
+    for members in bins:
+        features = [
+            {"input_ids": examples[i].input_ids, "labels": examples[i].target} for i in members
+        ]
+        batch = flatten(features)
+        packed.append(
+            Example(
+                batch["input_ids"][0].tolist(),
+                batch["labels"][0].tolist(),
+                batch["position_ids"][0].tolist(),
+            )
+        )
+    return packed
 
 
 # --------------------------------------------------------------------------- batching

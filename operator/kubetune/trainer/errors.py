@@ -133,10 +133,14 @@ def write_termination_message(reason: Reason, message: str, path: Path | None = 
     Outside a pod /dev/termination-log usually does not exist and its directory is not writable
     by an ordinary user: a local run must not fail because of that.
     """
+    return write_termination_text(f"{reason}: {message}"[:MAX_TERMINATION_MESSAGE], path)
+
+
+def write_termination_text(body: str, path: Path | None = None) -> bool:
+    """Writes `body` as the termination message (see write_termination_message)."""
     target = path or termination_log_path()
     if not os.access(target.parent, os.W_OK):
         return False
-    body = f"{reason}: {message}"[:MAX_TERMINATION_MESSAGE]
     try:
         target.write_text(body + "\n", encoding="utf-8")
     except OSError:

@@ -13,7 +13,6 @@ merged copy packaged into the repository, because the serving side never imports
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -25,9 +24,10 @@ from typing import Any
 import torch
 
 import kubetune
+from kubetune.api.contract import OUTPUT
 from kubetune.api.v1alpha1.finetunejob import Method, OutputStatus
 from kubetune.api.v1alpha1.trainerconfig import TrainerConfig
-from kubetune.trainer.errors import ConfigError
+from kubetune.trainer.sources import s3_client
 
 METADATA_FILE = "kubetune-model.json"
 METADATA_FORMAT = "kubetune.io/model/v1"
@@ -163,16 +163,10 @@ def _clear_previous_export(output: Path) -> None:
 
 
 def upload(folder: Path, uri: str) -> None:
-    """Copies the output folder to s3://bucket/prefix (paths.uploadUri) with boto3."""
-    try:
-        boto3 = importlib.import_module("boto3")
-    except ImportError as exc:
-        raise ConfigError(
-            f"uploading to {uri} (paths.uploadUri) needs the 'boto3' package, which is not "
-            "installed in the trainer image"
-        ) from exc
+    """Copies the output folder to s3://bucket/prefix (paths.uploadUri) with boto3, with the
+    output's own credentials (spec.output.secretRef)."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    client = s3_client(OUTPUT)
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not any(
             part.startswith(".") for part in path.relative_to(folder).parts

@@ -60,12 +60,21 @@ def collate(examples: Sequence[Example], pad_id: int, multiple: int) -> dict[str
         if per_token
         else torch.tensor([e.target for e in examples], dtype=torch.long)
     )
+    packed = examples[0].position_ids is not None
+    positions = torch.arange(width, dtype=torch.long).repeat(count, 1) if packed else None
     for row, example in enumerate(examples):
         length = len(example.input_ids)
         input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
         mask[row, :length] = 1
         if per_token:
             labels[row, :length] = torch.tensor(example.target, dtype=torch.long)
+        if positions is not None and example.position_ids is not None:
+            positions[row, :length] = torch.tensor(example.position_ids, dtype=torch.long)
+            positions[row, length:] -= length  # the padding: one more segment of its own
+    if (
+        positions is not None
+    ):  # no attention mask: the model keeps attention within each example from these
+        return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

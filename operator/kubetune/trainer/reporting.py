@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +27,7 @@ from kubetune.trainer import events
 
 FIELD_MANAGER = "kubetune-trainer"
 REQUEST_TIMEOUT_S = 10.0
+HEARTBEAT_SECONDS = 60.0  # well inside runPolicy.heartbeatTimeoutSeconds (at least 30, default 900)
 WARN_EVERY = 20  # after the first failed write, warn again only every this many failures
 
 
@@ -54,11 +57,15 @@ class StatusWriter:
         return self._enabled and time.monotonic() - self._last_sent >= self.min_interval
 
     def submit(self, status: dict[str, Any]) -> None:
-        """Queues status fields; a later value of the same field replaces an unsent one."""
+        """Queues status fields; a later value of the same field replaces an unsent one (objects
+        merge, so a heartbeat does not drop an unsent progress report)."""
         if not self._enabled:
             return
         with self._cond:
-            self._pending.update(status)
+            for key, value in status.items():
+                before = self._pending.get(key)
+                merge = isinstance(before, dict) and isinstance(value, dict)
+                self._pending[key] = {**before, **value} if merge else value  # type: ignore[dict-item]
             self._cond.notify()
 
     def close(self, timeout: float = REQUEST_TIMEOUT_S * 2) -> None:
@@ -196,6 +203,33 @@ class Reporter:
         events.emit("checkpoint", step=step, path=path)
         if self.status:
             self.status.submit({"lastCheckpoint": record.to_wire()})
+
+    @contextmanager
+    def beating(self, what: str) -> Iterator[None]:
+        """While the trainer downloads, evaluates or exports (no steps, so no progress reports),
+        a heartbeat every HEARTBEAT_SECONDS tells the operator it is alive. Training itself beats
+        with its progress reports, so a hung step is not hidden by a background thread."""
+        if not (self.is_main and self.status):
+            yield
+            return
+        done = threading.Event()
+
+        def beat() -> None:
+            while True:
+                stamp = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+                assert self.status is not None
+                self.status.submit({"progress": {"lastHeartbeat": stamp}})
+                if done.wait(HEARTBEAT_SECONDS):
+                    return
+
+        events.emit("phase", what=what)
+        thread = threading.Thread(target=beat, name="kubetune-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(REQUEST_TIMEOUT_S)
 
     def output(self, output: OutputStatus, progress: Progress) -> None:
         if self.is_main and self.status:

@@ -78,15 +78,18 @@ def _run(
     job = set_up(config, ctx, stop, reporter)
     result = job.loop.run(job.start)
     output = None
+    if config.spec.task == Task.CAUSAL_LM:
+        set_use_cache(job.loop.trainee.model, True)
     if ctx.is_main:
-        output = export(
-            config,
-            model=job.loop.trainee.model,
-            tokenizer=job.tokenizer,
-            labels=job.prepared.labels,
-            metrics=result.metrics,
-            steps=result.position.step,
-        )
+        with reporter.beating("exporting the model"):
+            output = export(
+                config,
+                model=job.loop.trainee.model,
+                tokenizer=job.tokenizer,
+                labels=job.prepared.labels,
+                metrics=result.metrics,
+                steps=result.position.step,
+            )
         events.emit("exported", path=config.paths.output, output=output.to_wire())
         reporter.output(output, result.progress)
     ctx.barrier()  # nobody exits (and tears the group down) while rank 0 still exports
@@ -116,8 +119,9 @@ def set_up(config: TrainerConfig, ctx: DistContext, stop: StopAgreement, reporte
     spec, hp = config.spec, config.spec.hyperparameters
     checkpointer = Checkpointer(Path(config.paths.checkpoints), spec.checkpointing.keep_last)
     resume = load_resume(ctx, checkpointer)
-    table = read_data(config, ctx)
-    with ctx.local_main_first():
+    with reporter.beating("fetching the dataset"):
+        table = read_data(config, ctx)
+    with ctx.local_main_first(), reporter.beating("fetching the model"):
         model_dir = fetch_model(config.paths.model, spec.model.revision)
     tokenizer = modeling.load_tokenizer(model_dir)
     prepared = prepare(config, table, tokenizer, resume.meta.labels if resume else None)
@@ -197,15 +201,21 @@ def prepare(
             data.tokenize_classification(tokenizer, classes, val_idx, hp.max_seq_length),
             classes.labels,
         )
-    texts = data.causal_data(table, spec.dataset)
     train_idx, val_idx = data.split_indices(
         len(table.rows), None, spec.dataset.validation_split, hp.seed
     )
-    return Prepared(
-        data.tokenize_causal(tokenizer, texts, train_idx, hp.max_seq_length),
-        data.tokenize_causal(tokenizer, texts, val_idx, hp.max_seq_length),
-        None,
-    )
+    if spec.dataset.messages_field:
+        chats = data.chat_data(table, spec.dataset)
+        train = data.tokenize_chat(tokenizer, chats, train_idx, hp.max_seq_length)
+        validation = data.tokenize_chat(tokenizer, chats, val_idx, hp.max_seq_length)
+    else:
+        texts = data.causal_data(table, spec.dataset)
+        train = data.tokenize_causal(tokenizer, texts, train_idx, hp.max_seq_length)
+        validation = data.tokenize_causal(tokenizer, texts, val_idx, hp.max_seq_length)
+    if hp.packing:
+        train = data.pack(train, hp.max_seq_length)
+        validation = data.pack(validation, hp.max_seq_length)
+    return Prepared(train, validation, None)
 
 
 def build_trainee(
@@ -223,6 +233,10 @@ def build_trainee(
     autocast_dtype = modeling.resolve_precision(spec.hyperparameters.precision, ctx.device)
     torch.manual_seed(spec.hyperparameters.seed)  # the same new head on every rank
     model = modeling.build_model(model_dir, spec, labels, pad_token_id, autocast_dtype)
+    if spec.task == Task.CAUSAL_LM:
+        # Training needs no KV cache, and with one transformers ignores packed sequences'
+        # boundaries (position ids); the export turns it back on for generation.
+        set_use_cache(model, False)
     if resume is not None and ctx.is_main:
         modeling.load_trainable_state(model, resume.model, lora)
     model = model.to(ctx.device)
@@ -237,6 +251,12 @@ def build_trainee(
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     scheduler = modeling.build_scheduler(optimizer, spec.hyperparameters.warmup_ratio, steps)
     return Trainee(model, forward, optimizer, scheduler, scaler, autocast_dtype, lora)
+
+
+def set_use_cache(model: torch.nn.Module, on: bool) -> None:
+    config: Any = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = on
 
 
 def restore_training(

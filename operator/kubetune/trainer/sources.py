@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.contract import DATASET, MODEL, credentials
 from kubetune.trainer.errors import (
     AccessDeniedError,
     BadDataError,
@@ -35,9 +37,9 @@ def cache_dir(uri: str) -> Path:
 def fetch_model(location: str, revision: str | None) -> Path:
     """A local folder holding the checkpoint (config.json and weights)."""
     if location.startswith("hf://"):
-        path = _hf_snapshot(location.removeprefix("hf://"), revision, "model", None)
+        path = _hf_snapshot(location.removeprefix("hf://"), revision, "model", None, MODEL)
     elif location.startswith("s3://"):
-        path = _s3_download(location, "model")
+        path = _s3_download(location, "model", MODEL)
     else:
         path = _local(location, "model")
     if not path.is_dir():
@@ -54,9 +56,9 @@ def fetch_dataset(location: str) -> Path:
     if location.startswith("hf://"):
         parts = location.removeprefix("hf://").removeprefix("datasets/").split("/")
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
-        return _hf_snapshot(repo, None, "dataset", filename)
+        return _hf_snapshot(repo, None, "dataset", filename, DATASET)
     if location.startswith("s3://"):
-        return _s3_download(location, "dataset")
+        return _s3_download(location, "dataset", DATASET)
     return _local(location, "dataset")
 
 
@@ -73,10 +75,12 @@ def _local(location: str, what: str) -> Path:
 # --------------------------------------------------------------------------- Hugging Face hub
 
 
-def _hf_snapshot(repo: str, revision: str | None, repo_type: str, filename: str | None) -> Path:
+def _hf_snapshot(
+    repo: str, revision: str | None, repo_type: str, filename: str | None, role: str
+) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    token = os.environ.get("HF_TOKEN") or None
+    token = credentials(role, os.environ).get("HF_TOKEN") or None
     try:
         if filename:
             return Path(
@@ -117,7 +121,9 @@ def _hf_error(exc: Exception, repo: str, revision: str | None, repo_type: str) -
 # --------------------------------------------------------------------------- S3
 
 
-def _s3_client() -> Any:
+def s3_client(role: str) -> Any:
+    """A boto3 S3 client with the credentials of one location (spec.<location>.secretRef);
+    without them, boto3's own chain (an IAM role for the pod's ServiceAccount, for example)."""
     try:
         boto3 = importlib.import_module("boto3")  # optional: only images that read s3://
     except ImportError as exc:
@@ -125,12 +131,19 @@ def _s3_client() -> Any:
             "an s3:// source needs the 'boto3' package, which is not installed in the trainer "
             "image (pip install boto3)"
         ) from exc
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    given = credentials(role, os.environ)
+    return boto3.client(
+        "s3",
+        endpoint_url=given.get("AWS_ENDPOINT_URL") or None,
+        aws_access_key_id=given.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=given.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=given.get("AWS_SESSION_TOKEN"),
+    )
 
 
-def _s3_download(uri: str, what: str) -> Path:
+def _s3_download(uri: str, what: str, role: str) -> Path:
     """Downloads one object, or every object under a prefix, into the URI's cache folder."""
-    client = _s3_client()
+    client = s3_client(role)
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     target = cache_dir(uri)
     field = f"spec.{what}.source"
@@ -148,18 +161,83 @@ def _s3_download(uri: str, what: str) -> Path:
     except TrainerError:
         raise
     except Exception as exc:
-        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or (
-            type(exc).__name__ == "NoCredentialsError"
-        ):
-            raise AccessDeniedError(f"S3 refused {uri} ({field}): {exc}") from exc
-        if code in ("NoSuchBucket", "NoSuchKey", "404"):
-            raise (ModelNotFoundError if what == "model" else BadDataError)(
-                f"{uri} ({field}) does not exist: {exc}"
-            ) from exc
-        raise
+        raise _s3_error(exc, uri, what) from exc
     single = len(keys) == 1 and keys[0] == key
     return target / Path(key).name if single else target
+
+
+def _s3_error(exc: Exception, uri: str, what: str) -> Exception:
+    field = f"spec.{what}.source"
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or (
+        type(exc).__name__ == "NoCredentialsError"
+    ):
+        return AccessDeniedError(f"S3 refused {uri} ({field}): {exc}")
+    if code in ("NoSuchBucket", "NoSuchKey", "404"):
+        missing = ModelNotFoundError if what == "model" else BadDataError
+        return missing(f"{uri} ({field}) does not exist: {exc}")
+    return exc
+
+
+# --------------------------------------------------------------------------- pre-flight probes
+
+
+def probe_model_config(location: str, revision: str | None) -> dict[str, Any]:
+    """The model's config.json alone, without the weights: it proves that the source exists and
+    that the credentials open it, and it is all the memory planner needs."""
+    if location.startswith("hf://"):
+        path = _hf_snapshot(location.removeprefix("hf://"), revision, "model", "config.json", MODEL)
+    elif location.startswith("s3://"):
+        path = _s3_download(location.rstrip("/") + "/config.json", "model", MODEL)
+    else:
+        folder = _local(location, "model")
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"model folder {folder} (paths.model) does not exist")
+        path = folder / "config.json"
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"model folder {folder} (paths.model) has no config.json: not a Hugging Face "
+                "checkpoint"
+            )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"the model's config.json ({location}) is unreadable: {exc}"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"the model's config.json ({location}) is not a JSON object")
+    return config
+
+
+def probe_dataset(location: str) -> Path | None:
+    """A local dataset's path (the caller validates its rows); for hf:// and s3:// only that
+    the data exists and the credentials open it, from metadata (nothing is downloaded)."""
+    if location.startswith("hf://"):
+        parts = location.removeprefix("hf://").removeprefix("datasets/").split("/")
+        repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        from huggingface_hub import HfApi
+
+        try:
+            token = credentials(DATASET, os.environ).get("HF_TOKEN") or None
+            info = HfApi(token=token).dataset_info(repo)
+        except Exception as exc:
+            raise _hf_error(exc, repo, None, "dataset") from exc
+        files = [sibling.rfilename for sibling in info.siblings or []]
+        if filename and filename not in files:
+            raise BadDataError(f"hf://{repo} (spec.dataset.source) has no file {filename}")
+        return None
+    if location.startswith("s3://"):
+        client = s3_client(DATASET)
+        bucket, _, key = location.removeprefix("s3://").partition("/")
+        try:
+            keys = _s3_keys(client, bucket, key)
+        except Exception as exc:
+            raise _s3_error(exc, location, "dataset") from exc
+        if not keys:
+            raise BadDataError(f"nothing found at {location} (spec.dataset.source)")
+        return None
+    return _local(location, "dataset")
 
 
 def _s3_keys(client: Any, bucket: str, key: str) -> list[str]:

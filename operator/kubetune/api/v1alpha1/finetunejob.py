@@ -114,6 +114,18 @@ class DatasetSpec(ApiModel):
     secret_ref: SecretRef | None = Field(
         default=None, description="Secret with credentials for the source (see model.secretRef)."
     )
+    # --- issue 10 (chat data): begin
+    messages_field: str | None = Field(
+        default=None,
+        description=(
+            "Column with a conversation: a list of {role, content} turns (system, user, "
+            "assistant). Rendered with the tokenizer's chat template; only the assistant's "
+            "tokens are trained on. causal-lm only; textField and labelField are then unused."
+        ),
+        min_length=1,
+        max_length=128,
+    )
+    # --- issue 10 (chat data): end
 
 
 class LoraSpec(ApiModel):
@@ -155,6 +167,15 @@ class Hyperparameters(ApiModel):
         default=Precision.AUTO,
         description="bf16, fp16 or fp32 autocast; auto picks bf16 where the GPU has it, else fp32.",
     )
+    # --- issue 10 (packing): begin
+    packing: bool = Field(
+        default=False,
+        description=(
+            "Pack short examples into sequences of up to maxSeqLength tokens (causal-lm). "
+            "Attention stays within each example: position ids restart per example."
+        ),
+    )
+    # --- issue 10 (packing): end
 
 
 class ResourcesSpec(SchedulingSpec):
@@ -179,6 +200,15 @@ class ResourcesSpec(SchedulingSpec):
     shm_size: Quantity = Field(
         default="2Gi", description="Size of /dev/shm (a memory-backed volume) for data loaders."
     )
+    # --- issue 10 (memory plan): begin
+    gpu_memory: Quantity | None = Field(
+        default=None,
+        description=(
+            "Memory of one GPU (e.g. 80Gi) that the pre-flight memory plan compares with; "
+            "default: the nvidia.com/gpu.memory label (MiB) of the nodes the job may use."
+        ),
+    )
+    # --- issue 10 (memory plan): end
 
 
 class OutputSpec(ApiModel):
@@ -285,6 +315,19 @@ class FineTuneJobSpec(ApiModel):
                     "message": "spec.lora is only allowed with spec.method 'lora'",
                     "fieldPath": ".lora",
                 },
+                # --- issue 10 (chat data, packing): begin
+                {
+                    "rule": "!has(self.dataset.messagesField) || self.task == 'causal-lm'",
+                    "message": "spec.dataset.messagesField is only allowed with task 'causal-lm'",
+                    "fieldPath": ".dataset.messagesField",
+                },
+                {
+                    "rule": "!has(self.hyperparameters) || !has(self.hyperparameters.packing) "
+                    "|| !self.hyperparameters.packing || self.task == 'causal-lm'",
+                    "message": "spec.hyperparameters.packing is only allowed with task 'causal-lm'",
+                    "fieldPath": ".hyperparameters.packing",
+                },
+                # --- issue 10 (chat data, packing): end
             ]
         }
     }
@@ -327,6 +370,53 @@ class OutputStatus(ApiModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Final evaluation metrics.")
 
 
+# --- issue 10 (memory plan): begin
+class PlanSuggestion(ApiModel):
+    """The least change with which the plan fits."""
+
+    batch_size: int | None = Field(default=None, description="Per-device batch size that fits.")
+    sharding_degree: int | None = Field(
+        default=None, description="FSDP over this many GPUs (hyperparameters.sharding fsdp)."
+    )
+    activation_checkpointing: bool | None = Field(
+        default=None, description="Turn on hyperparameters.activationCheckpointing."
+    )
+
+
+class MemoryPlan(ApiModel):
+    """The pre-flight memory plan: bytes per device from the model's config.json and the spec."""
+
+    parameters: int = Field(description="Parameters of the model with the task's head.", ge=0)
+    trainable_parameters: int = Field(description="Parameters that train.", ge=0)
+    per_device_bytes: int = Field(description="Estimated peak memory of one device.", ge=0)
+    weights_bytes: int = Field(description="Weights (and 16-bit copies) per device.", ge=0)
+    gradients_bytes: int = Field(description="Gradients per device.", ge=0)
+    optimizer_bytes: int = Field(description="AdamW state per device.", ge=0)
+    activations_bytes: int = Field(
+        description="Activations (and transient buffers) at the peak.", ge=0
+    )
+    device_memory_bytes: int | None = Field(
+        default=None, description="The memory of one device the plan was compared with."
+    )
+    device_memory_source: str | None = Field(
+        default=None,
+        description="Where that figure came from: spec.resources.gpuMemory, a node label, or "
+        "the pod memory limit for CPU training.",
+    )
+    fits: bool | None = Field(default=None, description="Whether the plan fits (unknown: null).")
+    batch_size: int = Field(description="Per-device batch size planned for.", ge=1)
+    seq_length: int = Field(description="Sequence length planned for.", ge=1)
+    sharding_degree: int = Field(default=1, description="FSDP degree planned for.", ge=1)
+    activation_checkpointing: bool = Field(default=False, description="Planned with it on.")
+    suggestion: PlanSuggestion | None = Field(
+        default=None, description="The least change with which it fits."
+    )
+    message: str = Field(default="", description="The verdict in words.", max_length=2048)
+
+
+# --- issue 10 (memory plan): end
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state of a FineTuneJob."""
 
@@ -361,6 +451,11 @@ class FineTuneJobStatus(ApiModel):
         default=None, description="Why the job failed, classified (OutOfMemory, BadData...)."
     )
     failure_message: str | None = Field(default=None, description="Details of the failure.")
+    # --- issue 10 (memory plan): begin
+    plan: MemoryPlan | None = Field(
+        default=None, description="The pre-flight memory plan (Validated condition)."
+    )
+    # --- issue 10 (memory plan): end
 
 
 class FineTuneJob(ApiModel):

@@ -77,3 +77,24 @@ class ServingReason(StrEnum):
     SMOKE_TEST_DISABLED = "SmokeTestDisabled"
     MODEL_READY = "ModelReady"
     NO_READY_REPLICA = "NoReadyReplica"
+
+
+# --- issue 10 (pre-flight check): begin
+class ValidatedReason(StrEnum):
+    """Reasons of the `Validated` condition (the pre-flight check, before any GPU is held)."""
+
+    CHECKING = "Checking"  # Unknown: the pre-flight pod is running
+    FITS = "Fits"  # True: sources reachable and the plan fits the GPU
+    MEMORY_UNKNOWN = "GpuMemoryUnknown"  # True: sources reachable, no GPU memory to compare with
+    DOES_NOT_FIT = "DoesNotFit"  # False: the plan needs more than one GPU has
+    MODEL_NOT_FOUND = "ModelNotFound"  # False: the model source does not exist / no config.json
+    BAD_DATA = "BadData"  # False: the dataset source is missing, empty or malformed
+    ACCESS_DENIED = "AccessDenied"  # False: the credentials do not open a source
+    PLAN_ERROR = "PlanError"  # False: the model's config or the spec cannot be planned
+    CHECK_FAILED = "PreflightFailed"  # False: the pre-flight pod failed otherwise
+
+
+VALIDATED = "Validated"
+
+
+# --- issue 10 (pre-flight check): end

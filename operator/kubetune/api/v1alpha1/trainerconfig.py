@@ -9,7 +9,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from kubetune.api.v1alpha1.base import ApiModel
-from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
+from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec, MemoryPlan
+from kubetune.api.v1alpha1.reasons import ValidatedReason
 
 
 class JobRef(ApiModel):
@@ -59,3 +60,19 @@ class TrainerConfig(ApiModel):
     reporting: ReportingSpec = Field(
         default_factory=ReportingSpec, description="Progress reporting."
     )
+
+
+# --- issue 10 (pre-flight check): begin
+class PreflightResult(ApiModel):
+    """What the pre-flight pod found: the Validated condition's status, reason and message.
+
+    Written as one JSON object into the pre-flight container's termination message; the GPU
+    memory it compared with came in api.contract.PreflightEnv."""
+
+    validated: bool = Field(description="True: start training; False: refuse the job.")
+    reason: ValidatedReason = Field(description="The Validated condition's reason.")
+    message: str = Field(default="", description="The condition's message.", max_length=3000)
+    plan: MemoryPlan | None = Field(default=None, description="The memory plan, when computed.")
+
+
+# --- issue 10 (pre-flight check): end
