@@ -29,6 +29,7 @@ from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.modelserver import ModelServerSpec
 from kubetune.builders import serving, training
 from kubetune.builders.common import Owner, Settings
+from kubetune.builders.preflight import build_preflight_job
 from kubetune.builders.serving import ResolvedModel
 
 INT_LIMIT = 2**53  # exact in JSON on both sides
@@ -584,7 +585,7 @@ SETTINGS = Settings(trainer_image="example.test/trainer:1", fetcher_image="examp
 
 def children(kind: str, spec: dict[str, Any], namespace: str = "ns") -> list[dict[str, Any]]:
     """The children the builders make of a resource `x` with this spec (a ModelServer serves
-    its source, or a FineTuneJob's output)."""
+    its source, or a FineTuneJob's output; a FineTuneJob's pre-flight Job included)."""
     body = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": kind,
@@ -593,7 +594,9 @@ def children(kind: str, spec: dict[str, Any], namespace: str = "ns") -> list[dic
     }
     owner = Owner.from_body(body)
     if kind == "FineTuneJob":
-        return training.build_children(FineTuneJob.model_validate(body), owner, SETTINGS)
+        ftj = FineTuneJob.model_validate(body)
+        preflight = build_preflight_job(ftj, owner, SETTINGS, 80 * 2**30, "test")
+        return [*training.build_children(ftj, owner, SETTINGS), preflight]
     ms = ModelServer.model_validate(body)
     uri = ms.spec.model.source or "pvc://models/out/x/triton-repository"
     model = ResolvedModel(uri=uri, revision="r1", task="sequence-classification")
