@@ -102,6 +102,7 @@ def go_env() -> dict[str, str]:
 def module_dir(tool: PublishedTool) -> Path:
     """The tool's module source in the Go module cache (downloaded when missing), for what it
     ships beside its command: kubeconform's scripts/openapi2jsonschema.py converts CRDs."""
+    cache_root().mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         ["go", "mod", "download", "-json", f"{tool.module}@{tool.version}"],
         env=go_env(),
