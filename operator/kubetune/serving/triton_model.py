@@ -187,7 +187,7 @@ class TritonPythonModel:
             wanted = self.default_max_new_tokens
         return max(1, min(wanted, self.max_new_tokens_limit))
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    def execute(self, requests: list[Any]) -> list[Any] | None:
         shapes: list[tuple[int, ...]] = []
         texts: list[str] = []
         for request in requests:
