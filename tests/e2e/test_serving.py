@@ -93,6 +93,7 @@ def _tiny_generator(tokenizer_dir: Path, folder: Path) -> Path:
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,  # tied, a random GPT-2 repeats its input: EOS at once
     )
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
