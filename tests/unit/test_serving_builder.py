@@ -147,10 +147,11 @@ def test_autoscaling_metric_by_runtime(metric: str, model: ResolvedModel, name: 
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == name
 
 
-def test_the_readiness_gate_is_there_only_when_the_operator_opens_it() -> None:
-    gated = deployment(ms(), CAUSAL, smoke_test_gate=True)["spec"]["template"]["spec"]
+def test_the_readiness_gate_unless_turned_off_or_no_smoke_test() -> None:
+    gated = deployment(ms(), CAUSAL)["spec"]["template"]["spec"]
     assert gated["readinessGates"] == [{"conditionType": SMOKE_TEST_CONDITION}]
-    assert "readinessGates" not in deployment(ms(), CAUSAL)["spec"]["template"]["spec"]
+    ungated = deployment(ms(), CAUSAL, smoke_test_gate=False)["spec"]["template"]["spec"]
+    assert "readinessGates" not in ungated
     off = ms(rollout={"smokeTest": {"enabled": False}})
     assert (
         "readinessGates"

@@ -82,9 +82,10 @@ class Settings:
     # The Triton images of a ModelServer, by runtime (spec.triton.image overrides them).
     triton_image: str = DEFAULT_TRITON_IMAGE
     vllm_image: str = DEFAULT_VLLM_IMAGE
-    # ModelServer pods carry the smoke-test readiness gate (SMOKE_TEST_CONDITION): only an
-    # operator that sets that pod condition may turn this on, or no pod ever becomes Ready.
-    smoke_test_gate: bool = False
+    # ModelServer pods carry the smoke-test readiness gate (SMOKE_TEST_CONDITION), which the
+    # operator opens per pod (handlers/modelserver.py, open_gates). KUBETUNE_SMOKE_TEST_GATE=false
+    # turns it off (then the smoke test only runs after a rollout, as before).
+    smoke_test_gate: bool = True
     master_port: int = 29500
     # Board power by `nvidia.com/gpu.product` node label (GPU feature discovery's), for
     # status.energyKWh; the chart's values extend it. Unknown products count default_gpu_watts.

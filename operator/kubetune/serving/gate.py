@@ -75,6 +75,11 @@ def gate_status(pod: dict[str, Any]) -> str | None:
     return None if condition is None else str(condition.get("status"))
 
 
+def gate_message(pod: dict[str, Any]) -> str:
+    condition = _conditions(pod).get(SMOKE_TEST_CONDITION) or {}
+    return str(condition.get("message") or "")
+
+
 def needs_smoke_test(pod: dict[str, Any]) -> bool:
     """A gated pod whose model is loaded (containers ready) and whose gate is not open yet.
     A pod being deleted, or one whose gate is open, is never tested (again): once True the
