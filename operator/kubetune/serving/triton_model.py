@@ -7,7 +7,8 @@ is not installed in the serving image.
 
 Everything Triton hands to one ``execute`` call (all requests the dynamic batcher merged) goes
 through ONE tokenizer call and ONE forward pass; the results are split back per request. That is
-what makes dynamic batching pay off.
+what makes dynamic batching pay off. A causal LM is served decoupled: its answers go through the
+requests' response senders, token by token for a request whose STREAM input is true.
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ class TritonPythonModel:
             id2label = self.model.config.id2label
             self.labels = [str(id2label[i]) for i in range(len(id2label))]
         elif self.task == CAUSAL_LM:
+            if not self.decoupled:
+                raise RuntimeError(
+                    "a causal LM is served decoupled (it streams): its config.pbtxt lacks "
+                    "model_transaction_policy { decoupled: true }; package it again with "
+                    "kubetune.serving.repository.write_model_repository"
+                )
             self.model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True)
             # Left padding: generation continues every prompt from its own last token.
             self.tokenizer.padding_side = "left"
@@ -194,13 +201,11 @@ class TritonPythonModel:
             array = pb_utils.get_input_tensor_by_name(request, TEXT_INPUT).as_numpy()
             shapes.append(tuple(array.shape))
             texts.extend(_decode(v) for v in array.reshape(-1))
-        if self.task != CLASSIFICATION and self.decoupled:
+        if self.task == CAUSAL_LM:
             self._serve_decoupled(requests, shapes, texts)
             return None  # every answer went through the requests' response senders
         try:
-            if self.task == CLASSIFICATION:
-                return self._classification_responses(shapes, texts)
-            return self._generation_responses(requests, shapes, texts)
+            return self._classification_responses(shapes, texts)
         except Exception as exc:  # one failed batch answers every request with the error
             error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
@@ -214,8 +219,9 @@ class TritonPythonModel:
     def _serve_decoupled(
         self, requests: list[Any], shapes: list[tuple[int, ...]], texts: list[str]
     ) -> None:
-        """Decoupled generation: ONE generate() for the whole batch, as in the coupled path,
-        with a streamer that sends each streaming request its new text after every decoding
+        """Decoupled generation: ONE generate() for the whole batch (greedy decoding makes the
+        first n tokens of a longer generation exactly the generation of n tokens, so one pass
+        at the largest limit serves every request), with a streamer that sends each streaming request its new text after every decoding
         step (Triton's generate_stream, gRPC streaming); other requests get one final answer."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         senders = [r.get_response_sender() for r in requests]
@@ -274,34 +280,6 @@ class TritonPythonModel:
                         pb_utils.Tensor(LABEL_OUTPUT, label_array),
                         pb_utils.Tensor(SCORES_OUTPUT, np.ascontiguousarray(score_array)),
                     ]
-                )
-            )
-            start += rows
-        return responses
-
-    def _generation_responses(
-        self, requests: list[Any], shapes: list[tuple[int, ...]], texts: list[str]
-    ) -> list[Any]:
-        limits = [self._max_new_tokens(r) for r in requests]
-        # Greedy decoding: the first n tokens of a longer generation are exactly the generation
-        # of n tokens, so one pass at the largest limit serves every request of the batch.
-        generated = self._generate(texts, max(limits))
-        eos = self.tokenizer.eos_token_id
-        responses = []
-        start = 0
-        for shape, limit in zip(shapes, limits, strict=True):
-            rows = int(np.prod(shape))
-            decoded = []
-            for row in generated[start : start + rows]:
-                tokens = row[:limit]
-                if eos is not None and eos in tokens:
-                    tokens = tokens[: tokens.index(eos)]
-                text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
-                decoded.append(text.encode("utf-8"))
-            array = np.array(decoded, dtype=np.object_).reshape(shape)
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(GENERATED_OUTPUT, array)]
                 )
             )
             start += rows
