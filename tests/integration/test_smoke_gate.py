@@ -113,7 +113,7 @@ def test_the_gate_opens_for_a_good_model_and_stays_closed_for_a_broken_one(
     assert opened[SMOKE_TEST_CONDITION].status == "True"
     assert opened[SMOKE_TEST_CONDITION].reason == "SmokeTestPassed"
     assert opened["ContainersReady"].status == "True"  # the kubelet's conditions stay
-    assert _start_failure(ctx, good_owner, model) is None
+    assert _start_failure(ctx, {}, good_owner, model, rolled_out=True) is None
 
     broken, broken_owner = server(BROKEN, namespace, port)
     loaded_pod(core, broken_owner, "broken-0")
@@ -121,9 +121,14 @@ def test_the_gate_opens_for_a_good_model_and_stays_closed_for_a_broken_one(
     closed = conditions(core, namespace, "broken-0")
     assert closed[SMOKE_TEST_CONDITION].status == "False"
     assert "generated nothing" in closed[SMOKE_TEST_CONDITION].message
-    failure = _start_failure(ctx, broken_owner, model)
+    # All pods of the revision exist (rolled out, as with the replace strategy) and none is
+    # ready: the closed gate fails the revision, which is not the served one.
+    failure = _start_failure(ctx, {}, broken_owner, model, rolled_out=True)
     assert failure is not None and failure[0] == "SmokeTestFailed"
     assert "broken-0" in failure[1]
+    # Once a revision passed, one pod with a closed gate only stays out of the Service.
+    served = {"status": {"served": {"revision": REVISION}}}
+    assert _start_failure(ctx, served, broken_owner, model, rolled_out=True) is None
 
     # The same answer is not written again: no status churn on every pod event.
     version = core.read_namespaced_pod_status("broken-0", namespace).metadata.resource_version

@@ -282,13 +282,19 @@ def open_gates(ctx: Context, ms: ModelServer, owner: Owner, model: ResolvedModel
             ctx.kube.patch_pod_conditions(pod["metadata"]["name"], owner.namespace, [condition])
 
 
-def _start_failure(ctx: Context, owner: Owner, model: ResolvedModel) -> tuple[str, str] | None:
-    """Why the new revision cannot finish rolling out: a crash-looping pod, or (with the gate)
-    a pod whose smoke test closed its gate and which therefore never receives traffic."""
+def _start_failure(
+    ctx: Context, body: dict[str, Any], owner: Owner, model: ResolvedModel, rolled_out: bool
+) -> tuple[str, str] | None:
+    """Why a new revision fails: a crash-looping pod while it rolls out, or (with the gate) a
+    pod whose smoke test closed its gate — then it never receives traffic, and with the replace
+    strategy the Deployment counts it as rolled out while none of its pods is ready. Once a
+    revision has passed (it is the served one), a pod with a closed gate just stays out of the
+    Service: one bad pod (an autoscaled one, say) does not fail the revision."""
     pods = _revision_pods(ctx, owner, model)
-    if crash := crash_looping(pods):
+    if not rolled_out and (crash := crash_looping(pods)):
         return R.ROLLOUT_FAILED, f"does not start: {crash}"
-    if ctx.settings.smoke_test_gate:
+    served = ((body.get("status") or {}).get("served") or {}).get("revision")
+    if ctx.settings.smoke_test_gate and served != model.revision:
         from kubetune.serving import gate
 
         for pod in pods:
@@ -409,10 +415,8 @@ def refresh_status(
     smoke: list[Update] = []
     if verdict.phase == Phase.READY:
         verdict, extra, smoke = _smoke_gate(ctx, body, ms, owner, model)
-    elif (
-        not counts.rolled_out
-        and not model.rolled_back_from
-        and (failure := _start_failure(ctx, owner, model))
+    elif not model.rolled_back_from and (
+        failure := _start_failure(ctx, body, owner, model, counts.rolled_out)
     ):
         reason, what = failure
         served = (body.get("status") or {}).get("served") or {}

@@ -221,8 +221,9 @@ class TritonPythonModel:
     ) -> None:
         """Decoupled generation: ONE generate() for the whole batch (greedy decoding makes the
         first n tokens of a longer generation exactly the generation of n tokens, so one pass
-        at the largest limit serves every request), with a streamer that sends each streaming request its new text after every decoding
-        step (Triton's generate_stream, gRPC streaming); other requests get one final answer."""
+        at the largest limit serves every request), with a streamer that sends each streaming
+        request its new text after every decoding step (Triton's generate_stream, gRPC
+        streaming); other requests get one final answer."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         senders = [r.get_response_sender() for r in requests]
         finished = [False] * len(requests)
