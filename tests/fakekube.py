@@ -96,6 +96,17 @@ class FakeKube:
         obj["status"] = _merge(obj.get("status") or {}, status)
         return copy.deepcopy(obj)
 
+    def patch_pod_conditions(
+        self, name: str, namespace: str, conditions: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        self.writes["patch Pod/status"] += 1
+        obj = self.objects[self._key("v1", "Pod", name, namespace)]
+        status = obj.setdefault("status", {})
+        merged = {c["type"]: c for c in status.get("conditions") or []}
+        merged.update({c["type"]: c for c in conditions})
+        status["conditions"] = list(merged.values())
+        return copy.deepcopy(obj)
+
     def exists_kind(self, api_version: str, kind: str) -> bool:
         return True
 

@@ -8,7 +8,7 @@ error hierarchy below, so handlers can tell "not there yet" from "will never wor
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -182,6 +182,23 @@ class Kube:
                 name=name,
                 namespace=namespace,
                 content_type="application/merge-patch+json",
+            )
+        patched: dict[str, Any] = result.to_dict()
+        return patched
+
+    def patch_pod_conditions(
+        self, name: str, namespace: str, conditions: Sequence[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Strategic-merge patch of a pod's status conditions: they merge by type, so the
+        kubelet's own conditions stay (a JSON merge patch would replace the whole list). Used
+        for the readiness gate kubetune owns (serving/gate.py)."""
+        resource = self._resource("v1", "Pod")
+        with _translated():
+            result = resource.status.patch(
+                body={"status": {"conditions": [dict(c) for c in conditions]}},
+                name=name,
+                namespace=namespace,
+                content_type="application/strategic-merge-patch+json",
             )
         patched: dict[str, Any] = result.to_dict()
         return patched

@@ -253,3 +253,10 @@ def trained_classifier(
         config_path=config,
         wall_seconds=run.wall_seconds,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.e2e.llm_models import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")

@@ -24,6 +24,8 @@ import pytest
 import torch
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_aio
+from tests.e2e.llm_models import reference_generation
+from tests.e2e.streaming import grpc_stream
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -32,6 +34,7 @@ from transformers import (
 )
 from tritonclient.utils import InferenceServerException
 
+from kubetune.serving.generate import generate
 from kubetune.serving.local import TritonError, TritonServer, running_triton
 from kubetune.serving.repository import read_manifest, write_model_repository
 from kubetune.serving.smoketest import smoke_test
@@ -39,6 +42,8 @@ from kubetune.serving.smoketest import smoke_test
 DATASET = Path(__file__).resolve().parents[2] / "examples" / "data" / "support-intents.jsonl"
 BROKEN = "broken-classifier"
 GENERATOR = "tiny-generator"
+LLAMA = "tiny-llama"
+PROMPT = "my order has not arrived"
 GENERATOR_POSITIONS = 64
 EXAMPLES_PER_LABEL = 2
 SAMPLE_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>[^}]*)\} (?P<value>\S+)")
@@ -88,6 +93,7 @@ def _tiny_generator(tokenizer_dir: Path, folder: Path) -> Path:
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,  # tied, a random GPT-2 repeats its input: EOS at once
     )
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -95,7 +101,9 @@ def _tiny_generator(tokenizer_dir: Path, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def extra_repository(classifier_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def extra_repository(
+    classifier_hf_dir: Path, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     work = tmp_path_factory.mktemp("serving")
     repo = work / "repository"
     broken = write_model_repository(classifier_hf_dir, repo, BROKEN, "sequence-classification")
@@ -105,6 +113,7 @@ def extra_repository(classifier_hf_dir: Path, tmp_path_factory: pytest.TempPathF
     weights.write_bytes(data[: len(data) // 2])
     generator = _tiny_generator(classifier_hf_dir, work / "generator")
     write_model_repository(generator, repo, GENERATOR, "causal-lm", max_new_tokens=8)
+    write_model_repository(tiny_llama, repo, LLAMA, "causal-lm", max_new_tokens=16)
     return repo
 
 
@@ -276,39 +285,68 @@ def test_an_error_in_execute_fails_the_smoke_test(triton: TritonServer) -> None:
     assert smoke_test(triton.http_url, GENERATOR, "hello", None, timeout=30).ok
 
 
-def _reference_generation(folder: Path, prompt: str, max_new_tokens: int) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = GPT2LMHeadModel.from_pretrained(folder).eval()
-    encoded = tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        output = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    tokens = output[0, encoded["input_ids"].shape[1] :].tolist()
-    if tokenizer.sep_token_id in tokens:
-        tokens = tokens[: tokens.index(tokenizer.sep_token_id)]
-    return str(tokenizer.decode(tokens, skip_special_tokens=True))
-
-
 def test_causal_lm_generates_with_a_bounded_token_count(
     triton: TritonServer, extra_repository: Path
 ) -> None:
+    """Through Triton's generate endpoint (the causal LM is decoupled, which HTTP infer
+    refuses): a request's max_new_tokens bounds its answer, and the answers are transformers'."""
     folder = extra_repository / GENERATOR / "1" / "hf"
-    prompt = "my order has not arrived"
-    client = triton_http.InferenceServerClient(triton.http_url, network_timeout=60)
-    try:
-        default = client.infer(GENERATOR, [_texts_tensor([prompt])])
-        asked = client.infer(GENERATOR, [_texts_tensor([prompt])], parameters={"max_new_tokens": 3})
-    finally:
-        client.close()
-    default_text = default.as_numpy("GENERATED_TEXT")[0][0].decode()
-    asked_text = asked.as_numpy("GENERATED_TEXT")[0][0].decode()
-    assert default_text == _reference_generation(folder, prompt, 8)  # the repository's default
-    assert asked_text == _reference_generation(folder, prompt, 3)
-    assert default_text.startswith(asked_text)
+    default = generate(triton.http_url, GENERATOR, PROMPT, max_tokens=8, stream=False)
+    asked = generate(triton.http_url, GENERATOR, PROMPT, max_tokens=3, stream=False)
+    assert default.text == reference_generation(folder, PROMPT, 8)
+    assert asked.text == reference_generation(folder, PROMPT, 3)
+    assert default.text.startswith(asked.text)
+
+
+def test_python_backend_streams_tokens_over_http(triton: TritonServer, tiny_llama: Path) -> None:
+    """generate_stream: one event per decoding step, the first before the answer is complete,
+    and together exactly the answer the same request gets unstreamed (and transformers gives)."""
+    whole = generate(triton.http_url, LLAMA, PROMPT, max_tokens=12, stream=False)
+    streamed = generate(triton.http_url, LLAMA, PROMPT, max_tokens=12, stream=True)
+    assert whole.text == reference_generation(tiny_llama, PROMPT, 12)
+    assert len(whole.text.split()) > 3  # the tiny model's answer is words, not EOS at once
+    assert streamed.text == whole.text
+    assert len([c for c in streamed.chunks if c]) > 3
+    assert streamed.first_text_s is not None
+    assert streamed.first_text_s < streamed.total_s
+
+
+def test_python_backend_streams_tokens_over_grpc(triton: TritonServer) -> None:
+    whole = generate(triton.http_url, LLAMA, PROMPT, max_tokens=12, stream=False)
+    chunks, first, total = grpc_stream(
+        triton.grpc_url,
+        LLAMA,
+        {"TEXT": PROMPT, "STREAM": True},
+        "GENERATED_TEXT",
+        parameters={"max_new_tokens": 12},
+        batched=True,
+    )
+    assert "".join(chunks) == whole.text
+    assert len(chunks) > 3
+    assert first < total
+
+
+def test_a_streaming_request_and_plain_ones_share_a_batch_correctly(triton: TritonServer) -> None:
+    """Concurrent streaming and plain requests: each gets its own answer (the batch's generate
+    serves rows of different limits and both kinds of request)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [PROMPT, "where is my parcel", "refund please", PROMPT]
+    expected = {
+        p: generate(triton.http_url, LLAMA, p, max_tokens=6, stream=False).text for p in prompts
+    }
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(
+            pool.map(
+                lambda pair: (
+                    generate(
+                        triton.http_url, LLAMA, pair[1], max_tokens=6, stream=pair[0] % 2 == 0
+                    ).text
+                ),
+                enumerate(prompts),
+            )
+        )
+    assert answers == [expected[p] for p in prompts]
 
 
 def test_model_control_mode_none_refuses_the_repository_api(

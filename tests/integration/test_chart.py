@@ -137,6 +137,7 @@ def test_defaults_render_the_operator_with_the_app_version_images(helm: Helm) ->
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["KUBETUNE_TRAINER_IMAGE"] == f"ghcr.io/kubetune/trainer:{APP_VERSION}"
     assert env["KUBETUNE_FETCHER_IMAGE"] == f"ghcr.io/kubetune/triton:{APP_VERSION}"
+    assert env["KUBETUNE_VLLM_IMAGE"] == "nvcr.io/nvidia/tritonserver:25.12-vllm-python-py3"
     assert not [arg for arg in container["args"] if arg.startswith("--namespace")]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}

@@ -9,6 +9,7 @@ from typing import Any
 
 from kubetune import __version__
 from kubetune.api.v1alpha1.base import SchedulingSpec
+from kubetune.api.v1alpha1.modelserver import DEFAULT_TRITON_IMAGE, DEFAULT_VLLM_IMAGE
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 PART_OF = "app.kubernetes.io/part-of"
@@ -78,6 +79,13 @@ class Settings:
     trainer_image: str = f"ghcr.io/kubetune/trainer:{__version__}"
     # The Triton image carries kubetune and transformers: one image pull for both containers.
     fetcher_image: str = f"ghcr.io/kubetune/triton:{__version__}"
+    # The Triton images of a ModelServer, by runtime (spec.triton.image overrides them).
+    triton_image: str = DEFAULT_TRITON_IMAGE
+    vllm_image: str = DEFAULT_VLLM_IMAGE
+    # ModelServer pods carry the smoke-test readiness gate (SMOKE_TEST_CONDITION), which the
+    # operator opens per pod (handlers/modelserver.py, open_gates). KUBETUNE_SMOKE_TEST_GATE=false
+    # turns it off (then the smoke test only runs after a rollout, as before).
+    smoke_test_gate: bool = True
     master_port: int = 29500
     # Board power by `nvidia.com/gpu.product` node label (GPU feature discovery's), for
     # status.energyKWh; the chart's values extend it. Unknown products count default_gpu_watts.

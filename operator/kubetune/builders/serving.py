@@ -8,14 +8,18 @@ Ready only when the model is loaded.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.v1alpha1.modelserver import (
+    SMOKE_TEST_CONDITION,
     AutoscalingMetric,
     ModelServer,
     ModelServerSpec,
     RolloutStrategy,
+    Runtime,
+    default_runtime,
 )
 from kubetune.builders.common import (
     TERMINATION_LOG,
@@ -42,6 +46,24 @@ PODS_METRICS = {
     AutoscalingMetric.PENDING_REQUESTS: "nv_inference_pending_request_count",
     AutoscalingMetric.REQUESTS_PER_SECOND: "triton_requests_per_second",
     AutoscalingMetric.GPU_UTILIZATION: "triton_gpu_utilization_percent",
+    # From the vLLM backend's own metrics (vllm:time_to_first_token_seconds,
+    # vllm:generation_tokens_total), exported on Triton's metrics port.
+    AutoscalingMetric.TIME_TO_FIRST_TOKEN: "vllm_time_to_first_token_us",
+    AutoscalingMetric.GENERATION_TOKENS_PER_SECOND: "vllm_generation_tokens_per_second",
+}
+# /dev/shm per GPU of a tensor-parallel vLLM replica: NCCL moves activations between the GPUs
+# of one pod through shared memory (vLLM's own docs ask for several GiB).
+SHM_PER_TP_GPU_BYTES = 2 * 1024**3
+# Where the vLLM runtime keeps what it writes: the root filesystem is read-only and the user
+# has no home; /tmp is an emptyDir.
+VLLM_ENV = {
+    "HOME": "/tmp",
+    "HF_HOME": "/tmp/huggingface",
+    "VLLM_CACHE_ROOT": "/tmp/vllm",
+    "XDG_CACHE_HOME": "/tmp/cache",
+    "HF_HUB_OFFLINE": "1",  # the model is in the repository; never reach for a hub
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
 }
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL")
 
@@ -54,6 +76,59 @@ class ResolvedModel:
     revision: str
     task: str = "sequence-classification"
     rolled_back_from: str | None = None  # the revision that failed its smoke test
+    # Unmerged LoRA adapters served by vLLM next to the base model in ``uri``: (name, source).
+    lora_adapters: tuple[tuple[str, str], ...] = ()
+
+
+def runtime(spec: ModelServerSpec, model: ResolvedModel) -> Runtime:
+    """spec.runtime, else by task: causal LMs on vLLM, the rest on the python backend."""
+    return Runtime(spec.runtime) if spec.runtime is not None else default_runtime(model.task)
+
+
+def triton_image(spec: ModelServerSpec, model: ResolvedModel, settings: Settings) -> str:
+    if spec.triton.image:
+        return spec.triton.image
+    return settings.vllm_image if runtime(spec, model) == Runtime.VLLM else settings.triton_image
+
+
+def tensor_parallel_size(spec: ModelServerSpec) -> int:
+    """vLLM shards the model over every GPU of the replica (1 on CPU)."""
+    return max(1, spec.resources.gpus)
+
+
+def autoscaling_metric(spec: ModelServerSpec, model: ResolvedModel) -> AutoscalingMetric | None:
+    """The metric the HPA targets. On vLLM, queue-time means the time to first token: the vLLM
+    backend takes every request from Triton's queue at once (it is decoupled) and queues it in
+    its engine, so Triton's own queue time stays near zero however loaded the replica is."""
+    if spec.autoscaling is None:
+        return None
+    metric = AutoscalingMetric(spec.autoscaling.metric)
+    if metric == AutoscalingMetric.QUEUE_TIME and runtime(spec, model) == Runtime.VLLM:
+        return AutoscalingMetric.TIME_TO_FIRST_TOKEN
+    return metric
+
+
+_BINARY = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
+_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """Bytes of a memory quantity ('1Gi', '512M', '1048576'); the API's pattern has checked it."""
+    for suffixes in (_BINARY, _DECIMAL):
+        for suffix, factor in suffixes.items():
+            if quantity.endswith(suffix):
+                return int(float(quantity.removesuffix(suffix)) * factor)
+    return int(float(quantity))
+
+
+def shm_size(spec: ModelServerSpec, model: ResolvedModel) -> str:
+    """spec.triton.shmSize, raised to 2 GiB per GPU for a tensor-parallel vLLM replica."""
+    wanted = spec.triton.shm_size
+    tp = tensor_parallel_size(spec)
+    if runtime(spec, model) != Runtime.VLLM or tp == 1:
+        return wanted
+    floor = tp * SHM_PER_TP_GPU_BYTES
+    return wanted if quantity_bytes(wanted) >= floor else f"{floor // 1024**3}Gi"
 
 
 def model_name(ms: ModelServer, owner: Owner) -> str:
@@ -133,6 +208,7 @@ def _fetch_container(
                 f"--preferred-batch-size={s}"
                 for s in ms.spec.triton.dynamic_batching.preferred_batch_sizes
             ],
+            *_vllm_fetch_args(ms, model),
         ],
         "env": [*env, {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG}],
         # Triton's CPU and memory (no GPUs): an init container's requests do not add to the
@@ -148,14 +224,34 @@ def _fetch_container(
     return container, volumes
 
 
-def _triton_container(ms: ModelServer) -> dict[str, Any]:
+def _vllm_fetch_args(ms: ModelServer, model: ResolvedModel) -> list[str]:
+    """The vLLM runtime's repository: engine settings as one JSON argument (validated again by
+    the fetcher against the same API model), the tensor-parallel size, the adapters."""
+    if runtime(ms.spec, model) != Runtime.VLLM:
+        return []
+    settings = json.dumps(ms.spec.vllm.model_dump(by_alias=True, mode="json"), sort_keys=True)
+    return [
+        "--runtime=vllm",
+        f"--tensor-parallel-size={tensor_parallel_size(ms.spec)}",
+        f"--vllm={settings}",
+        *[f"--lora-adapter={name}={source}" for name, source in model.lora_adapters],
+    ]
+
+
+def _triton_container(ms: ModelServer, model: ResolvedModel, settings: Settings) -> dict[str, Any]:
     spec = ms.spec
     svc = spec.service
     res = spec.resources
     health = {"path": "/v2/health/ready", "port": "http"}
+    env = (
+        [{"name": k, "value": v} for k, v in VLLM_ENV.items()]
+        if runtime(spec, model) == Runtime.VLLM
+        else []
+    )
     return {
         "name": "triton",
-        "image": spec.triton.image,
+        "image": triton_image(spec, model, settings),
+        **({"env": env} if env else {}),
         "command": ["tritonserver"],
         "args": [
             f"--model-repository={MODEL_REPOSITORY}",
@@ -207,16 +303,20 @@ def build_deployment(
         "securityContext": pod_security_context(),
         "automountServiceAccountToken": False,
         "initContainers": [fetch],
-        "containers": [_triton_container(ms)],
+        "containers": [_triton_container(ms, model, settings)],
         "volumes": [
             {"name": "model-repository", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
-            shm_volume(spec.triton.shm_size),
+            shm_volume(shm_size(spec, model)),
             *source_volumes,
         ],
         "terminationGracePeriodSeconds": DRAIN_SECONDS + 30,
     }
     pod_spec.update(placement(res, res.gpus, res.gpu_resource_name))
+    if settings.smoke_test_gate and spec.rollout.smoke_test.enabled:
+        # Ready only once the operator has set this condition, after this pod passed its smoke
+        # test: a pod that answers wrongly never joins the Service (serving/gate.py).
+        pod_spec["readinessGates"] = [{"conditionType": SMOKE_TEST_CONDITION}]
     deploy_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_labels(owner)},
         "strategy": rollout_strategy(spec, spare_gpus),
@@ -264,11 +364,11 @@ def build_service(ms: ModelServer, owner: Owner) -> dict[str, Any]:
     }
 
 
-def build_hpa(ms: ModelServer, owner: Owner) -> dict[str, Any] | None:
+def build_hpa(ms: ModelServer, owner: Owner, model: ResolvedModel) -> dict[str, Any] | None:
     auto = ms.spec.autoscaling
-    if auto is None:
+    metric = autoscaling_metric(ms.spec, model)
+    if auto is None or metric is None:
         return None
-    metric = AutoscalingMetric(auto.metric)
     if metric == AutoscalingMetric.CPU:
         target: dict[str, Any] = {
             "type": "Resource",
@@ -349,7 +449,7 @@ def build_children(
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """The children to apply, and the optional kinds that must NOT exist (to delete)."""
     optional = {
-        "HorizontalPodAutoscaler": build_hpa(ms, owner),
+        "HorizontalPodAutoscaler": build_hpa(ms, owner, model),
         "PodDisruptionBudget": build_pdb(ms, owner),
         "NetworkPolicy": build_network_policy(ms, owner),
     }

@@ -101,6 +101,11 @@ class PodRunner(threading.Thread):
         self.init = [Container(c["name"], c) for c in spec.get("initContainers") or []]
         self.main = [Container(c["name"], c) for c in spec.get("containers") or []]
         self.restart_policy = spec.get("restartPolicy", "Always")
+        # Pod readiness gates (as the kubelet): Ready needs each of these conditions True. Others
+        # set them (kubetune's operator: its smoke-test gate); the node only reads them.
+        self.gates = [g["conditionType"] for g in spec.get("readinessGates") or []]
+        self.gate_status: dict[str, str] = {}
+        self.gates_changed = threading.Event()
 
     # -- filesystem ---------------------------------------------------------------------------
 
@@ -348,8 +353,17 @@ class PodRunner(threading.Thread):
 
     # -- status -------------------------------------------------------------------------------
 
+    def observe(self, pod: Any) -> None:
+        """A newer version of the pod: note its readiness-gate conditions."""
+        found = {c.type: c.status for c in pod.status.conditions or [] if c.type in self.gates}
+        if found != self.gate_status:
+            self.gate_status = found
+            self.gates_changed.set()
+
     def _status(self, phase: str, initialized: bool) -> dict[str, Any]:
-        ready = phase == "Running" and all(c.ready for c in self.main)
+        containers = phase == "Running" and all(c.ready for c in self.main)
+        gated = all(self.gate_status.get(g) == "True" for g in self.gates)
+        ready = containers and gated
 
         def cond(type_: str, ok: bool) -> dict[str, Any]:
             return {
@@ -382,7 +396,7 @@ class PodRunner(threading.Thread):
             "conditions": [
                 cond("PodScheduled", True),
                 cond("Initialized", initialized),
-                cond("ContainersReady", ready),
+                cond("ContainersReady", containers),
                 cond("Ready", ready),
             ],
             "initContainerStatuses": statuses(self.init),
@@ -482,6 +496,9 @@ class PodRunner(threading.Thread):
                 failed = any(c.state["terminated"]["exitCode"] for c in done)
                 self._report("Failed" if failed else "Succeeded", True)
                 return
+            if self.gates_changed.is_set():
+                self.gates_changed.clear()
+                changed = True
             if changed:
                 self._report("Running", True)
 
@@ -618,7 +635,10 @@ class LocalNode:
             grace = float(pod.metadata.deletion_grace_period_seconds or 30)
             threading.Thread(target=self._delete, args=(pod, runner, grace), daemon=True).start()
             return
-        if uid not in self.pods and pod.status.phase in (None, "Pending"):
+        if uid in self.pods:
+            self.pods[uid].observe(pod)
+            return
+        if pod.status.phase in (None, "Pending"):
             log.info("starting pod %s/%s", pod.metadata.namespace, pod.metadata.name)
             runner = PodRunner(self, pod)
             self.pods[uid] = runner

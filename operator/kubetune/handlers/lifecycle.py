@@ -38,6 +38,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
             trainer_image=os.environ.get("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
             fetcher_image=os.environ.get("KUBETUNE_FETCHER_IMAGE", defaults.fetcher_image),
             preflight=os.environ.get("KUBETUNE_PREFLIGHT", "") in ("1", "true"),
+            vllm_image=os.environ.get("KUBETUNE_VLLM_IMAGE", defaults.vllm_image),
+            smoke_test_gate=os.environ.get("KUBETUNE_SMOKE_TEST_GATE", "true") != "false",
         ),
     )
 

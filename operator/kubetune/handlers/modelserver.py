@@ -94,6 +94,7 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         for api_version, kind in absent:
             if ctx.kube.get(api_version, kind, owner.name, owner.namespace) is not None:
                 ctx.kube.delete(api_version, kind, owner.name, owner.namespace)
+        open_gates(ctx, ms, owner, model)
     except NotServable as err:
         _report_not_servable(ctx, body, owner, err)
         return
@@ -258,6 +259,54 @@ def _revision_pods(ctx: Context, owner: Owner, model: ResolvedModel) -> list[dic
     ]
 
 
+def open_gates(ctx: Context, ms: ModelServer, owner: Owner, model: ResolvedModel) -> None:
+    """The readiness gate (serving/gate.py): each pod of this revision whose model has loaded is
+    smoke-tested on its own IP, and its kubetune.io/smoke-test-passed condition set to the
+    answer; only a True one lets the kubelet report the pod Ready. The pod's next event (its
+    containers becoming ready) brings the next reconcile here, so pods the autoscaler adds are
+    gated too."""
+    if not (ctx.settings.smoke_test_gate and ms.spec.rollout.smoke_test.enabled):
+        return
+    from kubetune.serving import gate  # tritonclient: only when needed
+
+    name = serving.model_name(ms, owner)
+    for pod in _revision_pods(ctx, owner, model):
+        if not gate.needs_smoke_test(pod):
+            continue
+        result = gate.smoke_test_pod(
+            pod, name, ms.spec.rollout.smoke_test, ms.spec.service.http_port, timeout=10.0
+        )
+        verdict = gate.gate_verdict(pod, result)
+        if verdict is not None:
+            [condition] = verdict.patch(now())["status"]["conditions"]
+            ctx.kube.patch_pod_conditions(pod["metadata"]["name"], owner.namespace, [condition])
+
+
+def _start_failure(
+    ctx: Context, body: dict[str, Any], owner: Owner, model: ResolvedModel, rolled_out: bool
+) -> tuple[str, str] | None:
+    """Why a new revision fails: a crash-looping pod while it rolls out, or (with the gate) a
+    pod whose smoke test closed its gate — then it never receives traffic, and with the replace
+    strategy the Deployment counts it as rolled out while none of its pods is ready. Once a
+    revision has passed (it is the served one), a pod with a closed gate just stays out of the
+    Service: one bad pod (an autoscaled one, say) does not fail the revision."""
+    pods = _revision_pods(ctx, owner, model)
+    if not rolled_out and (crash := crash_looping(pods)):
+        return R.ROLLOUT_FAILED, f"does not start: {crash}"
+    served = ((body.get("status") or {}).get("served") or {}).get("revision")
+    if ctx.settings.smoke_test_gate and served != model.revision:
+        from kubetune.serving import gate
+
+        for pod in pods:
+            if gate.gate_status(pod) == "False":
+                return (
+                    R.SMOKE_TEST_FAILED,
+                    f"is kept out of the Service: pod {pod['metadata']['name']}: "
+                    f"{gate.gate_message(pod)}",
+                )
+    return None
+
+
 def _smoke_test_pods(
     ctx: Context, ms: ModelServer, owner: Owner, model: ResolvedModel
 ) -> tuple[bool, str, list[str]]:
@@ -366,19 +415,17 @@ def refresh_status(
     smoke: list[Update] = []
     if verdict.phase == Phase.READY:
         verdict, extra, smoke = _smoke_gate(ctx, body, ms, owner, model)
-    elif (
-        not counts.rolled_out
-        and not model.rolled_back_from
-        and (crash := crash_looping(_revision_pods(ctx, owner, model)))
+    elif not model.rolled_back_from and (
+        failure := _start_failure(ctx, body, owner, model, counts.rolled_out)
     ):
+        reason, what = failure
         served = (body.get("status") or {}).get("served") or {}
         rollback = served.get("revision") not in (None, model.revision)
-        extra = {"failedRevision": model.revision, "failureMessage": crash}
+        extra = {"failedRevision": model.revision, "failureMessage": what}
         verdict = Verdict(
             Phase.DEGRADED if rollback else Phase.FAILED,
-            R.ROLLOUT_FAILED,
-            f"revision {model.revision} does not start: {crash}"
-            + ("; rolling back" if rollback else ""),
+            reason,
+            f"revision {model.revision} {what}" + ("; rolling back" if rollback else ""),
             stalled=not rollback,
         )
     conditions = with_conditions(

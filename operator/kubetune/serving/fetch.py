@@ -22,15 +22,17 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune.api.v1alpha1.modelserver import DynamicBatching, TritonSpec
+from kubetune.api.v1alpha1.modelserver import DynamicBatching, Runtime, TritonSpec, VllmSpec
 from kubetune.serving.repository import (
     HF_SUBDIR,
     MODEL_VERSION,
     read_manifest,
     sha256_file,
     write_model_repository,
+    write_vllm_repository,
 )
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -80,19 +82,47 @@ def _kubetune_models(folder: Path) -> list[Path]:
     return sorted(p.parents[2] for p in folder.glob("*/*/hf/config.json"))
 
 
-def deliver(source: Path, dest: Path, model_name: str, task: str, triton: TritonSpec) -> str:
-    """Package `source` into `dest`; returns the served weights' checksum (or 'unknown')."""
+@dataclass(frozen=True)
+class VllmDelivery:
+    """The vLLM runtime's settings for ``deliver``: engine arguments, GPUs, adapters."""
+
+    spec: VllmSpec = field(default_factory=VllmSpec)
+    tensor_parallel_size: int = 1
+    lora_adapters: dict[str, Path] = field(default_factory=dict)
+
+
+def deliver(
+    source: Path,
+    dest: Path,
+    model_name: str,
+    task: str,
+    triton: TritonSpec,
+    vllm: VllmDelivery | None = None,
+) -> str:
+    """Package `source` into `dest`; returns the served weights' checksum (or 'unknown').
+    With ``vllm`` the repository is written for Triton's vLLM backend."""
     dest.mkdir(parents=True, exist_ok=True)
-    if (source / "config.json").is_file():
-        task = task if task != "auto" else _task_of(source)
-        out = write_model_repository(source, dest, model_name, task, triton)
+
+    def package(checkpoint: Path, model_task: str) -> str:
+        if vllm is None:
+            out = write_model_repository(checkpoint, dest, model_name, model_task, triton)
+        else:
+            out = write_vllm_repository(
+                checkpoint,
+                dest,
+                model_name,
+                vllm.spec,
+                tensor_parallel_size=vllm.tensor_parallel_size,
+                lora_adapters=vllm.lora_adapters,
+            )
         return read_manifest(out).checksum
+
+    if (source / "config.json").is_file():
+        return package(source, task if task != "auto" else _task_of(source))
     models = _kubetune_models(source)
     if len(models) == 1:
         manifest = read_manifest(models[0])
-        checkpoint = verified_checkpoint(models[0])
-        out = write_model_repository(checkpoint, dest, model_name, manifest.task, triton)
-        return read_manifest(out).checksum
+        return package(verified_checkpoint(models[0]), str(manifest.task))
     if list(source.glob("*/config.pbtxt")):
         shutil.copytree(source, dest, dirs_exist_ok=True)
         return "unknown"
@@ -138,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dynamic-batching", default="true")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     parser.add_argument("--preferred-batch-size", type=int, action="append", default=[])
+    parser.add_argument("--runtime", default=str(Runtime.PYTHON), choices=[str(r) for r in Runtime])
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--vllm", default="{}", help="spec.vllm as JSON")
+    parser.add_argument(
+        "--lora-adapter", action="append", default=[], help="NAME=SOURCE of an unmerged adapter"
+    )
     args = parser.parse_args(argv)
     triton = TritonSpec(
         max_batch_size=args.max_batch_size,
@@ -151,8 +187,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     term = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", DEFAULT_TERMINATION_LOG))
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            local = download(args.source, Path(scratch))
-            checksum = deliver(local, args.dest, args.model_name, args.task, triton)
+            local = download(args.source, Path(scratch) / "model")
+            vllm = None
+            if args.runtime == Runtime.VLLM:
+                adapters = {}
+                for item in args.lora_adapter:
+                    name, sep, adapter_source = item.partition("=")
+                    if not sep or not name:
+                        raise FetchError(f"--lora-adapter {item!r}: expected NAME=SOURCE")
+                    adapters[name] = download(adapter_source, Path(scratch) / "lora" / name)
+                vllm = VllmDelivery(
+                    spec=VllmSpec.model_validate_json(args.vllm),
+                    tensor_parallel_size=args.tensor_parallel_size,
+                    lora_adapters=adapters,
+                )
+            checksum = deliver(local, args.dest, args.model_name, args.task, triton, vllm)
     except (FetchError, ValueError, OSError) as err:
         message = f"ModelFetchFailed: {err}"
         print(message, file=sys.stderr)

@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -41,7 +42,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,13 @@ STUB_NUMPY_VERSION = "1.26.4"
 STUB_NAME = "triton_python_backend_stub"
 DEFAULT_READY_TIMEOUT = 180.0
 LOG_TAIL_LINES = 30
+STUB_ENV_FORMAT = "2"  # bump when what prepare_stub_environment writes changes
+# The stub embeds Python with an isolated configuration, which leaves LC_CTYPE at "C" and ignores
+# PYTHONUTF8: open() would then read text files as ASCII, which torch's inductor templates
+# (imported by vLLM) are not. A .pth line starting with "import" runs at start-up.
+STUB_LOCALE_LINE = (
+    "import locale; locale.setlocale(locale.LC_CTYPE, 'C.UTF-8')  # kubetune: UTF-8 text I/O"
+)
 # Error lines every CPU-only start prints; they say nothing about why a start failed.
 LOG_NOISE = ("CudaDriverHelper has not been initialized",)
 
@@ -116,12 +124,34 @@ def _cache_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def prepare_backends(dist: TritonDistribution | None = None) -> Path:
-    """The backends folder with this Python's stub in ``python/``; built once, then reused."""
+def _tree_digest(folders: Mapping[str, Path]) -> str:
+    digest = hashlib.sha256()
+    for name, folder in sorted(folders.items()):
+        for path in sorted(Path(folder).rglob("*.py")):
+            digest.update(f"{name}/{path.relative_to(folder)}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def prepare_backends(
+    dist: TritonDistribution | None = None, python_backends: Mapping[str, Path] | None = None
+) -> Path:
+    """The backends folder with this Python's stub in ``python/``; built once, then reused.
+
+    ``python_backends`` adds python-based backends (``name`` -> a folder with ``model.py``):
+    Triton runs a model whose config says ``backend: "<name>"`` through the python backend with
+    that ``model.py``, as NVIDIA's vLLM image does for ``backend: "vllm"``. Such a folder is keyed
+    by the backends' contents, so an edited backend gets a fresh copy.
+    """
     dist = dist or find_distribution()
     version = python_version()
     base = cache_root() / "triton" / dist.version
-    target = base / f"python{version}" / "backends"
+    extra = dict(python_backends or {})
+    for name, folder in extra.items():
+        if not (Path(folder) / "model.py").is_file():
+            raise TritonError(f"python-based backend {name!r}: {folder} has no model.py")
+    suffix = f"-{_tree_digest(extra)}" if extra else ""
+    target = base / f"python{version}" / f"backends{suffix}"
     if (target / "python" / STUB_NAME).is_file():
         return target
     stub = dist.stub(version)
@@ -143,6 +173,12 @@ def prepare_backends(dist: TritonDistribution | None = None) -> Path:
             )
             shutil.copy2(stub, staging / "backends" / "python" / STUB_NAME)
             (staging / "backends" / "python" / STUB_NAME).chmod(0o755)
+            for name, folder in extra.items():
+                shutil.copytree(
+                    folder,
+                    staging / "backends" / name,
+                    ignore=shutil.ignore_patterns("__pycache__"),
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(target, ignore_errors=True)
             (staging / "backends").rename(target)
@@ -192,7 +228,64 @@ def ensure_numpy_overlay(numpy_version: str = STUB_NUMPY_VERSION) -> Path:
     return target
 
 
-def prepare_stub_environment(numpy_overlay: Path) -> Path:
+@dataclass(frozen=True)
+class PythonEnvironment:
+    """The interpreter whose packages the python backend stub imports (torch, transformers, or
+    vLLM's own stack in a venv of its own): its site-packages, base executable and LIBDIR."""
+
+    prefix: str
+    base_executable: Path
+    site_packages: tuple[str, ...]
+    libdir: str | None
+    version: str
+
+    @classmethod
+    def current(cls) -> PythonEnvironment:
+        paths = sysconfig.get_paths()
+        return cls(
+            prefix=sys.prefix,
+            base_executable=Path(getattr(sys, "_base_executable", sys.executable)).resolve(),
+            site_packages=tuple(dict.fromkeys([paths["purelib"], paths["platlib"]])),
+            libdir=sysconfig.get_config_var("LIBDIR"),
+            version=python_version(),
+        )
+
+    @classmethod
+    def of(cls, venv: Path) -> PythonEnvironment:
+        """Another virtual environment, asked through its own interpreter. It must be the same
+        Python version as this one: the stub is built per version and links its libpython."""
+        python = Path(venv) / "bin" / "python"
+        if not python.is_file():
+            raise TritonError(f"{venv} is not a Python environment (no bin/python)")
+        probe = (
+            "import json, sys, sysconfig; p = sysconfig.get_paths(); print(json.dumps({"
+            "'prefix': sys.prefix, 'base': getattr(sys, '_base_executable', sys.executable), "
+            "'site': [p['purelib'], p['platlib']], 'libdir': sysconfig.get_config_var('LIBDIR'), "
+            "'version': f'{sys.version_info[0]}.{sys.version_info[1]}'}))"
+        )
+        result = subprocess.run(
+            [str(python), "-c", probe], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise TritonError(f"cannot ask {python} for its paths: {result.stderr[-2000:]}")
+        data = json.loads(result.stdout)
+        if data["version"] != python_version():
+            raise TritonError(
+                f"{venv} is Python {data['version']}, the stub in use is built for "
+                f"{python_version()}"
+            )
+        return cls(
+            prefix=str(data["prefix"]),
+            base_executable=Path(data["base"]).resolve(),
+            site_packages=tuple(dict.fromkeys(str(x) for x in data["site"])),
+            libdir=data["libdir"],
+            version=str(data["version"]),
+        )
+
+
+def prepare_stub_environment(
+    numpy_overlay: Path, python_env: PythonEnvironment | None = None
+) -> Path:
     """A minimal virtual environment that makes the stub's Python see numpy 1.26 first, then
     this interpreter's packages; returns its ``bin`` folder, which goes first on PATH.
 
@@ -203,14 +296,13 @@ def prepare_stub_environment(numpy_overlay: Path) -> Path:
     interpreter's site-packages, so they are added to ``sys.path`` in exactly that order.
     Keyed by this interpreter's prefix: several venvs can share the cache.
     """
-    version = python_version()
-    paths = sysconfig.get_paths()
-    entries = [str(numpy_overlay)]
-    for key in ("purelib", "platlib"):
-        if paths[key] not in entries:
-            entries.append(paths[key])
-    base_executable = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
-    digest = hashlib.sha256("\n".join([sys.prefix, str(base_executable), *entries]).encode())
+    env = python_env or PythonEnvironment.current()
+    version = env.version
+    entries = [str(numpy_overlay), *(p for p in env.site_packages if p != str(numpy_overlay))]
+    base_executable = env.base_executable
+    digest = hashlib.sha256(
+        "\n".join([STUB_ENV_FORMAT, env.prefix, str(base_executable), *entries]).encode()
+    )
     root = cache_root() / "triton" / "stub-env" / digest.hexdigest()[:16]
     bin_dir = root / "bin"
     pth = root / "lib" / f"python{version}" / "site-packages" / "kubetune-stub.pth"
@@ -231,7 +323,8 @@ def prepare_stub_environment(numpy_overlay: Path) -> Path:
             )
             site = staging / "lib" / f"python{version}" / "site-packages"
             site.mkdir(parents=True)
-            (site / pth.name).write_text("".join(f"{e}\n" for e in entries), encoding="utf-8")
+            lines = [*entries, STUB_LOCALE_LINE]
+            (site / pth.name).write_text("".join(f"{e}\n" for e in lines), encoding="utf-8")
             shutil.rmtree(root, ignore_errors=True)
             staging.rename(root)
         finally:
@@ -240,12 +333,15 @@ def prepare_stub_environment(numpy_overlay: Path) -> Path:
 
 
 def server_environment(
-    dist: TritonDistribution, stub_bin: Path, base: dict[str, str] | None = None
+    dist: TritonDistribution,
+    stub_bin: Path,
+    base: dict[str, str] | None = None,
+    python_env: PythonEnvironment | None = None,
 ) -> dict[str, str]:
     """The environment tritonserver (and through it the python backend stub) runs with."""
     env = dict(os.environ if base is None else base)
     library_path = [str(dist.libs_dir)]
-    libdir = sysconfig.get_config_var("LIBDIR")
+    libdir = (python_env or PythonEnvironment.current()).libdir
     if libdir:
         library_path.insert(0, str(libdir))
     if existing := env.get("LD_LIBRARY_PATH"):
@@ -376,12 +472,18 @@ def start_triton(
     log_verbose: int = 0,
     exit_timeout: int = 3,
     extra_args: Sequence[str] = (),
+    python_venv: Path | None = None,
+    python_backends: Mapping[str, Path] | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> TritonServer:
     """Start tritonserver on ``repository`` (one folder or several) and wait until it is ready.
 
     ``exit_on_error=False`` with ``strict_readiness=False`` keeps the server up when a model
     fails to load, which is how a failed model is observed from the outside (smoke test).
     The caller owns the result and must ``stop()`` it; ``running_triton`` does that for you.
+    ``python_venv`` makes the stub import from another virtual environment (vLLM's, which pins
+    its own torch and transformers), ``python_backends`` adds python-based backends (the vLLM
+    backend's folder as ``{"vllm": ...}``), ``environment`` adds variables for the server.
     """
     repositories = (repository,) if isinstance(repository, Path) else tuple(repository)
     if not repositories:
@@ -392,8 +494,12 @@ def start_triton(
     if model_control_mode not in {"none", "explicit", "poll"}:
         raise ValueError(f"unknown model control mode {model_control_mode!r}")
     dist = find_distribution()
-    backends = prepare_backends(dist)
-    env = server_environment(dist, prepare_stub_environment(ensure_numpy_overlay()))
+    backends = prepare_backends(dist, python_backends)
+    python_env = PythonEnvironment.of(python_venv) if python_venv is not None else None
+    env = server_environment(
+        dist, prepare_stub_environment(ensure_numpy_overlay(), python_env), None, python_env
+    )
+    env.update(environment or {})
     if log_path is None:
         handle, name = tempfile.mkstemp(prefix="kubetune-triton-", suffix=".log")
         os.close(handle)
@@ -460,6 +566,9 @@ def running_triton(
     exit_on_error: bool = True,
     strict_readiness: bool = True,
     extra_args: Sequence[str] = (),
+    python_venv: Path | None = None,
+    python_backends: Mapping[str, Path] | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> Iterator[TritonServer]:
     """A ready tritonserver for the duration of the block; always stopped afterwards."""
     server = start_triton(
@@ -470,6 +579,9 @@ def running_triton(
         exit_on_error=exit_on_error,
         strict_readiness=strict_readiness,
         extra_args=extra_args,
+        python_venv=python_venv,
+        python_backends=python_backends,
+        environment=environment,
     )
     try:
         yield server

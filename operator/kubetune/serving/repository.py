@@ -25,6 +25,7 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
@@ -32,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1.finetunejob import Task
-from kubetune.api.v1alpha1.modelserver import TritonSpec
+from kubetune.api.v1alpha1.modelserver import TritonSpec, VllmSpec
 
 TEXT_INPUT = "TEXT"
+STREAM_INPUT = "STREAM"
 LABEL_OUTPUT = "LABEL"
 SCORES_OUTPUT = "SCORES"
 GENERATED_OUTPUT = "GENERATED_TEXT"
@@ -48,6 +50,14 @@ WARMUP_DIR = "warmup"
 WARMUP_FILE = "text"
 WARMUP_TEXT = "kubetune warm-up request"
 MODEL_SOURCE = "triton_model.py"
+VLLM_ENGINE_ARGS = "model.json"  # what Triton's vLLM backend reads from the version folder
+VLLM_LORA_ARGS = "multi_lora.json"  # adapter name -> folder, read when enable_lora is true
+# Triton's vLLM backend's tensors (it auto-completes optional ones; these are the ones we use).
+VLLM_TEXT_INPUT = "text_input"
+VLLM_STREAM_INPUT = "stream"
+VLLM_SAMPLING_INPUT = "sampling_parameters"
+VLLM_EXCLUDE_INPUT = "exclude_input_in_output"
+VLLM_TEXT_OUTPUT = "text_output"
 
 DEFAULT_MAX_NEW_TOKENS = 32
 MAX_NEW_TOKENS_LIMIT = 256
@@ -171,12 +181,30 @@ def render_config_pbtxt(
         f"name: {_quote(model_name)}",
         'backend: "python"',
         f"max_batch_size: {spec.max_batch_size}",
+    ]
+    if task is Task.CAUSAL_LM:
+        # Decoupled: the model answers through response senders, one response per decoding
+        # step for a request whose optional STREAM input is true (generate_stream, gRPC
+        # streaming), one final response otherwise (generate, gRPC infer).
+        lines += ["model_transaction_policy {", "  decoupled: true", "}"]
+    lines += [
         "input [",
         "  {",
         f"    name: {_quote(TEXT_INPUT)}",
         "    data_type: TYPE_STRING",
         "    dims: [ 1 ]",
-        "  }",
+        "  }" + ("," if task is Task.CAUSAL_LM else ""),
+    ]
+    if task is Task.CAUSAL_LM:
+        lines += [
+            "  {",
+            f"    name: {_quote(STREAM_INPUT)}",
+            "    data_type: TYPE_BOOL",
+            "    dims: [ 1 ]",
+            "    optional: true",
+            "  }",
+        ]
+    lines += [
         "]",
         "output [",
     ]
@@ -335,18 +363,7 @@ def write_model_repository(
     task = Task(task)
     model_dir = Path(model_dir)
     repository_dir = Path(repository_dir)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        if (model_dir / "adapter_config.json").is_file():
-            raise ValueError(
-                f"{model_dir} holds a LoRA adapter, not a full checkpoint: merge it into the base "
-                "model (peft's merge_and_unload) before packaging it for Triton"
-            )
-        raise ValueError(f"{model_dir} is not a Hugging Face checkpoint: config.json is missing")
-    weights = weights_files(model_dir)
-    if not weights:
-        raise ValueError(f"{model_dir} holds no weights (model*.safetensors / pytorch_model*.bin)")
-    hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+    hf_config, weights = _checkpoint(model_dir)
     labels = _labels(hf_config) if task is Task.SEQUENCE_CLASSIFICATION else None
 
     config_text = render_config_pbtxt(
@@ -359,19 +376,65 @@ def write_model_repository(
         max_new_tokens=max_new_tokens,
     )
 
+    def fill(staging: Path, version_dir: Path) -> None:
+        (version_dir / "model.py").write_text(model_source(), encoding="utf-8")
+        (staging / "config.pbtxt").write_text(config_text, encoding="utf-8")
+        if labels is not None:
+            (staging / LABELS_FILE).write_text("".join(f"{x}\n" for x in labels), "utf-8")
+        if warmup:
+            (staging / WARMUP_DIR).mkdir()
+            (staging / WARMUP_DIR / WARMUP_FILE).write_bytes(serialize_string_tensor([WARMUP_TEXT]))
+
+    return _assemble(
+        model_dir, repository_dir, model_name, task, labels, max_sequence_length, weights, fill
+    )
+
+
+def _checkpoint(model_dir: Path) -> tuple[dict[str, Any], list[Path]]:
+    """The checkpoint's config.json and weight files; a clear error for anything else."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        if (model_dir / "adapter_config.json").is_file():
+            raise ValueError(
+                f"{model_dir} holds a LoRA adapter, not a full checkpoint: merge it into the base "
+                "model (peft's merge_and_unload) before packaging it for Triton"
+            )
+        raise ValueError(f"{model_dir} is not a Hugging Face checkpoint: config.json is missing")
+    weights = weights_files(model_dir)
+    if not weights:
+        raise ValueError(f"{model_dir} holds no weights (model*.safetensors / pytorch_model*.bin)")
+    return json.loads(config_path.read_text(encoding="utf-8")), weights
+
+
+def _link_checkpoint(model_dir: Path, hf_dir: Path) -> None:
+    """The checkpoint's top-level files without training state, linked (or copied)."""
+    hf_dir.mkdir(parents=True)
+    for source in sorted(model_dir.iterdir()):
+        if not source.is_file() or source.name in TRAINING_STATE_FILES:
+            continue
+        if TRAINING_STATE_PATTERN.match(source.name):
+            continue
+        _link_or_copy(source, hf_dir / source.name)
+
+
+def _assemble(
+    model_dir: Path,
+    repository_dir: Path,
+    model_name: str,
+    task: Task,
+    labels: list[str] | None,
+    max_sequence_length: int | None,
+    weights: list[Path],
+    fill: Callable[[Path, Path], None],
+) -> Path:
+    """Build ``<repository_dir>/<model_name>`` in a hidden staging folder — the checkpoint under
+    ``1/hf``, the manifest, then what ``fill(staging, version_dir)`` adds — and rename it into
+    place (replacing an older copy), so a reader never sees half a model."""
     repository_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_name}.", dir=repository_dir))
     try:
         version_dir = staging / str(MODEL_VERSION)
-        hf_dir = version_dir / HF_SUBDIR
-        hf_dir.mkdir(parents=True)
-        for source in sorted(model_dir.iterdir()):
-            if not source.is_file() or source.name in TRAINING_STATE_FILES:
-                continue
-            if TRAINING_STATE_PATTERN.match(source.name):
-                continue
-            _link_or_copy(source, hf_dir / source.name)
-
+        _link_checkpoint(model_dir, version_dir / HF_SUBDIR)
         files = [WeightsFile(p.name, sha256_file(p), p.stat().st_size) for p in weights]
         manifest = ServingManifest(
             model_name=model_name,
@@ -384,13 +447,7 @@ def write_model_repository(
         (version_dir / MANIFEST_NAME).write_text(
             json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8"
         )
-        (version_dir / "model.py").write_text(model_source(), encoding="utf-8")
-        (staging / "config.pbtxt").write_text(config_text, encoding="utf-8")
-        if labels is not None:
-            (staging / LABELS_FILE).write_text("".join(f"{x}\n" for x in labels), "utf-8")
-        if warmup:
-            (staging / WARMUP_DIR).mkdir()
-            (staging / WARMUP_DIR / WARMUP_FILE).write_bytes(serialize_string_tensor([WARMUP_TEXT]))
+        fill(staging, version_dir)
         staging.chmod(0o755)
 
         destination = repository_dir / model_name
@@ -405,6 +462,200 @@ def write_model_repository(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return destination
+
+
+# --- the vLLM runtime: a repository for Triton's vLLM backend -----------------------------------
+
+
+def render_vllm_config_pbtxt(model_name: str, *, report_metrics: bool = True) -> str:
+    """config.pbtxt for Triton's vLLM backend (``backend: "vllm"``, a python-based backend).
+
+    Decoupled transaction policy: the backend answers each request from vLLM's event loop, one
+    response per generated chunk when the request asks to ``stream``. No Triton batching
+    (``max_batch_size: 0``): vLLM batches continuously itself. One ``KIND_MODEL`` instance: the
+    engine takes every GPU the container sees (tensor parallelism), Triton places nothing.
+    ``REPORT_CUSTOM_METRICS`` exports vLLM's own metrics (``vllm:*``) on Triton's metrics port.
+    """
+    _check_model_name(model_name)
+    tensors = [
+        (VLLM_TEXT_INPUT, "TYPE_STRING", False),
+        (VLLM_STREAM_INPUT, "TYPE_BOOL", True),
+        (VLLM_SAMPLING_INPUT, "TYPE_STRING", True),
+        (VLLM_EXCLUDE_INPUT, "TYPE_BOOL", True),
+    ]
+    lines = [
+        f"name: {_quote(model_name)}",
+        'backend: "vllm"',
+        "max_batch_size: 0",
+        "model_transaction_policy {",
+        "  decoupled: true",
+        "}",
+        "input [",
+    ]
+    for index, (name, data_type, optional) in enumerate(tensors):
+        lines += [
+            "  {",
+            f"    name: {_quote(name)}",
+            f"    data_type: {data_type}",
+            "    dims: [ 1 ]",
+            *(["    optional: true"] if optional else []),
+            "  }" + ("," if index + 1 < len(tensors) else ""),
+        ]
+    lines += [
+        "]",
+        "output [",
+        "  {",
+        f"    name: {_quote(VLLM_TEXT_OUTPUT)}",
+        "    data_type: TYPE_STRING",
+        "    dims: [ -1 ]",
+        "  }",
+        "]",
+        "instance_group [",
+        "  {",
+        "    count: 1",
+        "    kind: KIND_MODEL",
+        "  }",
+        "]",
+        f"parameters: {{ key: {_quote('task')} value: {{ string_value: "
+        f"{_quote(str(Task.CAUSAL_LM))} }} }}",
+        f"parameters: {{ key: {_quote('REPORT_CUSTOM_METRICS')} value: {{ string_value: "
+        f"{_quote(str(report_metrics).lower())} }} }}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def vllm_engine_args(
+    model_path: str,
+    vllm: VllmSpec | None = None,
+    *,
+    tensor_parallel_size: int = 1,
+    lora_adapters: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """model.json: vLLM's AsyncEngineArgs from the ModelServer's spec.vllm and its GPUs."""
+    spec = vllm if vllm is not None else VllmSpec()
+    if tensor_parallel_size < 1:
+        raise ValueError("tensor_parallel_size must be at least 1")
+    args: dict[str, Any] = {
+        "model": model_path,
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": spec.gpu_memory_utilization,
+        "max_num_seqs": spec.max_num_seqs,
+        "dtype": str(spec.dtype),
+        "enforce_eager": spec.enforce_eager,
+        "disable_log_stats": False,  # the engine's stats feed the vllm:* metrics
+    }
+    if spec.max_model_len is not None:
+        args["max_model_len"] = spec.max_model_len
+    if lora_adapters:
+        args |= {
+            "enable_lora": True,
+            "max_lora_rank": spec.max_lora_rank,
+            "max_loras": len(lora_adapters),
+        }
+    return args
+
+
+def _attention_heads(config: Mapping[str, Any]) -> int | None:
+    for key in ("num_attention_heads", "n_head", "num_heads"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
+def _position_limit(config: Mapping[str, Any]) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
+def _check_adapter(name: str, folder: Path, max_rank: int) -> None:
+    _check_model_name(name)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise ValueError(f"LoRA adapter {name!r}: {folder} holds no adapter_config.json")
+    rank = json.loads(config_path.read_text(encoding="utf-8")).get("r")
+    if isinstance(rank, int) and rank > max_rank:
+        raise ValueError(
+            f"LoRA adapter {name!r} has rank {rank}, above spec.vllm.maxLoraRank ({max_rank})"
+        )
+
+
+def write_vllm_repository(
+    model_dir: Path,
+    repository_dir: Path,
+    model_name: str,
+    vllm: VllmSpec | None = None,
+    *,
+    tensor_parallel_size: int = 1,
+    lora_adapters: Mapping[str, Path] | None = None,
+    max_sequence_length: int | None = None,
+) -> Path:
+    """Write ``<repository_dir>/<model_name>`` for Triton's vLLM backend; return it.
+
+    Layout: ``config.pbtxt`` (render_vllm_config_pbtxt), ``1/model.json`` (the engine's
+    arguments, naming the checkpoint by its absolute path, so the repository must be read where
+    it was written: the pod's emptyDir has one mount path for both containers),
+    ``1/multi_lora.json`` and ``1/lora/<name>/`` for unmerged LoRA adapters, ``1/hf`` and the
+    manifest as for the python backend. What vLLM would refuse at start-up inside a pod is refused
+    here, naming the spec field: a tensor-parallel size that does not divide the attention heads,
+    a max model length above the model's position table, an adapter above the rank limit.
+    """
+    _check_model_name(model_name)
+    spec = vllm if vllm is not None else VllmSpec()
+    model_dir = Path(model_dir)
+    repository_dir = Path(repository_dir).resolve()
+    hf_config, weights = _checkpoint(model_dir)
+    archs = " ".join(hf_config.get("architectures") or [])
+    if "CausalLM" not in archs and "LMHead" not in archs:
+        raise ValueError(
+            f"runtime vllm serves causal LMs; {model_dir} is a {archs or 'model of unknown kind'} "
+            "(use spec.runtime: python)"
+        )
+    heads = _attention_heads(hf_config)
+    if heads is not None and heads % tensor_parallel_size:
+        raise ValueError(
+            f"spec.resources.gpus: a tensor-parallel size of {tensor_parallel_size} must divide "
+            f"the model's {heads} attention heads"
+        )
+    limit = _position_limit(hf_config)
+    if spec.max_model_len is not None and limit is not None and spec.max_model_len > limit:
+        raise ValueError(
+            f"spec.vllm.maxModelLen ({spec.max_model_len}) exceeds the model's {limit} positions"
+        )
+    adapters = dict(lora_adapters or {})
+    for name, folder in adapters.items():
+        _check_adapter(name, Path(folder), spec.max_lora_rank)
+
+    final_version = repository_dir / model_name / str(MODEL_VERSION)
+    lora_paths = {name: str(final_version / "lora" / name) for name in adapters}
+    engine = vllm_engine_args(
+        str(final_version / HF_SUBDIR),
+        spec,
+        tensor_parallel_size=tensor_parallel_size,
+        lora_adapters=lora_paths,
+    )
+
+    def fill(staging: Path, version_dir: Path) -> None:
+        (staging / "config.pbtxt").write_text(render_vllm_config_pbtxt(model_name), "utf-8")
+        (version_dir / VLLM_ENGINE_ARGS).write_text(json.dumps(engine, indent=2) + "\n", "utf-8")
+        if adapters:
+            for name, folder in adapters.items():
+                _link_checkpoint(Path(folder), version_dir / "lora" / name)
+            (version_dir / VLLM_LORA_ARGS).write_text(
+                json.dumps(lora_paths, indent=2) + "\n", "utf-8"
+            )
+
+    return _assemble(
+        model_dir,
+        repository_dir,
+        model_name,
+        Task.CAUSAL_LM,
+        None,
+        max_sequence_length,
+        weights,
+        fill,
+    )
 
 
 def read_manifest(model_repository_dir: Path, version: int = MODEL_VERSION) -> ServingManifest:

@@ -16,10 +16,21 @@ import numpy as np
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-TEXT_INPUT = "TEXT"
+from kubetune.serving.generate import (
+    GENERATED_OUTPUT,
+    TEXT_INPUT,
+    VLLM_TEXT_OUTPUT,
+    GenerationError,
+    generate,
+)
+
 LABEL_OUTPUT = "LABEL"
 SCORES_OUTPUT = "SCORES"
-GENERATED_OUTPUT = "GENERATED_TEXT"
+# The python backend appends the Python traceback to an error; the line above it is the cause.
+TRACEBACK_MARK = "\n\nAt:"
+# A generation smoke test asks for a short, bounded answer: it proves the model generates, not
+# how well, and must not hold a replica's engine for long.
+SMOKE_MAX_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ def _not_ready_reason(client: triton_http.InferenceServerClient, model_name: str
     reason = str(entry.get("reason") or "no reason given")
     # The python backend appends the Python traceback ("\n\nAt:\n  file(line): ..."); the
     # exception line above it is the part a person needs, and conditions have limited room.
-    reason = reason.split("\n\nAt:", 1)[0].strip()
+    reason = reason.split(TRACEBACK_MARK, 1)[0].strip()
     return f"model {model_name!r} is not ready (state {state}): {reason}"
 
 
@@ -95,7 +106,7 @@ def smoke_test(
     except Exception as exc:
         return SmokeResult(False, model_name, error=f"bad Triton URL {url!r}: {_error_text(exc)}")
     try:
-        return _run(client, url, model_name, text, expected_label)
+        return _run(client, url, model_name, text, expected_label, timeout)
     except Exception as exc:  # the contract: report, never raise
         return SmokeResult(False, model_name, error=f"unexpected failure: {_error_text(exc)}")
     finally:
@@ -108,6 +119,7 @@ def _run(
     model_name: str,
     text: str,
     expected_label: str | None,
+    timeout: float,
 ) -> SmokeResult:
     try:
         live = client.is_server_live()
@@ -126,6 +138,8 @@ def _run(
 
     config: dict[str, Any] = client.get_model_config(model_name)
     outputs = {o["name"] for o in config.get("output", [])}
+    if GENERATED_OUTPUT in outputs or VLLM_TEXT_OUTPUT in outputs:
+        return _generation(url, model_name, text, expected_label, outputs, timeout)
     batched = int(config.get("max_batch_size", 0)) > 0
     shape = [1, 1] if batched else [1]
     request_input = triton_http.InferInput(TEXT_INPUT, shape, "BYTES")
@@ -164,24 +178,6 @@ def _run(
             )
         return SmokeResult(True, model_name, label=label, scores=scores, latency_s=latency)
 
-    if GENERATED_OUTPUT in outputs:
-        generated = response.as_numpy(GENERATED_OUTPUT)
-        if generated is None or generated.size == 0:
-            return SmokeResult(
-                False, model_name, latency_s=latency, error="no GENERATED_TEXT in answer"
-            )
-        raw = generated.reshape(-1)[0]
-        value = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        if expected_label is not None:
-            return SmokeResult(
-                False,
-                model_name,
-                generated_text=value,
-                latency_s=latency,
-                error="an expected label was given, but the model generates text",
-            )
-        return SmokeResult(True, model_name, generated_text=value, latency_s=latency)
-
     return SmokeResult(
         False,
         model_name,
@@ -189,3 +185,54 @@ def _run(
         error=f"model has neither {LABEL_OUTPUT} nor {GENERATED_OUTPUT} outputs "
         f"(it has {', '.join(sorted(outputs)) or 'none'}): not a kubetune model",
     )
+
+
+def _generation(
+    url: str,
+    model_name: str,
+    text: str,
+    expected_text: str | None,
+    outputs: set[str],
+    timeout: float,
+) -> SmokeResult:
+    """A short prompt, a bounded answer, through the generate endpoint (both runtimes are
+    decoupled, which Triton's HTTP infer endpoint refuses). It fails on an error and on an empty
+    answer (broken weights typically decode to padding, which decodes to nothing); with
+    ``expected_text`` the answer must contain it."""
+    started = time.perf_counter()
+    try:
+        answer = generate(
+            url,
+            model_name,
+            text,
+            max_tokens=SMOKE_MAX_TOKENS,
+            stream=False,
+            outputs=frozenset(outputs),
+            timeout=timeout,
+        )
+    except (GenerationError, OSError, ValueError) as exc:
+        message = str(exc) if isinstance(exc, GenerationError) else _error_text(exc)
+        return SmokeResult(
+            False,
+            model_name,
+            latency_s=time.perf_counter() - started,
+            error=f"inference failed: {message.split(TRACEBACK_MARK, 1)[0].strip()}",
+        )
+    value, latency = answer.text, answer.total_s
+    if not value.strip():
+        return SmokeResult(
+            False,
+            model_name,
+            generated_text=value,
+            latency_s=latency,
+            error=f"the model generated nothing for {text!r} (at most {SMOKE_MAX_TOKENS} tokens)",
+        )
+    if expected_text is not None and expected_text not in value:
+        return SmokeResult(
+            False,
+            model_name,
+            generated_text=value,
+            latency_s=latency,
+            error=f"expected the answer to contain {expected_text!r}, got {value!r}",
+        )
+    return SmokeResult(True, model_name, generated_text=value, latency_s=latency)

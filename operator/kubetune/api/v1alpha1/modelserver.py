@@ -48,6 +48,10 @@ class AutoscalingMetric(StrEnum):
     REQUESTS_PER_SECOND = "requests-per-second"
     GPU_UTILIZATION = "gpu-utilization"
     CPU = "cpu"
+    # vLLM's own metrics (runtime vllm): mean time to first token in microseconds, and generated
+    # tokens per second per replica.
+    TIME_TO_FIRST_TOKEN = "time-to-first-token"
+    GENERATION_TOKENS_PER_SECOND = "generation-tokens-per-second"
 
 
 class RolloutStrategy(StrEnum):
@@ -68,6 +72,73 @@ class FineTuneJobRef(ApiModel):
     name: str = Field(
         description="Name of the FineTuneJob.", max_length=253, pattern=DNS1123_NAME_PATTERN
     )
+
+
+# --- LLM serving (issue 11): the runtime, vLLM's engine settings, the readiness gate ----------
+# NVIDIA's Triton image with the vLLM backend; the operator's KUBETUNE_VLLM_IMAGE (a chart value)
+# overrides it, spec.triton.image overrides both for one ModelServer.
+DEFAULT_VLLM_IMAGE = "nvcr.io/nvidia/tritonserver:25.12-vllm-python-py3"
+# The pod condition a ModelServer pod's readiness gate waits for: the operator sets it True on a
+# pod only after that very pod answered its smoke test, so a pod serving a broken model never
+# joins the Service's endpoints (PATCH pods/status).
+SMOKE_TEST_CONDITION = "kubetune.io/smoke-test-passed"
+
+
+class Runtime(StrEnum):
+    """What runs the model inside Triton."""
+
+    PYTHON = "python"  # kubetune's python-backend model (transformers)
+    VLLM = "vllm"  # Triton's vLLM backend: paged KV cache, continuous batching, tensor parallel
+
+
+class VllmDtype(StrEnum):
+    AUTO = "auto"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+
+class VllmSpec(ApiModel):
+    """vLLM engine settings (the model.json of Triton's vLLM backend). The tensor-parallel size
+    is not set here: it is the replica's GPUs (spec.resources.gpus)."""
+
+    max_model_len: int | None = Field(
+        default=None,
+        description="Longest prompt plus answer, in tokens; the model's own limit when absent.",
+        ge=16,
+        le=1048576,
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        description="Share of each GPU's memory vLLM may take (weights plus KV cache).",
+        gt=0,
+        le=1,
+    )
+    max_num_seqs: int = Field(
+        default=256,
+        description="Most sequences in one engine step (continuous batch).",
+        ge=1,
+        le=4096,
+    )
+    dtype: VllmDtype = Field(
+        default=VllmDtype.AUTO, description="auto (the checkpoint's), float16, bfloat16, float32."
+    )
+    enforce_eager: bool = Field(
+        default=False,
+        description="Skip CUDA graph capture: faster start-up, slower decoding.",
+    )
+    max_lora_rank: int = Field(
+        default=16,
+        description="Largest LoRA rank an adapter may have (served adapters).",
+        ge=1,
+        le=512,
+    )
+
+
+def default_runtime(task: str | None) -> Runtime:
+    """Causal LMs on vLLM, everything else (classifiers, a source whose task is only known once
+    fetched) on the python backend, which serves both tasks."""
+    return Runtime.VLLM if task == "causal-lm" else Runtime.PYTHON
 
 
 class ServedModel(ApiModel):
@@ -123,9 +194,10 @@ class DynamicBatching(ApiModel):
 class TritonSpec(ApiModel):
     """Triton Inference Server settings."""
 
-    image: str = Field(
-        default=DEFAULT_TRITON_IMAGE,
-        description="Triton server image.",
+    image: str | None = Field(
+        default=None,
+        description="Triton server image; the operator's default for the runtime when absent "
+        "(kubetune's Triton image for python, NVIDIA's vLLM image for vllm).",
         max_length=512,
         pattern=IMAGE_PATTERN,
     )
@@ -171,8 +243,10 @@ class AutoscalingSpec(ApiModel):
     max_replicas: int = Field(description="Most replicas.", ge=1, le=1000)
     metric: AutoscalingMetric = Field(
         default=AutoscalingMetric.QUEUE_TIME,
-        description="queue-time (microseconds of queueing per request), pending-requests, "
-        "requests-per-second, gpu-utilization (percent) or cpu (percent of request).",
+        description="queue-time (microseconds of queueing per request; on vllm the time to "
+        "first token, since vLLM queues inside its engine), pending-requests, "
+        "requests-per-second, gpu-utilization (percent), cpu (percent of request), "
+        "time-to-first-token (microseconds) or generation-tokens-per-second (vllm).",
     )
     target: int = Field(
         description="Target value per replica, in the metric's unit.", ge=1, le=100000000
@@ -241,6 +315,14 @@ class ModelServerSpec(ApiModel):
 
     model: ServedModel = Field(description="What to serve.")
     triton: TritonSpec = Field(default_factory=TritonSpec, description="Triton settings.")
+    runtime: Runtime | None = Field(
+        default=None,
+        description="python or vllm; when absent vllm for a FineTuneJob's causal LM, python "
+        "otherwise (a source's task is known only once fetched: set vllm for an LLM source).",
+    )
+    vllm: VllmSpec = Field(
+        default_factory=VllmSpec, description="vLLM engine settings (runtime vllm only)."
+    )
     resources: ServingResources = Field(
         default_factory=ServingResources, description="GPUs, CPU, memory, placement per replica."
     )
