@@ -70,11 +70,15 @@ class Finding:
     def __str__(self) -> str:
         return f"{self.check} {self.kind} {self.name} {self.container or '-'}: {self.summary}"
 
-    def matches(self, pattern: str) -> bool:
-        """`pattern` is "check Kind name container" with shell wildcards in each part."""
-        parts = pattern.split()
+    def matches(self, patterns: str) -> bool:
+        """`patterns` is "check Kind name container" with shell wildcards in each part, or
+        several of them joined by " | "."""
         mine = [self.check, self.kind, self.name, self.container or "-"]
-        return len(parts) == 4 and all(map(fnmatch.fnmatchcase, mine, parts))
+        for pattern in patterns.split(" | "):
+            parts = pattern.split()
+            if len(parts) == 4 and all(map(fnmatch.fnmatchcase, mine, parts)):
+                return True
+        return False
 
 
 def kube_score(docs: Iterable[dict[str, Any]], grade: int = CRITICAL) -> list[Finding]:

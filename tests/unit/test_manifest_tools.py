@@ -25,8 +25,8 @@ GOLDEN = REPO / "tests" / "unit" / "golden"
 EXAMPLES = REPO / "examples"
 
 # The CRITICAL findings kubetune accepts, as "check Kind name container" (shell wildcards; "-" is
-# the pod or object as a whole), each with why. An entry that no longer matches anything fails
-# the test too, so the list shrinks when a finding is fixed.
+# the pod or object as a whole; " | " between alternatives), each with why. An entry that no
+# longer matches anything fails the test too, so the list shrinks when a finding is fixed.
 ACCEPTED = {
     # -- the children the builders generate
     "container-image-pull-policy * * *": (
@@ -59,7 +59,7 @@ ACCEPTED = {
         "the rendezvous port and reach the API server, hubs and object stores the spec names "
         "(issue 12's network-policy item); the namespace's own policies apply."
     ),
-    "pod-networkpolicy Deployment small -": (
+    "pod-networkpolicy Deployment small - | pod-networkpolicy Deployment chat -": (
         "A ModelServer's NetworkPolicy is opt-in (spec.networkPolicy: true; ms-autoscaled has "
         "one), as its clients are unknown to the operator."
     ),
@@ -72,9 +72,9 @@ ACCEPTED = {
         "requests and limits when given (ftj-lora-multinode); kubetune adds no defaults of its "
         "own, so a job without them gets the namespace's LimitRange."
     ),
-    "container-resources Deployment small *": (
+    "container-resources Deployment small * | container-resources Deployment chat *": (
         "As for training: Triton's (and the fetcher's) CPU and memory are the spec's, set when "
-        "given (ms-autoscaled)."
+        "given (ms-autoscaled sets both, ms-vllm-tp memory only)."
     ),
     # -- the chart
     "container-resources Deployment kt-kubetune operator": (

@@ -74,7 +74,7 @@ def test_the_evaluator_refuses_what_restricted_forbids() -> None:
                 "output": {"uri": "pvc://models/out"},
             },
         )
-        if c["kind"] == "Job"
+        if c["metadata"]["name"] == "x-train"
     ]
     pod = job["spec"]["template"]["spec"]
     assert [v["allowed"] for v in pod_security([job])] == [True]
