@@ -14,6 +14,7 @@ from kubetune.devcluster.binaries import kubectl_path
 from kubetune.devcluster.cluster import OUTCOME_ANNOTATION, LocalCluster
 from tests.cluster_fixtures import Resources
 from tests.integration.test_finetunejob import _finish_pods, _read, finetunejob
+from tests.tools.health import assert_health
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -347,6 +348,8 @@ def test_a_failed_smoke_test_rolls_back_to_the_model_that_passed(
     )
     assert bad in cond["message"]
     assert resources.condition(MS, "gate", "SmokeTestPassed")["status"] == "False"  # type: ignore[index]
+    # Flux (kstatus) and Argo CD read the rollback as a failure that needs a person.
+    assert_health(resources.get(MS, "gate"), "ms-rolled-back")
     assert resources.get(MS, "gate")["status"]["served"]["revision"] == good
     events = (
         client.CoreV1Api(api_client)
