@@ -22,7 +22,17 @@ ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.21.4"
 
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "helm")
+# The node's kubelet shares the folder (and the Kubernetes version): a cache built before it was
+# added gets just the kubelet compiled into it (build-binaries.sh builds only what is missing).
+COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kwok",
+    "helm",
+)
 
 
 @dataclass(frozen=True)

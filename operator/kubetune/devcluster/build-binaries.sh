@@ -24,7 +24,17 @@ step() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 k8s_minor=${KUBERNETES_VERSION#v1.}        # 36.3
 staging_tag=v0.${k8s_minor}                # v0.36.3
 
-if [ ! -x "$bin_dir/kube-apiserver" ] || [ ! -x "$bin_dir/kwok" ]; then
+# The Kubernetes commands (and kwok, which shares most packages) come from one tools module and
+# one `go build`. Only the missing ones are built: adding the node's kubelet to a
+# cache that already has the control plane compiles just their own packages (Go's build cache
+# holds the rest).
+k8s_cmds=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet
+  sigs.k8s.io/kwok/cmd/kwok)
+k8s_missing=()
+for pkg in "${k8s_cmds[@]}"; do [ -x "$bin_dir/${pkg##*/}" ] || k8s_missing+=("$pkg"); done
+
+if [ ${#k8s_missing[@]} -gt 0 ]; then
   step "kubernetes $KUBERNETES_VERSION + kwok $KWOK_VERSION: resolving modules"
   mkdir -p "$work/k8s" && cd "$work/k8s"
   go mod init kubetune.local/k8s-tools >/dev/null 2>&1
@@ -36,18 +46,11 @@ if [ ! -x "$bin_dir/kube-apiserver" ] || [ ! -x "$bin_dir/kwok" ]; then
     echo "require sigs.k8s.io/kwok $KWOK_VERSION"
     while read -r m; do echo "replace $m => $m $staging_tag"; done < staging.txt
   } >> go.mod
-  cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-	_ "sigs.k8s.io/kwok/cmd/kwok"
-)
-GO
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    for pkg in "${k8s_cmds[@]}"; do printf '\t_ "%s"\n' "$pkg"; done
+    printf ')\n'
+  } > tools.go
   go mod tidy -e >/dev/null 2>&1 || true
   go mod download all >/dev/null 2>&1 || true
   major=${KUBERNETES_VERSION#v}; major=${major%%.*}
@@ -58,10 +61,16 @@ GO
     ld="$ld -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
     ld="$ld -X $pkg.gitCommit=0000000000000000000000000000000000000000 -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
   done
-  step "compiling kube-apiserver, kube-controller-manager, kube-scheduler, kwok (one go build; slow when cold)"
-  go build -trimpath -ldflags "-s -w $ld" -o "$bin_dir/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler sigs.k8s.io/kwok/cmd/kwok
+  step "compiling ${k8s_missing[*]##*/} (one go build; slow when cold, -v lists each package)"
+  # -v names each package as it is compiled: a line every 15 s with the count shows progress, not minutes
+  # of silence; on failure the compiler's own lines are shown.
+  go build -v -trimpath -ldflags "-s -w $ld" -o "$bin_dir/" "${k8s_missing[@]}" 2>"$work/k8s.log" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 15
+    step "  $(grep -c . "$work/k8s.log" || true) packages compiled, now $(tail -n1 "$work/k8s.log")"
+  done
+  if ! wait "$pid"; then tail -n 40 "$work/k8s.log"; step "go build failed"; exit 1; fi
   step "kubernetes binaries done"
 fi
 

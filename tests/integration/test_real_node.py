@@ -1,0 +1,340 @@
+"""The real node: the real kubelet, containerd and runc run pods from images built with buildah,
+each pod in its own network namespace with its own address on the cluster's bridge.
+
+A cluster of this module's own (`LocalCluster(real_node=True)`); the last test starts and stops
+another one and checks that `down` leaves nothing on the machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.devcluster import node
+from kubetune.devcluster.binaries import kubectl_path
+from kubetune.devcluster.cluster import LocalCluster, running_cluster
+from kubetune.devcluster.images import base_image
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.cluster
+
+RESTRICTED_POD = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+@pytest.fixture(scope="module")
+def real_cluster() -> Iterator[LocalCluster]:
+    with running_cluster(f"rn-{os.getpid()}", real_node=True) as cluster:
+        cluster.load_images(base_image())
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def core(real_cluster: LocalCluster) -> client.CoreV1Api:
+    return client.CoreV1Api(config.new_client_from_config(str(real_cluster.kubeconfig)))
+
+
+@pytest.fixture
+def ns(core: client.CoreV1Api, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = request.node.name[:50].lower().replace("_", "-").strip("-")
+    core.create_namespace(
+        {"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
+    yield name
+    core.delete_namespace(name)
+
+
+def network(cluster: LocalCluster) -> node.NodeNetwork:
+    net = node.load_state(cluster.dir / "node" / "network.json")
+    assert net is not None
+    return net
+
+
+def pod(name: str, script: str, **extra: Any) -> dict[str, Any]:
+    """A pod of the local Debian base image running a Python `script` on the real node, under
+    Pod Security "restricted"."""
+    return {
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "nodeName": node.NODE_NAME,
+            "tolerations": [{**node.LOCAL_NODE_TAINT, "operator": "Equal"}],
+            "restartPolicy": "Never",
+            "securityContext": RESTRICTED_POD,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": base_image().ref,
+                    "imagePullPolicy": "Never",
+                    "command": ["python3", "-c", textwrap.dedent(script)],
+                    "securityContext": RESTRICTED_CONTAINER,
+                    **extra,
+                }
+            ],
+        },
+    }
+
+
+def finished(core: client.CoreV1Api, ns: str, name: str) -> Any:
+    def done() -> Any:
+        item = core.read_namespaced_pod(name, ns)
+        return item if item.status.phase in {"Succeeded", "Failed"} else None
+
+    return wait_for(done, timeout=120, what=f"pod {name} to finish")
+
+
+def kubectl_logs(cluster: LocalCluster, ns: str, name: str) -> str:
+    return subprocess.run(
+        [str(kubectl_path()), f"--kubeconfig={cluster.kubeconfig}", "-n", ns, "logs", name],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def test_pod_runs_as_its_user_with_a_read_only_root_and_its_own_address(
+    real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
+) -> None:
+    script = """
+        import os, socket
+        print(os.getuid())
+        try:
+            open("/probe", "w")
+            print("root-writable")
+        except OSError as err:
+            print("root-read-only" if err.errno == 30 else err)
+        open("/scratch/probe", "w").write("x")
+        print("scratch-writable")
+        print(socket.gethostbyname(socket.gethostname()))
+        for row in open("/proc/net/route").read().splitlines()[1:]:
+            iface, dest, gateway, _, _, _, _, mask = row.split()[:8]
+            ip = lambda h: socket.inet_ntoa(bytes.fromhex(h)[::-1])
+            print(f"{ip(dest)}/{ip(mask)} via {ip(gateway)} dev {iface}")
+    """
+    manifest = pod("whoami", script, volumeMounts=[{"name": "scratch", "mountPath": "/scratch"}])
+    manifest["spec"]["volumes"] = [{"name": "scratch", "emptyDir": {}}]
+    core.create_namespaced_pod(ns, manifest)
+    done = finished(core, ns, "whoami")
+    logs = kubectl_logs(real_cluster, ns, "whoami")
+    assert done.status.phase == "Succeeded", logs
+    lines = logs.splitlines()
+    assert lines[:3] == ["1000", "root-read-only", "scratch-writable"]
+    net = network(real_cluster)
+    pod_ip = ipaddress.ip_address(done.status.pod_ip)
+    assert pod_ip in ipaddress.ip_network(net.pod_cidr)
+    assert pod_ip != ipaddress.ip_address(net.node_ip)
+    assert lines[3] == str(pod_ip)
+    # Routes to the cluster's block only (its pods directly, the rest through the node): no
+    # default route out of the pod.
+    block = ipaddress.ip_network(net.block)
+    assert set(lines[4:]) == {
+        f"{net.pod_cidr.split('/')[0]}/255.255.255.0 via 0.0.0.0 dev eth0",
+        f"{block.network_address}/255.255.0.0 via {net.node_ip} dev eth0",
+    }
+
+
+def test_two_pods_have_their_own_addresses_and_reach_each_other(
+    core: client.CoreV1Api, ns: str
+) -> None:
+    server = pod(
+        "server",
+        """
+        import http.server, os
+        os.chdir("/www")
+        open("index.html", "w").write("hello-from-server")
+        handler = http.server.SimpleHTTPRequestHandler
+        http.server.ThreadingHTTPServer(("", 8080), handler).serve_forever()
+        """,
+        volumeMounts=[{"name": "www", "mountPath": "/www"}],
+    )
+    server["spec"]["volumes"] = [{"name": "www", "emptyDir": {}}]
+    core.create_namespaced_pod(ns, server)
+    running = wait_for(
+        lambda: (p := core.read_namespaced_pod("server", ns)).status.phase == "Running" and p,
+        timeout=120,
+        what="the server pod to run",
+    )
+    server_ip = running.status.pod_ip
+    client_script = f"""
+        import time, urllib.request
+        for attempt in range(50):  # the server may still be starting
+            try:
+                print(urllib.request.urlopen("http://{server_ip}:8080/", timeout=5).read().decode())
+                break
+            except OSError:
+                time.sleep(0.2)
+    """
+    core.create_namespaced_pod(ns, pod("client", client_script))
+    done = finished(core, ns, "client")
+    assert done.status.pod_ip != server_ip
+    log = core.read_namespaced_pod_log("client", ns)
+    assert done.status.phase == "Succeeded", log
+    assert log.strip() == "hello-from-server"
+
+
+def test_pods_reach_the_api_server_through_the_kubernetes_service(
+    real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
+) -> None:
+    script = """
+        import json, os, ssl, urllib.request
+        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
+        print(f"{host}:{port}")
+        ca = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+        context = ssl.create_default_context(cafile=ca)  # the API server's certificate verifies
+        body = urllib.request.urlopen(f"https://{host}:{port}/version", context=context).read()
+        print(json.loads(body)["gitVersion"])
+    """
+    core.create_namespaced_pod(ns, pod("api", script))
+    done = finished(core, ns, "api")
+    log = core.read_namespaced_pod_log("api", ns)
+    assert done.status.phase == "Succeeded", log
+    assert log.splitlines() == [f"{network(real_cluster).kubernetes_service_ip}:443", "v1.36.3"]
+
+
+def test_nothing_answers_outside_the_cluster_block(
+    real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
+) -> None:
+    """A pod has no route out: a connection to an address outside the block fails at once in
+    the pod, and one to an unused address inside the block goes no further than the host
+    (which forwards nothing)."""
+    net = network(real_cluster)
+    unused = str(ipaddress.ip_network(net.block)[200 * 256 + 7])
+    script = f"""
+        import errno, socket
+        for address in ("192.0.2.1", "{unused}"):
+            try:
+                socket.create_connection((address, 80), timeout=3)
+                print("connected")
+            except TimeoutError:
+                print("timeout")
+            except OSError as err:
+                print(errno.errorcode[err.errno])
+    """
+    core.create_namespaced_pod(ns, pod("outside", script))
+    finished(core, ns, "outside")
+    lines = core.read_namespaced_pod_log("outside", ns).splitlines()
+    assert lines[0] == "ENETUNREACH", lines
+    assert lines[1] in {"EHOSTUNREACH", "timeout"}, lines
+
+
+def test_a_deleted_pods_container_is_gone(
+    real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
+) -> None:
+    core.create_namespaced_pod(ns, pod("sleeper", "import time; time.sleep(3600)"))
+    running = wait_for(
+        lambda: (p := core.read_namespaced_pod("sleeper", ns)).status.phase == "Running" and p,
+        timeout=120,
+        what="the sleeper to run",
+    )
+    container_id = running.status.container_statuses[0].container_id.removeprefix("containerd://")
+    paths = node.NodePaths(real_cluster.dir / "node")
+    assert container_id in node.ctr(paths, "containers", "list", "-q").stdout.split()
+    core.delete_namespaced_pod("sleeper", ns, grace_period_seconds=1)
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod("sleeper", ns)
+        except ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for(gone, timeout=60, what="the pod to be deleted")
+    wait_for(
+        lambda: container_id not in node.ctr(paths, "containers", "list", "-q").stdout.split(),
+        timeout=60,
+        what="containerd to remove the container",
+    )
+
+
+def _mounts_under(folder: Path) -> list[str]:
+    found = []
+    for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
+        try:
+            text = mountinfo.read_text()
+        except OSError:
+            continue
+        found.extend(line for line in text.splitlines() if str(folder) in line)
+    return found
+
+
+def test_down_leaves_no_process_mount_netns_link_route_rule_or_cgroup() -> None:
+    name = f"rn-down-{os.getpid()}"
+    cluster = LocalCluster(name, real_node=True)
+    cluster.down()
+    cluster.up()
+    try:
+        cluster.load_images(base_image())
+        core = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
+        core.create_namespaced_pod("default", pod("sleeper", "import time; time.sleep(3600)"))
+        wait_for(
+            lambda: core.read_namespaced_pod("sleeper", "default").status.phase == "Running",
+            timeout=120,
+            what="a pod to run",
+        )
+        net = network(cluster)
+        veths = json.loads(
+            subprocess.run(
+                ["ip", "-j", "link", "show", "master", net.bridge],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        assert veths, "the pod's veth is on the cluster's bridge"
+        pids = node.cgroup_pids(name)
+        assert pids
+        netns = {
+            os.readlink(f"/proc/{pid}/ns/net") for pid in pids if Path(f"/proc/{pid}").exists()
+        }
+        assert len(netns) >= 2  # the host's (containerd, kubelet) and the pod's
+        folder = cluster.dir
+    finally:
+        cluster.down()
+
+    assert not folder.exists()
+    assert node.cgroup_pids(name) == set()
+    leftover_procs = [
+        p.parent.name
+        for p in Path("/proc").glob("[0-9]*/cmdline")
+        if str(folder).encode() in (p.read_bytes() if p.exists() else b"")
+    ]
+    assert leftover_procs == []
+    assert _mounts_under(folder) == []
+    links = subprocess.run(["ip", "-j", "link"], check=True, capture_output=True, text=True).stdout
+    names = {link["ifname"] for link in json.loads(links)}
+    assert net.bridge not in names
+    assert not names & {v["ifname"] for v in veths}
+    routes = subprocess.run(
+        ["ip", "route", "show", "table", "all"], check=True, capture_output=True, text=True
+    ).stdout
+    assert f"10.{net.index}." not in routes
+    rules = subprocess.run(["iptables-save"], check=True, capture_output=True, text=True).stdout
+    assert node.nat_chain(name) not in rules
+    assert f"kubetune {name}" not in rules
+    hierarchies = [p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir()]
+    assert [h for h in hierarchies if (h / node.cgroup_name(name)).exists()] == []
+    # Every network namespace of the pod is gone with its processes: no process is left in one
+    # that is not the host's.
+    still = set()
+    for link in Path("/proc").glob("[0-9]*/ns/net"):
+        try:
+            still.add(os.readlink(link))
+        except OSError:
+            continue
+    host = os.readlink("/proc/self/ns/net")
+    assert not (netns - {host}) & still
