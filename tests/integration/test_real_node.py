@@ -232,6 +232,49 @@ def test_nothing_answers_outside_the_cluster_block(
     assert lines[1] in {"EHOSTUNREACH", "timeout"}, lines
 
 
+def test_cluster_dns_resolves_services_and_headless_services_pods(
+    real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
+) -> None:
+    """`<service>.<namespace>.svc` is the Service's address; `<pod>.<headless>.<namespace>.svc`
+    is the pod's own (how a FineTuneJob's workers find rank 0); names outside the cluster do not
+    resolve (no DNS query leaves the machine)."""
+    headless = {"clusterIP": "None", "selector": {"app": "worker-0"}, "ports": [{"port": 80}]}
+    core.create_namespaced_service(ns, {"metadata": {"name": "workers"}, "spec": headless})
+    web = {"selector": {"app": "x"}, "ports": [{"port": 80}]}
+    core.create_namespaced_service(ns, {"metadata": {"name": "web"}, "spec": web})
+    worker = pod("worker-0", "import time; time.sleep(3600)")
+    worker["spec"].update(hostname="worker-0", subdomain="workers")
+    core.create_namespaced_pod(ns, worker)
+    running = wait_for(
+        lambda: (p := core.read_namespaced_pod("worker-0", ns)).status.phase == "Running" and p,
+        timeout=120,
+        what="the worker to run",
+    )
+    script = f"""
+        import socket, time
+        def resolve(name):
+            try:
+                return socket.gethostbyname(name)
+            except socket.gaierror as err:
+                return f"error {{err.errno}}"
+        for attempt in range(100):  # the headless record appears once the pod is Ready
+            if not resolve("worker-0.workers.{ns}.svc").startswith("error"):
+                break
+            time.sleep(0.2)
+        names = ["worker-0.workers.{ns}.svc", "web.{ns}.svc", "web", "kubernetes.default.svc"]
+        for name in names + ["pypi.org"]:
+            print(resolve(name))
+    """
+    core.create_namespaced_pod(ns, pod("resolver", script))
+    done = finished(core, ns, "resolver")
+    lines = core.read_namespaced_pod_log("resolver", ns).splitlines()
+    assert done.status.phase == "Succeeded", lines
+    web_ip = core.read_namespaced_service("web", ns).spec.cluster_ip
+    service_ip = network(real_cluster).kubernetes_service_ip
+    assert lines[:4] == [running.status.pod_ip, web_ip, web_ip, service_ip]
+    assert lines[4].startswith("error"), lines
+
+
 def test_a_deleted_pods_container_is_gone(
     real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
 ) -> None:

@@ -4,7 +4,7 @@
 #   build-binaries.sh BIN_DIR
 #
 # Versions come from the environment (set by kubetune.devcluster.binaries, the single place that
-# pins them): KUBERNETES_VERSION, ETCD_VERSION, KWOK_VERSION, HELM_VERSION.
+# pins them): KUBERNETES_VERSION, ETCD_VERSION, KWOK_VERSION, HELM_VERSION, COREDNS_VERSION.
 #
 # Why a separate "tools" module for Kubernetes: k8s.io/kubernetes requires its staging modules at
 # v0.0.0 and maps them to ./staging with replace directives, so `go install pkg@version` refuses it.
@@ -13,13 +13,27 @@
 set -euo pipefail
 
 bin_dir=${1:?usage: build-binaries.sh BIN_DIR}
-: "${KUBERNETES_VERSION:?}" "${ETCD_VERSION:?}" "${KWOK_VERSION:?}" "${HELM_VERSION:?}"
+: "${KUBERNETES_VERSION:?}" "${ETCD_VERSION:?}" "${KWOK_VERSION:?}" "${HELM_VERSION:?}" "${COREDNS_VERSION:?}"
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
 mkdir -p "$bin_dir"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 step() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# Runs a `go build -v` / `go install -v` (its package names go to a log) with a progress line
+# every 15 s instead of minutes of silence; on failure the compiler's last lines are shown.
+with_progress() {
+  local log="$work/go-$RANDOM.log"
+  "$@" 2>"$log" &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do kill -0 "$pid" 2>/dev/null && sleep 1; done
+    kill -0 "$pid" 2>/dev/null || break
+    step "  $(grep -vc '^go: downloading' "$log" || true) packages compiled, now $(tail -n1 "$log")"
+  done
+  if ! wait "$pid"; then tail -n 40 "$log"; step "go build failed"; exit 1; fi
+}
 
 k8s_minor=${KUBERNETES_VERSION#v1.}        # 36.3
 staging_tag=v0.${k8s_minor}                # v0.36.3
@@ -61,16 +75,8 @@ if [ ${#k8s_missing[@]} -gt 0 ]; then
     ld="$ld -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
     ld="$ld -X $pkg.gitCommit=0000000000000000000000000000000000000000 -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
   done
-  step "compiling ${k8s_missing[*]##*/} (one go build; slow when cold, -v lists each package)"
-  # -v names each package as it is compiled: a line every 15 s with the count shows progress, not minutes
-  # of silence; on failure the compiler's own lines are shown.
-  go build -v -trimpath -ldflags "-s -w $ld" -o "$bin_dir/" "${k8s_missing[@]}" 2>"$work/k8s.log" &
-  pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
-    sleep 15
-    step "  $(grep -c . "$work/k8s.log" || true) packages compiled, now $(tail -n1 "$work/k8s.log")"
-  done
-  if ! wait "$pid"; then tail -n 40 "$work/k8s.log"; step "go build failed"; exit 1; fi
+  step "compiling ${k8s_missing[*]##*/} (one go build; slow when cold)"
+  with_progress go build -v -trimpath -ldflags "-s -w $ld" -o "$bin_dir/" "${k8s_missing[@]}"
   step "kubernetes binaries done"
 fi
 
@@ -79,7 +85,7 @@ if [ ! -x "$bin_dir/etcd" ]; then
   mkdir -p "$work/etcd" && cd "$work/etcd"
   go mod init kubetune.local/etcd-tools >/dev/null 2>&1
   go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null 2>&1
-  go build -trimpath -ldflags "-s -w" -o "$bin_dir/etcd" go.etcd.io/etcd/server/v3
+  with_progress go build -v -trimpath -ldflags "-s -w" -o "$bin_dir/etcd" go.etcd.io/etcd/server/v3
   step "etcd done"
 fi
 
@@ -91,8 +97,17 @@ if [ ! -x "$bin_dir/helm" ]; then
   hld="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
   hld="$hld -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$kmin"
   hld="$hld -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$kmin"
-  GOBIN="$bin_dir" go install -trimpath -ldflags "-s -w $hld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  with_progress env GOBIN="$bin_dir" go install -v -trimpath -ldflags "-s -w $hld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   step "helm done"
+fi
+
+# CoreDNS, the real node's cluster DNS. Its version is not part of the folder's name (that would
+# rebuild everything above when it changes); coredns.version beside it says which one is there.
+if [ ! -x "$bin_dir/coredns" ] || [ "$(cat "$bin_dir/coredns.version" 2>/dev/null)" != "$COREDNS_VERSION" ]; then
+  step "coredns $COREDNS_VERSION (go install; about a minute cold)"
+  with_progress env GOBIN="$bin_dir" go install -v -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
+  echo "$COREDNS_VERSION" > "$bin_dir/coredns.version"
+  step "coredns done"
 fi
 
 step "all binaries in $bin_dir"

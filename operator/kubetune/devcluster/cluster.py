@@ -472,8 +472,15 @@ class LocalCluster:
         serving = pki.issue(
             "kubelet-serving", node.NODE_NAME, sans=[net.node_ip, node.NODE_NAME], server=True
         )
+        self._start_coredns(bins, pki, net, server, timeout)
         settings = node.kubelet_config(
-            net, paths, self.name, pki.ca.cert, (serving.cert, serving.key), _free_port(), []
+            net,
+            paths,
+            self.name,
+            pki.ca.cert,
+            (serving.cert, serving.key),
+            _free_port(),
+            [net.node_ip],
         )
         config = node.write_files(net, paths, self.name, pause.ref, settings)
 
@@ -508,6 +515,7 @@ class LocalCluster:
                 f"--cert-dir={paths.kubelet_root / 'pki'}",
                 f"--hostname-override={node.NODE_NAME}",
                 f"--node-ip={net.node_ip}",
+                f"--node-labels={node.NODE_LABEL}=true",
                 "--v=1",
             ],
             kubelet,
@@ -527,6 +535,52 @@ class LocalCluster:
             )
 
         self._wait_until(ready, f"the real node {node.NODE_NAME} to be Ready", timeout)
+        # One nvidia.com/gpu advertised for scheduling, as an extended resource is advertised by
+        # hand (a status patch the kubelet keeps): GPU pods land here and run on the CPU.
+        api.patch_node_status(
+            node.NODE_NAME, {"status": {"capacity": {node.GPU_RESOURCE: str(node.NODE_GPUS)}}}
+        )
+        self._wait_until(
+            lambda: (
+                api.read_node(node.NODE_NAME).status.allocatable.get(node.GPU_RESOURCE)
+                == str(node.NODE_GPUS)
+            ),
+            "the node to advertise its GPU",
+            timeout,
+        )
+
+    def _start_coredns(
+        self, bins: Binaries, pki: Pki, net: node.NodeNetwork, server: str, timeout: float
+    ) -> None:
+        """CoreDNS (built from its Go module) on the node's address, as the pods' DNS server."""
+        from kubernetes import config as kube_config
+        from kubernetes import utils
+
+        admin = kube_config.new_client_from_config(str(self.kubeconfig))
+        utils.create_from_yaml(admin, yaml_objects=node.COREDNS_RBAC)
+        pair = pki.issue("coredns", node.COREDNS_USER)
+        kc = self.dir / "coredns.kubeconfig"
+        kc.write_text(yaml.safe_dump(_kubeconfig(self.name, server, pki.ca.cert, "coredns", pair)))
+        kc.chmod(0o600)
+        ready_port = _free_port()
+        corefile = self.dir / "node" / "Corefile"
+        corefile.write_text(node.corefile(net, kc, ready_port))
+        binary = str(bins.path("coredns"))
+        self.add_component(
+            "coredns",
+            node.join_cgroups_argv(self.name, [binary, "-conf", str(corefile)]),
+            marker=binary,
+        )
+
+        def ready() -> bool:
+            try:
+                url = f"http://{net.node_ip}:{ready_port}/ready"
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    return bool(resp.status == 200)
+            except OSError:
+                return False
+
+        self._wait_until(ready, "CoreDNS to be ready", timeout)
 
     def load_images(self, *images: Image) -> None:
         """Import built images into the real node's containerd (pods use `imagePullPolicy:
@@ -537,6 +591,8 @@ class LocalCluster:
         paths = node.NodePaths(self.dir / "node")
         for image in images:
             node.import_image(paths, holder.pid, image.archive)
+            if image.published_ref:
+                node.tag_image(paths, image.ref, image.published_ref)
 
     def _wait_until(self, predicate: Any, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

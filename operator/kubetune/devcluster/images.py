@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,19 @@ class Image:
     ref: str
     archive: Path
 
+    @property
+    def published_ref(self) -> str | None:
+        """The name the operator and the chart use by default (`ghcr.io/kubetune/NAME:VERSION`);
+        a node that loads this image tags it so, and pods find it with no registry."""
+        if self.name not in PUBLISHED:
+            return None
+        from kubetune import __version__
+
+        return f"ghcr.io/kubetune/{self.name}:{__version__}"
+
+
+PUBLISHED = ("operator", "trainer", "triton")
+
 
 @dataclass
 class ImageSpec:
@@ -50,16 +64,44 @@ class ImageSpec:
 
     name: str
     build_args: dict[str, str] = field(default_factory=dict)
-    # Extra inputs of the key that are not files of the context (a base image's key, say).
+    # Extra inputs of the key that are not files of the context (the Debian suite, say).
     extra_key: str = ""
+    # Paths of the repository the Dockerfile COPYs (the build context is the repository root,
+    # as for `docker build -f images/NAME/Dockerfile .`); none: the image's own folder.
+    inputs: tuple[str, ...] = ()
 
     @property
-    def context(self) -> Path:
+    def folder(self) -> Path:
         return IMAGES / self.name
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(path in the build context, file) for every input, sorted."""
+        if not self.inputs:
+            found = [(str(p.relative_to(self.folder)), p) for p in self.folder.rglob("*")]
+        else:
+            found = [("Dockerfile", self.folder / "Dockerfile")]
+            for item in self.inputs:
+                path = REPO / item
+                paths = [path] if path.is_file() else list(path.rglob("*"))
+                found += [(str(p.relative_to(REPO)), p) for p in paths]
+        return sorted(
+            (name, p) for name, p in found if p.is_file() and "__pycache__" not in p.parts
+        )
 
 
 def _say(message: str) -> None:
     print(f"[images {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def host_ca_bundle() -> str:
+    return os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt"
+
+
+def _buildah_env() -> dict[str, str]:
+    # buildah keeps `RUN --mount=type=cache` folders (pip's downloads) under $TMPDIR.
+    tmp = cache_root() / "buildah" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
 
 
 def _storage_args() -> list[str]:
@@ -76,7 +118,12 @@ def _run(argv: list[str], what: str, stream: bool = False) -> str:
     if stream:
         # Long steps (a Dockerfile build) print their own progress: pass it through, prefixed.
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=_buildah_env(),
         )
         assert proc.stdout is not None
         lines: list[str] = []
@@ -87,7 +134,9 @@ def _run(argv: list[str], what: str, stream: bool = False) -> str:
         output = "\n".join(lines)
         code = proc.returncode
     else:
-        done = subprocess.run(argv, check=False, capture_output=True, text=True, errors="replace")
+        done = subprocess.run(
+            argv, check=False, capture_output=True, text=True, errors="replace", env=_buildah_env()
+        )
         output, code = done.stdout + done.stderr, done.returncode
     if code != 0:
         tail = "\n".join(output.splitlines()[-30:])
@@ -97,8 +146,8 @@ def _run(argv: list[str], what: str, stream: bool = False) -> str:
 
 def _hash_inputs(spec: ImageSpec) -> str:
     digest = hashlib.sha256()
-    for path in sorted(p for p in spec.context.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(spec.context)).encode() + b"\0" + path.read_bytes())
+    for name, path in spec.files():
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     for key, value in sorted(spec.build_args.items()):
         digest.update(f"arg {key}={value}\0".encode())
     digest.update(spec.extra_key.encode())
@@ -133,7 +182,9 @@ def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Ima
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=f"kubetune-{spec.name}-") as tmp:
             context = Path(tmp) / "context"
-            shutil.copytree(spec.context, context)
+            for name, path in spec.files():
+                (context / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, context / name)
             if prepare is not None:
                 prepare(context)
             argv = [
@@ -142,8 +193,13 @@ def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Ima
                 "bud",
                 "--isolation=chroot",
                 "--layers",
+                # Builds reach the package registries as the host does: through its network and
+                # its CA bundle (mounted for the build only, never written into an image).
+                "--network=host",
+                f"--volume={host_ca_bundle()}:/etc/ssl/certs/ca-certificates.crt:ro",
                 f"--tag={ref}",
                 *(f"--build-arg={k}={v}" for k, v in sorted(spec.build_args.items())),
+                f"--file={context / 'Dockerfile'}",
                 str(context),
             ]
             _run(argv, f"building image {spec.name}", stream=True)
@@ -154,8 +210,25 @@ def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Ima
                 f"exporting image {spec.name}",
             )
             partial.rename(archive)
+        _prune(spec.name, archive, ref)
         _say(f"image {spec.name} built in {time.monotonic() - started:.0f}s")
     return Image(spec.name, ref, archive)
+
+
+def _prune(name: str, archive: Path, ref: str) -> None:
+    """Older builds of the same image are of no further use: their archives and their layers in
+    buildah's storage go (images are large; the disk is shared)."""
+    for old in archive.parent.glob(f"{name}-*.tar"):
+        if old != archive:
+            old.unlink(missing_ok=True)
+    listed = _run(
+        ["buildah", *_storage_args(), "images", "--format", "{{.Name}}:{{.Tag}}"],
+        "listing buildah's images",
+    )
+    stale = [r for r in listed.split() if r.startswith(f"{REGISTRY}/{name}:") and r != ref]
+    if stale:
+        _run(["buildah", *_storage_args(), "rmi", *stale], f"removing old {name} images")
+    _run(["buildah", *_storage_args(), "rmi", "--prune"], "pruning buildah's unused layers")
 
 
 def pause_image() -> Image:
@@ -197,3 +270,13 @@ def base_image() -> Image:
         )
 
     return build(ImageSpec("base", extra_key=SUITE), bootstrap)
+
+
+PACKAGE_INPUTS = ("pyproject.toml", "README.md", "operator")
+
+
+def kubetune_image(name: str) -> Image:
+    """images/NAME (operator, trainer, triton) built on the local Debian base."""
+    base = base_image()
+    spec = ImageSpec(name, {"BASE_IMAGE": base.ref}, extra_key=base.ref, inputs=PACKAGE_INPUTS)
+    return build(spec)

@@ -41,7 +41,10 @@ from typing import Any
 import yaml
 
 NODE_NAME = "local-node-0"
-LOCAL_NODE_TAINT = {"key": "kubetune.io/local-node", "value": "true", "effect": "NoSchedule"}
+NODE_LABEL = "kubetune.io/local-node"
+LOCAL_NODE_TAINT = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
+GPU_RESOURCE = "nvidia.com/gpu"
+NODE_GPUS = 1
 CNI_BIN = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # The values the kubelet requires (pkg/kubelet/cm setupKernelTunables) for these tunables.
@@ -472,6 +475,62 @@ def holder_marker(cluster: str) -> str:
     return f"kubetune-node-namespace-{cluster}"
 
 
+COREDNS_USER = "kubetune:coredns"
+# What CoreDNS's kubernetes plugin reads (upstream's system:coredns ClusterRole).
+COREDNS_RBAC: list[dict[str, Any]] = [
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": COREDNS_USER},
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["endpoints", "services", "pods", "namespaces"],
+                "verbs": ["list", "watch"],
+            },
+            {
+                "apiGroups": ["discovery.k8s.io"],
+                "resources": ["endpointslices"],
+                "verbs": ["list", "watch"],
+            },
+        ],
+    },
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": COREDNS_USER},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": COREDNS_USER,
+        },
+        "subjects": [
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": COREDNS_USER}
+        ],
+    },
+]
+
+
+def corefile(net: NodeNetwork, kubeconfig: Path, ready_port: int) -> str:
+    """Cluster DNS on the node's address: Services, headless Services' pods and pod names of
+    cluster.local. Nothing is forwarded: other names do not resolve (no packet leaves)."""
+    return f"""\
+.:53 {{
+    bind {net.node_ip}
+    errors
+    ready {net.node_ip}:{ready_port}
+    kubernetes cluster.local in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig}
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }}
+    cache 5
+    loadbalance
+}}
+"""
+
+
 def namespace_holder_argv(paths: NodePaths, marker: str) -> list[str]:
     """The process that holds the node's private mount namespace (see the module docstring);
     its command line is `marker` once the namespace is set up."""
@@ -502,6 +561,12 @@ def ctr(paths: NodePaths, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
     )
+
+
+def tag_image(paths: NodePaths, ref: str, alias: str) -> None:
+    done = ctr(paths, "images", "tag", "--force", ref, alias)
+    if done.returncode != 0:
+        raise NodeError(f"tagging {ref} as {alias}: {done.stderr.strip()}")
 
 
 def import_image(paths: NodePaths, holder_pid: int, archive: Path) -> None:
