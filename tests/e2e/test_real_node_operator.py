@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client, config
+from tests.cluster_fixtures import Resources
+from tests.waiting import wait_for
 
 from kubetune.devcluster.binaries import binaries_dir, kubectl_path
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.images import kubetune_image
-from tests.cluster_fixtures import Resources
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -44,10 +44,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
             "--set-json",
             'tolerations=[{"key":"kubetune.io/local-node","operator":"Exists"}]',
         ]
+        install = ["install", "kubetune", str(CHART), "--namespace", SYSTEM, "--create-namespace"]
         subprocess.run(
-            [str(binaries_dir() / "helm"), "install", "kubetune", str(CHART)]
-            + ["--namespace", SYSTEM, "--create-namespace", *placement, "--wait"]
-            + ["--timeout", "5m"],
+            [str(binaries_dir() / "helm"), *install, *placement, "--wait", "--timeout", "5m"],
             env=env,
             check=True,
             capture_output=True,

@@ -491,7 +491,9 @@ class LocalCluster:
             marker=holder,
         )
         holder_pid = next(c.pid for c in self.components() if c.name == "node-namespace")
-        self._wait_until(lambda: _alive(holder_pid, holder), "the node's mount namespace", timeout)
+        self._wait_until(
+            lambda: node.namespace_ready(holder_pid, holder), "the node's mount namespace", timeout
+        )
 
         def in_node(name: str, argv: list[str], marker: str) -> None:
             wrapped = node.join_cgroups_argv(self.name, node.in_namespace(holder_pid, argv))

@@ -550,6 +550,30 @@ def write_tunables(paths: NodePaths) -> None:
         (paths.tunables / name.replace("/", ".")).write_text(value + "\n")
 
 
+def namespace_ready(holder_pid: int, marker: str) -> bool:
+    """True once the holder is set up: it runs as `marker` (its argv[0] after the last exec) in
+    a mount namespace that is not this process's. (The marker is in the wrapper's command line
+    too: entering the wrapper's namespace would have put the node's mounts on the host.)"""
+    try:
+        argv0 = Path(f"/proc/{holder_pid}/cmdline").read_bytes().split(b"\0")[0]
+        theirs = os.readlink(f"/proc/{holder_pid}/ns/mnt")
+    except OSError:
+        return False
+    return argv0 == marker.encode() and theirs != os.readlink("/proc/self/ns/mnt")
+
+
+def unmount_under(folder: Path) -> None:
+    """Detach any mount under `folder` that reached this mount namespace (deepest first)."""
+    prefix = str(folder).rstrip("/") + "/"
+    points = [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(prefix)
+    ]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
 def in_namespace(holder_pid: int, argv: list[str]) -> list[str]:
     return ["nsenter", f"--mount=/proc/{holder_pid}/ns/mnt", "--", *argv]
 
@@ -606,6 +630,7 @@ def load_state(path: Path) -> NodeNetwork | None:
 def teardown(cluster: str, folder: Path) -> None:
     """Undo everything the node set up; safe when parts were never made."""
     kill_cgroups(cluster)
+    unmount_under(folder)
     net = load_state(folder / "network.json")
     if net is not None:
         remove_kubernetes_service(cluster, net)
