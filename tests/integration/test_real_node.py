@@ -27,6 +27,7 @@ from kubetune.devcluster.images import base_image
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[2]
 
 RESTRICTED_POD = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 RESTRICTED_CONTAINER = {
@@ -302,6 +303,49 @@ def test_a_deleted_pods_container_is_gone(
         timeout=60,
         what="containerd to remove the container",
     )
+
+
+def test_examples_claims_bind_to_the_default_storage_class_and_pods_write_to_them(
+    real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
+) -> None:
+    kubectl = [str(kubectl_path()), f"--kubeconfig={real_cluster.kubeconfig}", "-n", ns]
+    subprocess.run(
+        [*kubectl, "apply", "-f", str(REPO / "examples" / "pvcs.yaml")],
+        check=True,
+        capture_output=True,
+    )
+    for claim in ("models", "datasets"):
+        bound = wait_for(
+            lambda c=claim: (
+                (pvc := core.read_namespaced_persistent_volume_claim(c, ns)).status.phase == "Bound"
+                and pvc
+            ),
+            timeout=60,
+            what=f"claim {claim} to be bound",
+        )
+        assert bound.spec.storage_class_name == "local"
+    writer = pod("writer", 'open("/data/hello.txt", "w").write("from a pod")')
+    writer["spec"]["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+    writer["spec"]["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "models"}}]
+    core.create_namespaced_pod(ns, writer)
+    assert finished(core, ns, "writer").status.phase == "Succeeded"
+    pv_name = core.read_namespaced_persistent_volume_claim("models", ns).spec.volume_name
+    folder = Path(core.read_persistent_volume(pv_name).spec.host_path.path)
+    assert (folder / "hello.txt").read_text() == "from a pod"
+
+    core.delete_namespaced_pod("writer", ns, grace_period_seconds=0)
+    wait_for(lambda: not core.list_namespaced_pod(ns).items, timeout=60, what="the pod to go")
+    core.delete_namespaced_persistent_volume_claim("models", ns)
+
+    def volume_gone() -> bool:
+        try:
+            core.read_persistent_volume(pv_name)
+        except ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for(volume_gone, timeout=60, what="the released volume to be deleted")
+    assert not folder.exists()
 
 
 def _mounts_under(folder: Path) -> list[str]:

@@ -537,6 +537,7 @@ class LocalCluster:
             )
 
         self._wait_until(ready, f"the real node {node.NODE_NAME} to be Ready", timeout)
+        self._start_provisioner()
         # One nvidia.com/gpu advertised for scheduling, as an extended resource is advertised by
         # hand (a status patch the kubelet keeps): GPU pods land here and run on the CPU.
         api.patch_node_status(
@@ -550,6 +551,15 @@ class LocalCluster:
             "the node to advertise its GPU",
             timeout,
         )
+
+    def _start_provisioner(self) -> None:
+        """The default StorageClass `local` and its provisioner (devcluster/provisioner.py)."""
+        import sys
+
+        marker = "kubetune.devcluster.provisioner"
+        argv = [sys.executable, "-m", marker, f"--kubeconfig={self.kubeconfig}"]
+        argv.append(f"--root={self.dir / 'volumes' / 'provisioned'}")
+        self.add_component("provisioner", argv, marker=marker, env=self.python_env())
 
     def _start_coredns(
         self, bins: Binaries, pki: Pki, net: node.NodeNetwork, server: str, timeout: float
