@@ -15,7 +15,7 @@ from kubernetes import client, config
 from tests.cluster_fixtures import Resources
 from tests.waiting import wait_for
 
-from kubetune.devcluster.binaries import binaries_dir, kubectl_path
+from kubetune.devcluster.binaries import binaries_dir
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.images import kubetune_image
 
@@ -93,7 +93,7 @@ def test_the_chart_runs_the_operator_image_on_the_real_node_and_it_reconciles(
         )
     except AssertionError as err:
         raise AssertionError(
-            f"{err}\n{operator_logs(installed, pod.metadata.name)[-5000:]}"
+            f"{err}\n{installed.kubectl('-n', SYSTEM, 'logs', pod.metadata.name)[-5000:]}"
         ) from err
     phase = wait_for(
         lambda: resources.get("finetunejobs", "intents").get("status", {}).get("phase"),
@@ -101,15 +101,5 @@ def test_the_chart_runs_the_operator_image_on_the_real_node_and_it_reconciles(
         what="the operator to write a status",
     )
     assert phase in {"Pending", "Running"}
-    logs = operator_logs(installed, pod.metadata.name)
+    logs = installed.kubectl("-n", SYSTEM, "logs", pod.metadata.name)
     assert "Handler 'finetunejob_event' succeeded" in logs, logs[-3000:]
-
-
-def operator_logs(cluster: LocalCluster, pod: str) -> str:
-    """`kubectl logs` of the operator's pod (the API server asks the real kubelet)."""
-    return subprocess.run(
-        [str(kubectl_path()), f"--kubeconfig={cluster.kubeconfig}", "-n", SYSTEM, "logs", pod],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout

@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client, config, utils
 from kubernetes.client.exceptions import ApiException
 
+from kubetune.api.v1alpha1.finetunejob import FineTuneJob
+from kubetune.builders.common import Owner, Settings
+from kubetune.builders.training import build_children
 from kubetune.devcluster import node
-from kubetune.devcluster.binaries import kubectl_path
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
+from kubetune.devcluster.demo import PLACEMENT
 from kubetune.devcluster.images import base_image
 from tests.waiting import wait_for
 
@@ -99,15 +102,6 @@ def finished(core: client.CoreV1Api, ns: str, name: str) -> Any:
     return wait_for(done, timeout=120, what=f"pod {name} to finish")
 
 
-def kubectl_logs(cluster: LocalCluster, ns: str, name: str) -> str:
-    return subprocess.run(
-        [str(kubectl_path()), f"--kubeconfig={cluster.kubeconfig}", "-n", ns, "logs", name],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-
-
 def test_pod_runs_as_its_user_with_a_read_only_root_and_its_own_address(
     real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
 ) -> None:
@@ -131,7 +125,7 @@ def test_pod_runs_as_its_user_with_a_read_only_root_and_its_own_address(
     manifest["spec"]["volumes"] = [{"name": "scratch", "emptyDir": {}}]
     core.create_namespaced_pod(ns, manifest)
     done = finished(core, ns, "whoami")
-    logs = kubectl_logs(real_cluster, ns, "whoami")
+    logs = real_cluster.kubectl("-n", ns, "logs", "whoami")
     assert done.status.phase == "Succeeded", logs
     lines = logs.splitlines()
     assert lines[:3] == ["1000", "root-read-only", "scratch-writable"]
@@ -308,12 +302,7 @@ def test_a_deleted_pods_container_is_gone(
 def test_examples_claims_bind_to_the_default_storage_class_and_pods_write_to_them(
     real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
 ) -> None:
-    kubectl = [str(kubectl_path()), f"--kubeconfig={real_cluster.kubeconfig}", "-n", ns]
-    subprocess.run(
-        [*kubectl, "apply", "-f", str(REPO / "examples" / "pvcs.yaml")],
-        check=True,
-        capture_output=True,
-    )
+    real_cluster.kubectl("-n", ns, "apply", "-f", str(REPO / "examples" / "pvcs.yaml"))
     for claim in ("models", "datasets"):
         bound = wait_for(
             lambda c=claim: (
@@ -346,6 +335,75 @@ def test_examples_claims_bind_to_the_default_storage_class_and_pods_write_to_the
 
     wait_for(volume_gone, timeout=60, what="the released volume to be deleted")
     assert not folder.exists()
+
+
+TRAINER_NEEDS = """
+    import json, os, tempfile
+    seen = {"uid": os.getuid()}
+    try:
+        open("/probe", "w")
+        seen["root"] = "writable"
+    except OSError:
+        seen["root"] = "read-only"
+    # What torchrun and the trainer do first: a temporary folder (torch.distributed.elastic's
+    # log folder), the Hugging Face cache, the termination message.
+    seen["tmp"] = tempfile.mkdtemp(prefix="torchelastic_")
+    os.makedirs(os.path.join(os.environ["HF_HOME"], "hub"), exist_ok=True)
+    open(os.environ["KUBETUNE_TERMINATION_LOG"], "w").write("ok")
+    print(json.dumps(seen))
+"""
+
+
+def test_the_generated_training_pod_gives_the_trainer_what_it_needs_under_its_security_context(
+    real_cluster: LocalCluster, core: client.CoreV1Api, ns: str
+) -> None:
+    """The Job the operator generates (builders.training), applied as it is, on the real
+    runtime: read-only root, uid 1000, its volumes and env. The container's process is a probe
+    of what torchrun and the trainer need from the pod (a temporary folder under TMPDIR, HF_HOME,
+    the termination log) run in the Debian base image: the trainer image (torch with its CUDA
+    libraries, about 7 GB) does not fit the shared disk of this machine next to the other
+    work, so the probe stands in for the trainer process, not for anything of the pod."""
+    api = config.new_client_from_config(str(real_cluster.kubeconfig))
+    real_cluster.kubectl("-n", ns, "apply", "-f", str(REPO / "examples" / "pvcs.yaml"))
+    ftj = FineTuneJob.model_validate(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "probe", "namespace": ns},
+            "spec": {
+                "model": {"source": "pvc://models/base"},
+                "dataset": {"source": "pvc://datasets/train.jsonl"},
+                "resources": {"nodes": 1, "gpusPerNode": 1, **PLACEMENT},
+                "output": {"uri": "pvc://models/out"},
+                "runPolicy": {"backoffLimit": 0},
+            },
+        }
+    )
+    owner = Owner("kubetune.io/v1alpha1", "FineTuneJob", "probe", ns, "0" * 8)
+    children = build_children(ftj, owner, Settings(trainer_image=base_image().ref))
+    job = children[-1]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["command"] == ["torchrun"]
+    container.update(command=["python3", "-c", textwrap.dedent(TRAINER_NEEDS)], args=[])
+    for child in children:
+        # No FineTuneJob exists here: the garbage collector would delete children it owned.
+        child["metadata"].pop("ownerReferences", None)
+        utils.create_from_dict(api, child, namespace=ns)
+    pods = wait_for(
+        lambda: core.list_namespaced_pod(ns, label_selector="job-name").items,
+        timeout=60,
+        what="the Job's pod",
+    )
+    done = finished(core, ns, pods[0].metadata.name)
+    log = core.read_namespaced_pod_log(pods[0].metadata.name, ns)
+    assert done.status.phase == "Succeeded", log[-3000:]
+    seen = json.loads(log.strip().splitlines()[-1])
+    assert seen["uid"] == 1000
+    assert seen["root"] == "read-only"
+    assert seen["tmp"].startswith(
+        next(e["value"] for e in container["env"] if e["name"] == "TMPDIR")
+    )
 
 
 def _mounts_under(folder: Path) -> list[str]:

@@ -594,6 +594,20 @@ class LocalCluster:
 
         self._wait_until(ready, "CoreDNS to be ready", timeout)
 
+    def kubectl(self, *args: str) -> str:
+        """`kubectl ARGS` against this cluster; its output (an error names the command)."""
+        from kubetune.devcluster.binaries import kubectl_path
+
+        done = subprocess.run(
+            [str(kubectl_path()), f"--kubeconfig={self.kubeconfig}", *args],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
     def load_images(self, *images: Image) -> None:
         """Import built images into the real node's containerd (pods use `imagePullPolicy:
         Never` or `IfNotPresent`: no registry is reachable)."""
