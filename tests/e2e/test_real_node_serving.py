@@ -16,7 +16,7 @@ import os
 import shutil
 import textwrap
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,19 @@ def deployment(cluster: LocalCluster, ns: str, name: str, replicas: int, mode: s
     return client.AppsV1Api(api).create_namespaced_deployment(ns, manifest)
 
 
+def server_pod(
+    core: client.CoreV1Api, ns: str, test: Callable[[Any], Any], timeout: float, what: str
+) -> Any:
+    """The (only) server pod, once `test` holds for its container's status."""
+
+    def probe() -> Any:
+        pods = core.list_namespaced_pod(ns).items
+        statuses = pods[0].status.container_statuses if pods else None
+        return pods[0] if statuses and test(statuses[0]) else None
+
+    return wait_for(probe, timeout=timeout, what=what)
+
+
 @pytest.fixture
 def ns(served: LocalCluster) -> Iterator[str]:
     api = config.new_client_from_config(str(served.kubeconfig))
@@ -139,16 +152,7 @@ def test_a_server_that_never_becomes_ready_is_not_ready_and_not_restarted(
 ) -> None:
     core = client.CoreV1Api(config.new_client_from_config(str(served.kubeconfig)))
     deployment(served, ns, "stuck", replicas=1, mode="never-ready")
-    pod = wait_for(
-        lambda: (
-            (p := core.list_namespaced_pod(ns).items)
-            and p[0].status.container_statuses
-            and p[0].status.container_statuses[0].state.running
-            and p[0]
-        ),
-        timeout=300,
-        what="the server to run",
-    )
+    pod = server_pod(core, ns, lambda c: c.state.running, 300, "the server to run")
     name = pod.metadata.name
     # The kubelet's startup probe asks /v2/health/ready every 5 s and gets 503: wait for a few
     # of its answers in the kubelet's events, then the pod must still be unready.
@@ -171,15 +175,9 @@ def test_a_server_that_never_becomes_ready_is_not_ready_and_not_restarted(
 def test_a_failing_liveness_probe_restarts_the_server(served: LocalCluster, ns: str) -> None:
     core = client.CoreV1Api(config.new_client_from_config(str(served.kubeconfig)))
     deployment(served, ns, "unhealthy", replicas=1, mode="unhealthy")
-    restarted = wait_for(
-        lambda: (
-            (p := core.list_namespaced_pod(ns).items)
-            and p[0].status.container_statuses
-            and p[0].status.container_statuses[0].restart_count >= 1
-            and p[0]
-        ),
-        timeout=400,  # six failed liveness probes 10 s apart, then the kubelet restarts it
-        what="the kubelet to restart the server",
+    # Six failed liveness probes 10 s apart, then the kubelet restarts it.
+    restarted = server_pod(
+        core, ns, lambda c: c.restart_count >= 1, 400, "the kubelet to restart the server"
     )
     events = core.list_namespaced_event(
         ns, field_selector=f"involvedObject.name={restarted.metadata.name}"
