@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint typecheck unit crds bench cluster-up cluster-down venv kubeconfig binaries tools
+.PHONY: help demo test lint typecheck unit crds bench cluster-up cluster-down venv kubeconfig binaries tools prereqs
 
 help:
 	@echo "make demo   - start the local cluster and run the main job"
@@ -21,7 +21,7 @@ help:
 venv:
 	@echo $(VENV)
 
-demo:
+demo: prereqs
 	@PATH="$(VENV)/bin:$$PATH" $(PY) -m kubetune.devcluster.demo
 
 lint:
@@ -32,8 +32,13 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-test: lint typecheck binaries tools
+test: lint typecheck prereqs binaries tools
 	PATH="$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian packages for the local node and the image builds (containerd, runc, CNI plugins, buildah,
+# mmdebstrap, ...): installed only when missing.
+prereqs:
+	@hack/node-prereqs.sh
 
 # The control plane's binaries, built once per machine (minutes when cold; it shows its steps).
 binaries:
@@ -53,7 +58,7 @@ crds:
 bench:
 	export PATH="$(VENV)/bin:$$PATH"; for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
-cluster-up:
+cluster-up: prereqs
 	$(PY) -m kubetune dev cluster up
 
 cluster-down:

@@ -1,7 +1,7 @@
 """The `kubetune` command: run the operator, manage the local cluster, print the CRDs.
 
 kubetune run [--namespace NS ...]        run the operator against the current kubeconfig
-kubetune dev cluster up|down|status|kubeconfig [--name NAME]
+kubetune dev cluster up|down|status|kubeconfig [--name NAME] [--real-node]
 kubetune crds [--out DIR]                the CRDs generated from the typed API
 kubetune version
 """
@@ -21,7 +21,7 @@ from kubetune import __version__
 def _cluster_cmd(args: argparse.Namespace) -> int:
     from kubetune.devcluster.cluster import ClusterError, LocalCluster
 
-    cluster = LocalCluster(args.name)
+    cluster = LocalCluster(args.name, real_node=args.real_node)
     if args.action == "up":
         started = time.monotonic()
         try:
@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument("action", choices=["up", "down", "status", "kubeconfig"])
     cluster.add_argument("--name", default="kubetune", help="cluster name (default: kubetune)")
+    cluster.add_argument(
+        "--real-node",
+        action="store_true",
+        help="up: add a real node (kubelet, containerd, runc, CNI, CoreDNS; needs root)",
+    )
     cluster.set_defaults(func=_cluster_cmd)
 
     crds = sub.add_parser("crds", help="write the CRDs generated from the typed API")

@@ -261,7 +261,9 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
         {"name": "KUBETUNE_TRAINER_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
-        {"name": "TMPDIR", "value": f"{SCRATCH}/tmp"},
+        # The scratch emptyDir itself: a subfolder would not exist under a read-only root
+        # (nothing creates it before torchrun asks tempfile for a folder).
+        {"name": "TMPDIR", "value": SCRATCH},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *_secret_env(spec),
     ]

@@ -21,8 +21,20 @@ KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.21.4"
+COREDNS_VERSION = "v1.15.0"
 
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "helm")
+# The node's kubelet shares the folder (and the Kubernetes version): a cache built before it was
+# added gets just the kubelet compiled into it (build-binaries.sh builds only what is missing).
+COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kwok",
+    "helm",
+    "coredns",
+)
 
 
 @dataclass(frozen=True)
@@ -34,7 +46,12 @@ class Binaries:
 
     @property
     def complete(self) -> bool:
-        return all(os.access(self.path(c), os.X_OK) for c in COMPONENTS)
+        try:
+            coredns = (self.directory / "coredns.version").read_text().strip()
+        except OSError:
+            coredns = None
+        built = all(os.access(self.path(c), os.X_OK) for c in COMPONENTS)
+        return built and coredns == COREDNS_VERSION
 
 
 def binaries_dir() -> Path:
@@ -56,6 +73,7 @@ def ensure_binaries(log: bool = True) -> Binaries:
         ETCD_VERSION=ETCD_VERSION,
         KWOK_VERSION=KWOK_VERSION,
         HELM_VERSION=HELM_VERSION,
+        COREDNS_VERSION=COREDNS_VERSION,
         GOMODCACHE=env.get("GOMODCACHE") or str(cache_root() / "go" / "mod"),
         GOCACHE=env.get("GOCACHE") or str(cache_root() / "go" / "build"),
     )

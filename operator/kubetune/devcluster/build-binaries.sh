@@ -4,7 +4,7 @@
 #   build-binaries.sh BIN_DIR
 #
 # Versions come from the environment (set by kubetune.devcluster.binaries, the single place that
-# pins them): KUBERNETES_VERSION, ETCD_VERSION, KWOK_VERSION, HELM_VERSION.
+# pins them): KUBERNETES_VERSION, ETCD_VERSION, KWOK_VERSION, HELM_VERSION, COREDNS_VERSION.
 #
 # Why a separate "tools" module for Kubernetes: k8s.io/kubernetes requires its staging modules at
 # v0.0.0 and maps them to ./staging with replace directives, so `go install pkg@version` refuses it.
@@ -13,7 +13,7 @@
 set -euo pipefail
 
 bin_dir=${1:?usage: build-binaries.sh BIN_DIR}
-: "${KUBERNETES_VERSION:?}" "${ETCD_VERSION:?}" "${KWOK_VERSION:?}" "${HELM_VERSION:?}"
+: "${KUBERNETES_VERSION:?}" "${ETCD_VERSION:?}" "${KWOK_VERSION:?}" "${HELM_VERSION:?}" "${COREDNS_VERSION:?}"
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
 mkdir -p "$bin_dir"
 work=$(mktemp -d)
@@ -21,10 +21,34 @@ trap 'rm -rf "$work"' EXIT
 
 step() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
+# Runs a `go build -v` / `go install -v` (its package names go to a log) with a progress line
+# every 15 s instead of minutes of silence; on failure the compiler's last lines are shown.
+with_progress() {
+  local log="$work/go-$RANDOM.log"
+  "$@" 2>"$log" &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do kill -0 "$pid" 2>/dev/null && sleep 1; done
+    kill -0 "$pid" 2>/dev/null || break
+    step "  $(grep -vc '^go: downloading' "$log" || true) packages compiled, now $(tail -n1 "$log")"
+  done
+  if ! wait "$pid"; then tail -n 40 "$log"; step "go build failed"; exit 1; fi
+}
+
 k8s_minor=${KUBERNETES_VERSION#v1.}        # 36.3
 staging_tag=v0.${k8s_minor}                # v0.36.3
 
-if [ ! -x "$bin_dir/kube-apiserver" ] || [ ! -x "$bin_dir/kwok" ]; then
+# The Kubernetes commands (and kwok, which shares most packages) come from one tools module and
+# one `go build`. Only the missing ones are built: adding the node's kubelet to a
+# cache that already has the control plane compiles just their own packages (Go's build cache
+# holds the rest).
+k8s_cmds=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet
+  sigs.k8s.io/kwok/cmd/kwok)
+k8s_missing=()
+for pkg in "${k8s_cmds[@]}"; do [ -x "$bin_dir/${pkg##*/}" ] || k8s_missing+=("$pkg"); done
+
+if [ ${#k8s_missing[@]} -gt 0 ]; then
   step "kubernetes $KUBERNETES_VERSION + kwok $KWOK_VERSION: resolving modules"
   mkdir -p "$work/k8s" && cd "$work/k8s"
   go mod init kubetune.local/k8s-tools >/dev/null 2>&1
@@ -36,18 +60,11 @@ if [ ! -x "$bin_dir/kube-apiserver" ] || [ ! -x "$bin_dir/kwok" ]; then
     echo "require sigs.k8s.io/kwok $KWOK_VERSION"
     while read -r m; do echo "replace $m => $m $staging_tag"; done < staging.txt
   } >> go.mod
-  cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-	_ "sigs.k8s.io/kwok/cmd/kwok"
-)
-GO
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    for pkg in "${k8s_cmds[@]}"; do printf '\t_ "%s"\n' "$pkg"; done
+    printf ')\n'
+  } > tools.go
   go mod tidy -e >/dev/null 2>&1 || true
   go mod download all >/dev/null 2>&1 || true
   major=${KUBERNETES_VERSION#v}; major=${major%%.*}
@@ -58,10 +75,8 @@ GO
     ld="$ld -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
     ld="$ld -X $pkg.gitCommit=0000000000000000000000000000000000000000 -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
   done
-  step "compiling kube-apiserver, kube-controller-manager, kube-scheduler, kwok (one go build; slow when cold)"
-  go build -trimpath -ldflags "-s -w $ld" -o "$bin_dir/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler sigs.k8s.io/kwok/cmd/kwok
+  step "compiling ${k8s_missing[*]##*/} (one go build; slow when cold)"
+  with_progress go build -v -trimpath -ldflags "-s -w $ld" -o "$bin_dir/" "${k8s_missing[@]}"
   step "kubernetes binaries done"
 fi
 
@@ -70,7 +85,7 @@ if [ ! -x "$bin_dir/etcd" ]; then
   mkdir -p "$work/etcd" && cd "$work/etcd"
   go mod init kubetune.local/etcd-tools >/dev/null 2>&1
   go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null 2>&1
-  go build -trimpath -ldflags "-s -w" -o "$bin_dir/etcd" go.etcd.io/etcd/server/v3
+  with_progress go build -v -trimpath -ldflags "-s -w" -o "$bin_dir/etcd" go.etcd.io/etcd/server/v3
   step "etcd done"
 fi
 
@@ -82,8 +97,17 @@ if [ ! -x "$bin_dir/helm" ]; then
   hld="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
   hld="$hld -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$kmin"
   hld="$hld -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$kmin"
-  GOBIN="$bin_dir" go install -trimpath -ldflags "-s -w $hld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  with_progress env GOBIN="$bin_dir" go install -v -trimpath -ldflags "-s -w $hld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   step "helm done"
+fi
+
+# CoreDNS, the real node's cluster DNS. Its version is not part of the folder's name (that would
+# rebuild everything above when it changes); coredns.version beside it says which one is there.
+if [ ! -x "$bin_dir/coredns" ] || [ "$(cat "$bin_dir/coredns.version" 2>/dev/null)" != "$COREDNS_VERSION" ]; then
+  step "coredns $COREDNS_VERSION (go install; about a minute cold)"
+  with_progress env GOBIN="$bin_dir" go install -v -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
+  echo "$COREDNS_VERSION" > "$bin_dir/coredns.version"
+  step "coredns done"
 fi
 
 step "all binaries in $bin_dir"

@@ -27,7 +27,9 @@ from typing import Any
 import yaml
 
 from kubetune.cache import cache_root
+from kubetune.devcluster import node
 from kubetune.devcluster.binaries import Binaries, ensure_binaries
+from kubetune.devcluster.images import Image, pause_image
 from kubetune.devcluster.pki import CertPair, Pki
 
 SERVICE_CIDR = "10.96.0.0/16"
@@ -104,10 +106,14 @@ class LocalCluster:
         name: str = "kubetune",
         nodes: tuple[NodeSpec, ...] = DEFAULT_NODES,
         local_node: bool = False,
+        real_node: bool = False,
     ) -> None:
+        if local_node and real_node:
+            raise ValueError("local_node and real_node are two kinds of the same node: pick one")
         self.name = name
         self.nodes = nodes
         self.local_node = local_node
+        self.real_node = real_node
         self.dir = cache_root() / "clusters" / name
         self.state_file = self.dir / "state.json"
         self.kubeconfig = self.dir / "kubeconfig"
@@ -199,6 +205,9 @@ class LocalCluster:
             # Reap our own children (when this process started them) so no zombie is left.
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(comp.pid, 0)
+        # The real node's processes, cgroups, bridge and routes (named after the cluster, so
+        # this also cleans up after a run that died before it wrote its state).
+        node.teardown(self.name, self.dir / "node")
         if self.dir.exists():
             import shutil
 
@@ -222,13 +231,25 @@ class LocalCluster:
     def _start(self, bins: Binaries, timeout: float) -> None:
         pki = Pki(self.dir / "pki")
         pki.ensure([])
+        # With a real node the API server listens on the node's address (pods reach it there);
+        # a control plane alone stays on loopback.
+        host, service_cidr, service_ip = "127.0.0.1", SERVICE_CIDR, "10.96.0.1"
+        net: node.NodeNetwork | None = None
+        if self.real_node:
+            net = self._claim_node_network()
+            host, service_cidr, service_ip = (
+                net.node_ip,
+                net.service_cidr,
+                net.kubernetes_service_ip,
+            )
         serving = pki.issue(
             "apiserver",
             "kube-apiserver",
             sans=[
                 "127.0.0.1",
                 "localhost",
-                "10.96.0.1",
+                host,
+                service_ip,
                 "kubernetes",
                 "kubernetes.default",
                 "kubernetes.default.svc",
@@ -237,7 +258,7 @@ class LocalCluster:
             server=True,
         )
         etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
-        server = f"https://127.0.0.1:{api_port}"
+        server = f"https://{host}:{api_port}"
         self.state_file.write_text(json.dumps({"server": server, "components": []}))
 
         def kubeconfig(user: str, pair: CertPair, path: Path) -> Path:
@@ -246,6 +267,9 @@ class LocalCluster:
             return path
 
         admin = pki.issue("admin", "kubetune-admin", organization="system:masters")
+        kubelet_client = pki.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"
+        )
         kubeconfig("admin", admin, self.kubeconfig)
         cm_kc = kubeconfig(
             "kube-controller-manager",
@@ -286,8 +310,8 @@ class LocalCluster:
             "kube-apiserver",
             [
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={host}",
+                f"--advertise-address={host}",
                 f"--secure-port={api_port}",
                 f"--tls-cert-file={serving.cert}",
                 f"--tls-private-key-file={serving.key}",
@@ -295,7 +319,12 @@ class LocalCluster:
                 f"--service-account-key-file={pki.sa_pub}",
                 f"--service-account-signing-key-file={pki.sa_key}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={service_cidr}",
+                # The API server reaches kubelets (logs, exec, port-forward) by address: the
+                # node's name resolves nowhere.
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}",
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
                 "--allow-privileged=true",
@@ -350,9 +379,13 @@ class LocalCluster:
                 "--v=INFO",
             ],
         )
+        if net is not None:
+            node.add_kubernetes_service(self.name, net, api_port)
         self._create_nodes(timeout)
         if self.local_node:
             self._start_local_node(timeout)
+        if net is not None:
+            self._start_real_node(bins, pki, net, server, timeout)
 
     def add_component(
         self, name: str, argv: list[str], marker: str, env: dict[str, str] | None = None
@@ -415,6 +448,187 @@ class LocalCluster:
             time.sleep(0.2)
         raise ClusterError(f"the local node did not become Ready in {timeout:.0f}s")
 
+    def _claim_node_network(self) -> node.NodeNetwork:
+        folder = self.dir / "node"
+        folder.mkdir(parents=True, exist_ok=True)
+        node.create_cgroups(self.name)
+        net = node.claim_network(self.name)
+        node.save_state(folder / "network.json", net)
+        node.create_bridge(net)
+        return net
+
+    def _start_real_node(
+        self, bins: Binaries, pki: Pki, net: node.NodeNetwork, server: str, timeout: float
+    ) -> None:
+        """containerd and the kubelet in the node's mount namespace and cgroups (node.py)."""
+        paths = node.NodePaths(self.dir / "node")
+        pause = pause_image()
+        client_pair = pki.issue("kubelet", f"system:node:{node.NODE_NAME}", "system:nodes")
+        kubelet_kc = self.dir / "kubelet.kubeconfig"
+        kubelet_kc.write_text(
+            yaml.safe_dump(_kubeconfig(self.name, server, pki.ca.cert, "kubelet", client_pair))
+        )
+        kubelet_kc.chmod(0o600)
+        serving = pki.issue(
+            "kubelet-serving", node.NODE_NAME, sans=[net.node_ip, node.NODE_NAME], server=True
+        )
+        self._start_coredns(bins, pki, net, server, timeout)
+        settings = node.kubelet_config(
+            net,
+            paths,
+            self.name,
+            pki.ca.cert,
+            (serving.cert, serving.key),
+            _free_port(),
+            [net.node_ip],
+        )
+        config = node.write_files(net, paths, self.name, pause.ref, settings)
+
+        holder = node.holder_marker(self.name)
+        self.add_component(
+            "node-namespace",
+            node.join_cgroups_argv(self.name, node.namespace_holder_argv(paths, holder)),
+            marker=holder,
+        )
+        holder_pid = next(c.pid for c in self.components() if c.name == "node-namespace")
+        self._wait_until(
+            lambda: node.namespace_ready(holder_pid, holder), "the node's mount namespace", timeout
+        )
+
+        def in_node(name: str, argv: list[str], marker: str) -> None:
+            wrapped = node.join_cgroups_argv(self.name, node.in_namespace(holder_pid, argv))
+            self.add_component(name, wrapped, marker=marker)
+
+        in_node(
+            "containerd",
+            ["containerd", f"--config={paths.containerd_config}"],
+            str(paths.containerd_config),
+        )
+        self._wait_until(paths.containerd_socket.exists, "containerd's socket", timeout)
+        node.import_image(paths, holder_pid, pause.archive)
+        kubelet = str(bins.path("kubelet"))
+        in_node(
+            "kubelet",
+            [
+                kubelet,
+                f"--config={config}",
+                f"--kubeconfig={kubelet_kc}",
+                f"--root-dir={paths.kubelet_root}",
+                f"--cert-dir={paths.kubelet_root / 'pki'}",
+                f"--hostname-override={node.NODE_NAME}",
+                f"--node-ip={net.node_ip}",
+                f"--node-labels={node.NODE_LABEL}=true",
+                "--v=1",
+            ],
+            kubelet,
+        )
+        from kubernetes import client
+        from kubernetes import config as kube_config
+
+        api: Any = client.CoreV1Api(kube_config.new_client_from_config(str(self.kubeconfig)))
+
+        def ready() -> bool:
+            try:
+                item = api.read_node(node.NODE_NAME)
+            except Exception:
+                return False
+            return any(
+                c.type == "Ready" and c.status == "True" for c in item.status.conditions or []
+            )
+
+        self._wait_until(ready, f"the real node {node.NODE_NAME} to be Ready", timeout)
+        self._start_provisioner()
+        # One nvidia.com/gpu advertised for scheduling, as an extended resource is advertised by
+        # hand (a status patch the kubelet keeps): GPU pods land here and run on the CPU.
+        api.patch_node_status(
+            node.NODE_NAME, {"status": {"capacity": {node.GPU_RESOURCE: str(node.NODE_GPUS)}}}
+        )
+        self._wait_until(
+            lambda: (
+                api.read_node(node.NODE_NAME).status.allocatable.get(node.GPU_RESOURCE)
+                == str(node.NODE_GPUS)
+            ),
+            "the node to advertise its GPU",
+            timeout,
+        )
+
+    def _start_provisioner(self) -> None:
+        """The default StorageClass `local` and its provisioner (devcluster/provisioner.py)."""
+        import sys
+
+        marker = "kubetune.devcluster.provisioner"
+        argv = [sys.executable, "-m", marker, f"--kubeconfig={self.kubeconfig}"]
+        argv.append(f"--root={self.dir / 'volumes' / 'provisioned'}")
+        self.add_component("provisioner", argv, marker=marker, env=self.python_env())
+
+    def _start_coredns(
+        self, bins: Binaries, pki: Pki, net: node.NodeNetwork, server: str, timeout: float
+    ) -> None:
+        """CoreDNS (built from its Go module) on the node's address, as the pods' DNS server."""
+        from kubernetes import config as kube_config
+        from kubernetes import utils
+
+        admin = kube_config.new_client_from_config(str(self.kubeconfig))
+        utils.create_from_yaml(admin, yaml_objects=node.COREDNS_RBAC)
+        pair = pki.issue("coredns", node.COREDNS_USER)
+        kc = self.dir / "coredns.kubeconfig"
+        kc.write_text(yaml.safe_dump(_kubeconfig(self.name, server, pki.ca.cert, "coredns", pair)))
+        kc.chmod(0o600)
+        ready_port = _free_port()
+        corefile = self.dir / "node" / "Corefile"
+        corefile.write_text(node.corefile(net, kc, ready_port))
+        binary = str(bins.path("coredns"))
+        self.add_component(
+            "coredns",
+            node.join_cgroups_argv(self.name, [binary, "-conf", str(corefile)]),
+            marker=binary,
+        )
+
+        def ready() -> bool:
+            try:
+                url = f"http://{net.node_ip}:{ready_port}/ready"
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    return bool(resp.status == 200)
+            except OSError:
+                return False
+
+        self._wait_until(ready, "CoreDNS to be ready", timeout)
+
+    def kubectl(self, *args: str) -> str:
+        """`kubectl ARGS` against this cluster; its output (an error names the command)."""
+        from kubetune.devcluster.binaries import kubectl_path
+
+        done = subprocess.run(
+            [str(kubectl_path()), f"--kubeconfig={self.kubeconfig}", *args],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def load_images(self, *images: Image) -> None:
+        """Import built images into the real node's containerd (pods use `imagePullPolicy:
+        Never` or `IfNotPresent`: no registry is reachable)."""
+        holder = next((c for c in self.components() if c.name == "node-namespace"), None)
+        if holder is None:
+            raise ClusterError(f"cluster {self.name!r} has no real node to load images into")
+        paths = node.NodePaths(self.dir / "node")
+        for image in images:
+            node.import_image(paths, holder.pid, image.archive)
+            if image.published_ref:
+                node.tag_image(paths, image.ref, image.published_ref)
+
+    def _wait_until(self, predicate: Any, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_components()
+            if predicate():
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+
     def _check_components(self) -> None:
         dead = self.dead_components()
         if dead:
@@ -456,8 +670,8 @@ class LocalCluster:
         from kubernetes import client, config
 
         api: Any = client.CoreV1Api(config.new_client_from_config(str(self.kubeconfig)))
-        for node in self.nodes:
-            api.create_node(_node_manifest(node))
+        for spec in self.nodes:
+            api.create_node(_node_manifest(spec))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_components()
@@ -516,9 +730,11 @@ def _node_manifest(node: NodeSpec) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_cluster(name: str, local_node: bool = False) -> Iterator[LocalCluster]:
+def running_cluster(
+    name: str, local_node: bool = False, real_node: bool = False
+) -> Iterator[LocalCluster]:
     """A cluster for the duration of a `with` block (tests): started fresh, always stopped."""
-    cluster = LocalCluster(name, local_node=local_node)
+    cluster = LocalCluster(name, local_node=local_node, real_node=real_node)
     cluster.down()
     cluster.up()
     try:

@@ -44,6 +44,9 @@ def claim_manifests(
 def ensure_claim(api: client.ApiClient, namespace: str, claim: str, host_dir: Path) -> Path:
     """Create (idempotently) a claim bound to `host_dir`; returns the folder."""
     host_dir.mkdir(parents=True, exist_ok=True)
+    # Writable by the pods' non-root user, as a dynamic provisioner's volumes are (Rancher's
+    # local-path makes its folders 0777): on the real node a pod runs as uid 1000.
+    host_dir.chmod(0o777)
     core = client.CoreV1Api(api)
     pv, pvc = claim_manifests(namespace, claim, host_dir)
     for create, body in (

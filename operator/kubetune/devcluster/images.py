@@ -1,0 +1,282 @@
+"""Container images for the local node, built with buildah (no Docker engine, no registry).
+
+Each image is built from its folder under images/ and kept as an OCI archive in the cache
+(`<cache>/images/<name>-<key>.tar`), where the key is a hash of everything that went into it: the
+Dockerfile, the files of its build context, the build arguments and the base image's own key. An
+image is rebuilt only when that key changes; loading it into a node's containerd is `ctr images
+import` of the archive.
+
+buildah keeps its own storage under the cache too (`<cache>/buildah`), never the machine's
+/var/lib/containers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubetune.cache import cache_root
+
+REPO = Path(__file__).resolve().parents[3]
+IMAGES = REPO / "images"
+REGISTRY = "kubetune.local"
+
+
+class ImageError(RuntimeError):
+    """An image could not be built or loaded; the message carries the tool's last lines."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built image: its reference (as pods name it) and the OCI archive that holds it."""
+
+    name: str
+    ref: str
+    archive: Path
+
+    @property
+    def published_ref(self) -> str | None:
+        """The name the operator and the chart use by default (`ghcr.io/kubetune/NAME:VERSION`);
+        a node that loads this image tags it so, and pods find it with no registry."""
+        if self.name not in PUBLISHED:
+            return None
+        from kubetune import __version__
+
+        return f"ghcr.io/kubetune/{self.name}:{__version__}"
+
+
+PUBLISHED = ("operator", "trainer", "triton")
+
+
+@dataclass
+class ImageSpec:
+    """How to build one image: its folder under images/, build arguments, files made first."""
+
+    name: str
+    build_args: dict[str, str] = field(default_factory=dict)
+    # Extra inputs of the key that are not files of the context (the Debian suite, say).
+    extra_key: str = ""
+    # Paths of the repository the Dockerfile COPYs (the build context is the repository root,
+    # as for `docker build -f images/NAME/Dockerfile .`); none: the image's own folder.
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def folder(self) -> Path:
+        return IMAGES / self.name
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(path in the build context, file) for every input, sorted."""
+        if not self.inputs:
+            found = [(str(p.relative_to(self.folder)), p) for p in self.folder.rglob("*")]
+        else:
+            found = [("Dockerfile", self.folder / "Dockerfile")]
+            for item in self.inputs:
+                path = REPO / item
+                paths = [path] if path.is_file() else list(path.rglob("*"))
+                found += [(str(p.relative_to(REPO)), p) for p in paths]
+        return sorted(
+            (name, p) for name, p in found if p.is_file() and "__pycache__" not in p.parts
+        )
+
+
+def _say(message: str) -> None:
+    print(f"[images {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def host_ca_bundle() -> str:
+    return os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt"
+
+
+def _buildah_env() -> dict[str, str]:
+    # buildah keeps `RUN --mount=type=cache` folders (pip's downloads) under $TMPDIR.
+    tmp = cache_root() / "buildah" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
+def _storage_args() -> list[str]:
+    root = cache_root() / "buildah"
+    return [
+        f"--root={root / 'storage'}",
+        f"--runroot={root / 'run'}",
+        "--storage-driver=overlay",
+    ]
+
+
+def _run(argv: list[str], what: str, stream: bool = False) -> str:
+    """Runs a build tool; on failure the error names the step and shows its last lines."""
+    if stream:
+        # Long steps (a Dockerfile build) print their own progress: pass it through, prefixed.
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=_buildah_env(),
+        )
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            print(f"  {line.rstrip()}", file=sys.stderr, flush=True)
+        proc.wait()
+        output = "\n".join(lines)
+        code = proc.returncode
+    else:
+        done = subprocess.run(
+            argv, check=False, capture_output=True, text=True, errors="replace", env=_buildah_env()
+        )
+        output, code = done.stdout + done.stderr, done.returncode
+    if code != 0:
+        tail = "\n".join(output.splitlines()[-30:])
+        raise ImageError(f"{what} failed (exit {code}): {' '.join(argv[:3])} ...\n{tail}")
+    return output
+
+
+def _hash_inputs(spec: ImageSpec) -> str:
+    digest = hashlib.sha256()
+    for name, path in spec.files():
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for key, value in sorted(spec.build_args.items()):
+        digest.update(f"arg {key}={value}\0".encode())
+    digest.update(spec.extra_key.encode())
+    return digest.hexdigest()[:16]
+
+
+@contextmanager
+def _lock(name: str) -> Iterator[None]:
+    """One build of an image at a time on this machine (a test run and `make demo`, say)."""
+    path = cache_root() / "images" / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Image:
+    """The image of `spec`, built with `buildah bud` when its key is not in the cache yet.
+
+    `prepare` writes artifacts made on the host into a copy of the context before the build (the
+    pause binary): the key covers their sources, which are files of the context.
+    """
+    key = _hash_inputs(spec)
+    ref = f"{REGISTRY}/{spec.name}:{key}"
+    archive = cache_root() / "images" / f"{spec.name}-{key}.tar"
+    if archive.exists():
+        return Image(spec.name, ref, archive)
+    with _lock(spec.name):
+        if archive.exists():
+            return Image(spec.name, ref, archive)
+        _say(f"building image {spec.name} ({ref}) with buildah")
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=f"kubetune-{spec.name}-") as tmp:
+            context = Path(tmp) / "context"
+            for name, path in spec.files():
+                (context / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, context / name)
+            if prepare is not None:
+                prepare(context)
+            argv = [
+                "buildah",
+                *_storage_args(),
+                "bud",
+                "--isolation=chroot",
+                "--layers",
+                # Builds reach the package registries as the host does: through its network and
+                # its CA bundle (mounted for the build only, never written into an image).
+                "--network=host",
+                f"--volume={host_ca_bundle()}:/etc/ssl/certs/ca-certificates.crt:ro",
+                f"--tag={ref}",
+                *(f"--build-arg={k}={v}" for k, v in sorted(spec.build_args.items())),
+                f"--file={context / 'Dockerfile'}",
+                str(context),
+            ]
+            _run(argv, f"building image {spec.name}", stream=True)
+            partial = archive.with_suffix(".partial")
+            partial.unlink(missing_ok=True)
+            _run(
+                ["buildah", *_storage_args(), "push", ref, f"oci-archive:{partial}:{ref}"],
+                f"exporting image {spec.name}",
+            )
+            partial.rename(archive)
+        _prune(spec.name, archive, ref)
+        _say(f"image {spec.name} built in {time.monotonic() - started:.0f}s")
+    return Image(spec.name, ref, archive)
+
+
+def _prune(name: str, archive: Path, ref: str) -> None:
+    """Older builds of the same image are of no further use: their archives and their layers in
+    buildah's storage go (images are large; the disk is shared)."""
+    for old in archive.parent.glob(f"{name}-*.tar"):
+        if old != archive:
+            old.unlink(missing_ok=True)
+    listed = _run(
+        ["buildah", *_storage_args(), "images", "--format", "{{.Name}}:{{.Tag}}"],
+        "listing buildah's images",
+    )
+    stale = [r for r in listed.split() if r.startswith(f"{REGISTRY}/{name}:") and r != ref]
+    if stale:
+        _run(["buildah", *_storage_args(), "rmi", *stale], f"removing old {name} images")
+    _run(["buildah", *_storage_args(), "rmi", "--prune"], "pruning buildah's unused layers")
+
+
+def pause_image() -> Image:
+    """The pod sandbox image: images/pause/pause.c compiled static with the host's gcc."""
+
+    def compile_pause(context: Path) -> None:
+        _run(
+            ["gcc", "-static", "-O2", "-s", "-o", str(context / "pause"), str(context / "pause.c")],
+            "compiling pause",
+        )
+
+    return build(ImageSpec("pause"), compile_pause)
+
+
+SUITE = "bookworm"
+
+
+def base_image() -> Image:
+    """Debian bookworm with Python 3.11 (images/base/packages.txt), made by mmdebstrap."""
+    packages_file = IMAGES / "base" / "packages.txt"
+    packages = [
+        line.strip()
+        for line in packages_file.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    def bootstrap(context: Path) -> None:
+        _say(f"mmdebstrap: Debian {SUITE} with {', '.join(packages)} (about a minute)")
+        _run(
+            [
+                "mmdebstrap",
+                "--variant=minbase",
+                f"--include={','.join(packages)}",
+                "--quiet",
+                SUITE,
+                str(context / "rootfs.tar"),
+            ],
+            "making the Debian base (mmdebstrap)",
+        )
+
+    return build(ImageSpec("base", extra_key=SUITE), bootstrap)
+
+
+PACKAGE_INPUTS = ("pyproject.toml", "README.md", "operator")
+
+
+def kubetune_image(name: str) -> Image:
+    """images/NAME (operator, trainer, triton) built on the local Debian base."""
+    base = base_image()
+    spec = ImageSpec(name, {"BASE_IMAGE": base.ref}, extra_key=base.ref, inputs=PACKAGE_INPUTS)
+    return build(spec)

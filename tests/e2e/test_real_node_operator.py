@@ -1,0 +1,105 @@
+"""The operator as a platform team installs it: `helm install` of the chart on a cluster with a
+real node, running kubetune's operator image (built with buildah on the local Debian base) in a
+pod under the chart's securityContext, talking to the API server through the `kubernetes`
+Service, and reconciling a FineTuneJob into its children. `kubectl logs` shows its log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+from tests.cluster_fixtures import Resources
+from tests.waiting import wait_for
+
+from kubetune.devcluster.binaries import binaries_dir
+from kubetune.devcluster.cluster import LocalCluster, running_cluster
+from kubetune.devcluster.images import kubetune_image
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kubetune"
+SYSTEM = "kubetune-system"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with running_cluster(f"ro-{os.getpid()}", real_node=True) as cluster:
+        cluster.load_images(kubetune_image("operator"))
+        home = tmp_path_factory.mktemp("helm")
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(home),
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+        placement = [
+            "--set-json",
+            'nodeSelector={"kubetune.io/local-node":"true"}',
+            "--set-json",
+            'tolerations=[{"key":"kubetune.io/local-node","operator":"Exists"}]',
+        ]
+        install = ["install", "kubetune", str(CHART), "--namespace", SYSTEM, "--create-namespace"]
+        subprocess.run(
+            [str(binaries_dir() / "helm"), *install, *placement, "--wait", "--timeout", "5m"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        yield cluster
+
+
+def test_the_chart_runs_the_operator_image_on_the_real_node_and_it_reconciles(
+    installed: LocalCluster,
+) -> None:
+    api = config.new_client_from_config(str(installed.kubeconfig))
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    [deployment] = apps.list_namespaced_deployment(SYSTEM).items
+    assert deployment.status.available_replicas == 1
+    [pod] = core.list_namespaced_pod(SYSTEM).items
+    assert pod.spec.node_name == "local-node-0"
+    [status] = pod.status.container_statuses
+    assert status.ready and status.restart_count == 0
+    assert status.image == "ghcr.io/kubetune/operator:0.1.0"
+
+    core.create_namespace({"metadata": {"name": "team"}})
+    resources = Resources(api, "team")
+    resources.create(
+        "finetunejobs",
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "intents"},
+            "spec": {
+                "model": {"source": "hf://sentence-transformers/all-MiniLM-L6-v2"},
+                "dataset": {"source": "hf://datasets/example/intents"},
+                "resources": {"nodes": 1, "gpusPerNode": 1},
+                "output": {"uri": "s3://bucket/out"},
+            },
+        },
+    )
+    batch = client.BatchV1Api(api)
+    try:
+        wait_for(
+            lambda: batch.list_namespaced_job("team").items,
+            timeout=120,
+            what="the operator (in its pod) to create the training Job",
+        )
+    except AssertionError as err:
+        raise AssertionError(
+            f"{err}\n{installed.kubectl('-n', SYSTEM, 'logs', pod.metadata.name)[-5000:]}"
+        ) from err
+    phase = wait_for(
+        lambda: resources.get("finetunejobs", "intents").get("status", {}).get("phase"),
+        timeout=60,
+        what="the operator to write a status",
+    )
+    assert phase in {"Pending", "Running"}
+    logs = installed.kubectl("-n", SYSTEM, "logs", pod.metadata.name)
+    assert "Handler 'finetunejob_event' succeeded" in logs, logs[-3000:]
