@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 import kubetune
-from kubetune.api.v1alpha1.finetunejob import Method, OutputStatus
+from kubetune.api.v1alpha1.finetunejob import OutputStatus
 from kubetune.api.v1alpha1.trainerconfig import TrainerConfig
 from kubetune.trainer.errors import ConfigError
+from kubetune.trainer.modeling import is_lora
 
 METADATA_FILE = "kubetune-model.json"
 METADATA_FORMAT = "kubetune.io/model/v1"
@@ -53,7 +54,7 @@ def export(
     output = Path(config.paths.output)
     output.mkdir(parents=True, exist_ok=True)
     _clear_previous_export(output)
-    lora = spec.method == Method.LORA
+    lora = is_lora(spec)
     merge = not lora or spec.lora is None or spec.lora.merge
     final = model.merge_and_unload() if lora and merge else model  # type: ignore[operator]
     servable = _save(final, tokenizer, output)
