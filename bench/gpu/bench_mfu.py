@@ -120,6 +120,10 @@ def build_model(work: Workload, folder: Path) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
     raw = dict(work.config)
+    if work.task == "sequence-classification":  # the head the trainer builds for these labels
+        labels = sorted({json.loads(line)["label"] for line in DATASET.read_text().splitlines()})
+        raw["id2label"] = dict(enumerate(labels))
+        raw["label2id"] = {name: i for i, name in enumerate(labels)}
     config = AutoConfig.for_model(
         raw.pop("model_type"),
         vocab_size=len(tokenizer),

@@ -105,6 +105,7 @@ class LoopResult:
     wall_seconds: float  # the whole loop: steps, loaders, evaluation, checkpoints
     progress: Progress
     peak_memory_bytes: int | None  # this process's peak while the loop ran (see peak_memory)
+    cpu_seconds: float  # CPU time of the whole process (all threads) while the loop ran
 
 
 @dataclass
@@ -159,6 +160,7 @@ class TrainingLoop:
 
     def run(self, start: Position) -> LoopResult:
         began = time.monotonic()
+        cpu_began = time.process_time()
         self.position = start
         self._segment_start = start.step
         self._last_saved = start.step if start.step else -1  # resumed: that step is on disk
@@ -185,6 +187,7 @@ class TrainingLoop:
             time.monotonic() - began,
             self._progress(self._last_loss),
             peak_memory(self.ctx.device),
+            time.process_time() - cpu_began,
         )
 
     def _run_epoch(self, epoch: int, first_batch: int) -> None:

@@ -177,6 +177,7 @@ def build_model(
     if spec.method == Method.QLORA:
         quantize = nf4_loading(device, autocast_dtype)
         model = load_model(model_dir, spec, labels, pad_token_id, None, quantize)
+        keep_4bit_layout_trainable(model)
         return apply_lora(prepare_4bit(model, spec), spec)
     lora = spec.method == Method.LORA
     base_dtype = autocast_dtype if lora else None
@@ -184,6 +185,17 @@ def build_model(
     if spec.hyperparameters.activation_checkpointing:
         enable_activation_checkpointing(model)
     return apply_lora(model, spec) if lora else model
+
+
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes 0.50 repacks a Linear4bit's weights in place for its CPU inference kernel the
+    first time the layer runs in eval mode without gradients; training on the repacked layout then
+    fails (an in-place add on a view of a leaf). The trainer evaluates between epochs, so that
+    repacking is switched off (the flag its forward consults): evaluation uses the training kernel.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def prepare_4bit(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.nn.Module:

@@ -38,6 +38,7 @@ class RunResult:
     train_seconds: float
     wall_seconds: float
     output: OutputStatus | None
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -143,6 +144,7 @@ def _run(
         result.train_seconds,
         result.wall_seconds,
         output,
+        result.cpu_seconds,
     )
 
 

@@ -56,14 +56,12 @@ def use_fsdp(
     """none: DDP; fsdp: FSDP; auto: FSDP when several processes hold a model too large for one
     device (CPU runs are never sharded automatically: their "device" is the host's memory)."""
     sharding = Sharding(spec.hyperparameters.sharding)
-    if sharding == Sharding.NONE or not dist.is_initialized():
-        return False
-    if spec.method == Method.QLORA:
-        if sharding == Sharding.FSDP:
-            raise ConfigError(
-                "hyperparameters.sharding fsdp cannot shard method qlora's 4-bit base "
-                "(bitsandbytes' packed weights are not DTensors); use sharding none or auto"
-            )
+    if sharding == Sharding.FSDP and spec.method == Method.QLORA:
+        raise ConfigError(
+            "hyperparameters.sharding fsdp cannot shard method qlora's 4-bit base "
+            "(bitsandbytes' packed weights are not DTensors); use sharding none or auto"
+        )
+    if sharding == Sharding.NONE or spec.method == Method.QLORA or not dist.is_initialized():
         return False
     if sharding == Sharding.FSDP:
         return True  # also over one process (it then shards nothing, but runs FSDP's path)
