@@ -195,7 +195,7 @@ def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
 
 
 def prepare_4bit(model: torch.nn.Module, spec: FineTuneJobSpec) -> torch.nn.Module:

@@ -366,7 +366,9 @@ def _announce(
         sharding="fsdp" if trainee.fsdp else ("ddp" if ctx.distributed else "none"),
         activationCheckpointing=spec.hyperparameters.activation_checkpointing,
         trainableParameters=sum(p.numel() for p in trainee.model.parameters() if p.requires_grad),
-        quantizedLayers=sum(type(m).__name__ == "Linear4bit" for m in trainee.model.modules()),
+        quantizedLayers=sum(  # bitsandbytes' own 4-bit layers (peft's wrappers share the name)
+            type(m).__module__.startswith("bitsandbytes") for m in trainee.model.modules()
+        ),
         task=str(spec.task),
         method=str(spec.method),
         epochs=spec.hyperparameters.epochs,
