@@ -150,17 +150,19 @@ def test_lora_learns_and_its_merged_export_loads_without_peft(
 # ---------------------------------------------------------------------------- causal LM
 
 
-def tiny_gpt2(folder: Path, tokenizer_dir: Path, width: int = 32) -> Path:
+def tiny_gpt2(
+    folder: Path, tokenizer_dir: Path, width: int = 32, layers: int = 2, positions: int = 64
+) -> Path:
     """A 2-layer GPT-2 with random weights and the MiniLM tokenizer: a real causal LM that
     trains in seconds (nothing is downloaded)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=64,
+        n_positions=positions,
         n_embd=width,
-        n_layer=2,
-        n_head=2,
+        n_layer=layers,
+        n_head=2 if width < 256 else 4,
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -630,24 +632,6 @@ def long_texts(path: Path, rows: int, per_row: int) -> Path:
     return path
 
 
-def wide_gpt2(folder: Path, tokenizer_dir: Path) -> Path:
-    """8 blocks of width 256 (14M parameters, half of them the embedding)."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=128,
-        n_embd=256,
-        n_layer=8,
-        n_head=4,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_activation_checkpointing_lowers_the_measured_peak_and_changes_no_loss(
     trainer: TrainerHarness, tmp_path: Path
 ) -> None:
@@ -656,7 +640,8 @@ def test_activation_checkpointing_lowers_the_measured_peak_and_changes_no_loss(
     much of what 8 blocks save for the backward pass (~27 MB each here), and the losses are
     the same: recomputation replays the same dropout masks."""
     dataset = long_texts(tmp_path / "long.jsonl", rows=16, per_row=8)
-    model = wide_gpt2(tmp_path / "gpt2", trainer.model_dir)
+    # 8 blocks of width 256 (14M parameters, half of them the embedding).
+    model = tiny_gpt2(tmp_path / "gpt2", trainer.model_dir, width=256, layers=8, positions=128)
     peaks, losses = {}, {}
     for checkpointing in (False, True):
         spec = {
