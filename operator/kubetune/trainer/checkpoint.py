@@ -1,7 +1,7 @@
 """Checkpoints that survive preemption: atomic, self-describing, pruned to keep_last.
 
-A checkpoint is a folder `step-NNNNNNNN/` written first as `.tmp-step-...` and renamed into place
-once every file is flushed to disk: the rename is the commit, so a kill at any instant leaves
+A checkpoint is a folder `step-NNNNNNNN/` written first as a `.tmp-...` folder and renamed into
+place once every file is flushed to disk: the rename is the commit, so a kill at any instant leaves
 either the previous complete checkpoint or the new one, never half of one. `checkpoint.json`
 inside says where in the data the run stood (epoch + index of the next micro-batch in that epoch's
 seeded plan), which is what lets a restart replay exactly the batches it had not yet trained on.
@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,7 @@ class CheckpointMeta:
     task: str
     method: str
     time: str
+    sharded: bool = False  # model and optimizer in torch.distributed.checkpoint shards (FSDP)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -114,16 +116,32 @@ class Checkpointer:
     def save(
         self, meta: CheckpointMeta, model: dict[str, torch.Tensor], training: dict[str, Any]
     ) -> Path:
+        return self.commit(self.begin(), meta, model, training)
+
+    def begin(self) -> Path:
+        """A fresh temp folder to write a checkpoint into (sharded saves: every rank writes its
+        shards there before rank 0 commits)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
-        final = self.root / f"step-{meta.position.step:08d}"
-        temp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        temp = self.root / f".tmp-{os.getpid()}-{time.monotonic_ns()}"
         temp.mkdir()
-        torch.save(model, temp / MODEL_FILE)
+        return temp
+
+    def commit(
+        self,
+        temp: Path,
+        meta: CheckpointMeta,
+        model: dict[str, torch.Tensor] | None,
+        training: dict[str, Any],
+    ) -> Path:
+        """Writes the rest into `temp`, flushes everything to disk and renames it into place."""
+        final = self.root / f"step-{meta.position.step:08d}"
+        if model is not None:
+            torch.save(model, temp / MODEL_FILE)
         torch.save(training, temp / TRAINING_FILE)
         (temp / META_FILE).write_text(meta.to_json(), encoding="utf-8")
-        for item in temp.iterdir():
-            _fsync(item)
+        for item in sorted(temp.rglob("*"), key=lambda p: -len(p.parts)):
+            _fsync(item)  # files and sub-folders (the shards) before their parents
         _fsync(temp)
         if final.exists():  # the same step saved again (a resumed run stopped at once)
             self._discard(final)
@@ -133,8 +151,12 @@ class Checkpointer:
         return final
 
     def load(self, path: Path) -> LoadedCheckpoint:
+        """Metadata, the unsharded weights (none in a sharded checkpoint: every rank reads its
+        own shards later) and the training state."""
         meta = CheckpointMeta.from_json((path / META_FILE).read_text(encoding="utf-8"))
-        model = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
+        model = {}
+        if not meta.sharded:
+            model = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
         training = torch.load(path / TRAINING_FILE, map_location="cpu", weights_only=True)
         return LoadedCheckpoint(path, meta, model, training)
 

@@ -74,8 +74,11 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-def init_distributed(use_gpus: bool) -> DistContext:
-    """Reads torchrun's environment, picks the device and starts the process groups."""
+def init_distributed(use_gpus: bool, group_for_one: bool = False) -> DistContext:
+    """Reads torchrun's environment, picks the device and starts the process groups.
+
+    A single process gets a (one-rank) group only when `group_for_one`: FSDP asked for
+    explicitly needs one even where it shards over a single device."""
     ctx = DistContext(
         rank=_env_int("RANK", 0),
         world_size=_env_int("WORLD_SIZE", 1),
@@ -88,7 +91,7 @@ def init_distributed(use_gpus: bool) -> DistContext:
     elif "OMP_NUM_THREADS" not in os.environ:
         # Processes sharing a node's cores must not each start one thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
-    if ctx.distributed:
+    if ctx.distributed or (group_for_one and "MASTER_ADDR" in os.environ):
         backend = "nccl" if ctx.device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=GROUP_TIMEOUT)
         ctx.control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)
@@ -96,7 +99,7 @@ def init_distributed(use_gpus: bool) -> DistContext:
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

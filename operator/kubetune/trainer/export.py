@@ -25,8 +25,9 @@ import torch
 
 import kubetune
 from kubetune.api.contract import OUTPUT
-from kubetune.api.v1alpha1.finetunejob import Method, OutputStatus
+from kubetune.api.v1alpha1.finetunejob import OutputStatus
 from kubetune.api.v1alpha1.trainerconfig import TrainerConfig
+from kubetune.trainer.modeling import is_lora
 from kubetune.trainer.sources import s3_client
 
 METADATA_FILE = "kubetune-model.json"
@@ -53,7 +54,7 @@ def export(
     output = Path(config.paths.output)
     output.mkdir(parents=True, exist_ok=True)
     _clear_previous_export(output)
-    lora = spec.method == Method.LORA
+    lora = is_lora(spec)
     merge = not lora or spec.lora is None or spec.lora.merge
     final = model.merge_and_unload() if lora and merge else model  # type: ignore[operator]
     servable = _save(final, tokenizer, output)

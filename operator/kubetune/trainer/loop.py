@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from kubetune.api.v1alpha1.finetunejob import Hyperparameters, Progress
 from kubetune.api.v1alpha1.trainerconfig import TrainerConfig
-from kubetune.trainer import events
+from kubetune.trainer import events, sharding
 from kubetune.trainer.checkpoint import Checkpointer, CheckpointMeta, Position, capture_rng, now_iso
 from kubetune.trainer.data import IGNORE_INDEX, BatchPlan, Example, eval_batches
 from kubetune.trainer.distributed import DistContext, StopAgreement
@@ -45,6 +46,7 @@ from kubetune.trainer.reporting import Reporter
 LOG_EVERY_ENV = "KUBETUNE_LOG_EVERY_STEPS"
 HEARTBEAT_SECONDS = 30.0
 MAX_GRAD_NORM = 1.0
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient = max_norm / (norm + eps)
 
 
 def collate(examples: Sequence[Example], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
@@ -100,6 +102,7 @@ class Trainee:
     scaler: torch.amp.GradScaler | None
     autocast_dtype: torch.dtype | None
     lora: bool
+    fsdp: bool = False  # `model` is sharded with FSDP2; checkpoints are sharded too
 
 
 @dataclass
@@ -110,6 +113,8 @@ class LoopResult:
     train_seconds: float  # inside optimizer steps only
     wall_seconds: float  # the whole loop: steps, loaders, evaluation, checkpoints
     progress: Progress
+    peak_memory_bytes: int | None  # this process's peak while the loop ran (see peak_memory)
+    cpu_seconds: float  # CPU time of the whole process (all threads) while the loop ran
 
 
 @dataclass
@@ -164,6 +169,7 @@ class TrainingLoop:
 
     def run(self, start: Position) -> LoopResult:
         began = time.monotonic()
+        cpu_began = time.process_time()
         self.position = start
         self._segment_start = start.step
         self._last_saved = start.step if start.step else -1  # resumed: that step is on disk
@@ -172,6 +178,7 @@ class TrainingLoop:
         self._samples = 0
         self._window = _Window()
         self._last_stdout = time.monotonic()
+        reset_peak_memory(self.ctx.device)
         self.trainee.forward.train()
         for epoch in range(start.epoch, self.spec.hyperparameters.epochs):
             self._run_epoch(epoch, start.batch if epoch == start.epoch else 0)
@@ -188,6 +195,8 @@ class TrainingLoop:
             self._train_seconds,
             time.monotonic() - began,
             self._progress(self._last_loss),
+            peak_memory(self.ctx.device),
+            time.process_time() - cpu_began,
         )
 
     def _run_epoch(self, epoch: int, first_batch: int) -> None:
@@ -236,9 +245,7 @@ class TrainingLoop:
         t = self.trainee
         for micro in range(count):
             batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in next(batches).items()}
-            sync = micro == count - 1 or not self.ctx.distributed
-            no_sync = contextlib.nullcontext() if sync else t.forward.no_sync()  # type: ignore[operator]
-            with no_sync:
+            with self._gradient_sync(micro == count - 1):
                 with self._autocast():
                     loss = t.forward(**batch).loss
                 scaled = loss / count
@@ -248,18 +255,36 @@ class TrainingLoop:
                 detached if self._window.loss is None else self._window.loss + detached
             )
             self._window.micro_batches += 1
+        grads = [p.grad for p in t.model.parameters() if p.grad is not None]
         if t.scaler:
             t.scaler.unscale_(t.optimizer)
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in t.model.parameters() if p.grad is not None], MAX_GRAD_NORM
-        )
-        if t.scaler:
+            torch.nn.utils.clip_grads_with_norm_(
+                grads, MAX_GRAD_NORM, torch.nn.utils.get_total_norm(grads)
+            )
             t.scaler.step(t.optimizer)
             t.scaler.update()
+        elif fused_clipping(t.optimizer):
+            # The fused kernel divides every gradient by `grad_scale` as it reads it (the
+            # attribute GradScaler itself sets), so clipping costs no pass over the gradients
+            # of its own: about 4% of a CPU step on MiniLM. It stays on the device (no sync).
+            norm = sharding.local_norm(torch.nn.utils.get_total_norm(grads))
+            t.optimizer.grad_scale = ((norm + CLIP_EPS) / MAX_GRAD_NORM).clamp(min=1.0)  # type: ignore[attr-defined]
+            t.optimizer.step()
         else:
+            torch.nn.utils.clip_grad_norm_(grads, MAX_GRAD_NORM)
             t.optimizer.step()
         t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Gradients are reduced on the last micro-batch of a step only (DDP's no_sync, FSDP's
+        requires_gradient_sync)."""
+        if self.trainee.fsdp:
+            sharding.set_gradient_sync(self.trainee.model, sync)
+            return contextlib.nullcontext()
+        if sync or not self.ctx.distributed:
+            return contextlib.nullcontext()
+        return self.trainee.forward.no_sync()  # type: ignore[operator,no-any-return]
 
     def _after_step(self) -> None:
         step = self.position.step
@@ -343,11 +368,13 @@ class TrainingLoop:
         classes = len(self.labels) if self.labels else 0
         confusion = torch.zeros(classes * classes, dtype=torch.float64, device=self.ctx.device)
         totals = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)  # loss sum, count
-        for indices in eval_batches(lengths, size, self.ctx.world_size, self.ctx.rank):
+        for indices, counts in self._eval_plan(lengths, size):
             batch = self._collate([self.validation[i] for i in indices])
             batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
                 out = model(**batch)
+            if not counts:
+                continue
             if classes:
                 predicted = out.logits.argmax(dim=-1)
                 confusion += torch.bincount(
@@ -370,13 +397,33 @@ class TrainingLoop:
             return {**classification_metrics(confusion.view(classes, classes)), "loss": loss}
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
+    def _eval_plan(self, lengths: list[int], size: int) -> list[tuple[list[int], bool]]:
+        """This rank's evaluation batches, each with whether it counts. Under FSDP every forward
+        is collective, so a rank with fewer batches than another repeats one that is not counted
+        (the shares differ by at most one batch)."""
+        world, rank = self.ctx.world_size, self.ctx.rank
+        mine = [(b, True) for b in eval_batches(lengths, size, world, rank)]
+        if not self.trainee.fsdp:
+            return mine
+        shares = [eval_batches(lengths, size, world, r) for r in range(world)]
+        filler = next((share[0] for share in shares if share), None)
+        most = max(len(share) for share in shares)
+        return mine + [(filler, False) for _ in range(most - len(mine)) if filler is not None]
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
-        """Every rank contributes its RNG state; rank 0 writes; all wait until it is on disk."""
+        """Every rank contributes its RNG state (and, under FSDP, its shards); rank 0 writes the
+        rest and commits; all wait until the checkpoint is on disk."""
         began = time.monotonic()
         rng = self.ctx.all_gather_object(capture_rng())
+        t = self.trainee
+        temp = self.checkpointer.begin() if self.ctx.is_main else None
+        if t.fsdp:
+            temp = self.ctx.all_gather_object(temp)[0]  # rank 0's folder, for every rank
+            sharding.save_shards(temp / sharding.SHARDS_FOLDER, t.model, t.optimizer, t.lora)
         if self.ctx.is_main:
+            assert temp is not None
             meta = CheckpointMeta(
                 position=self.position,
                 total_steps=self.total_steps,
@@ -386,19 +433,54 @@ class TrainingLoop:
                 task=str(self.spec.task),
                 method=str(self.spec.method),
                 time=now_iso(),
+                sharded=t.fsdp,
             )
-            t = self.trainee
             training = {
-                "optimizer": t.optimizer.state_dict(),
                 "scheduler": t.scheduler.state_dict(),
                 "scaler": t.scaler.state_dict() if t.scaler else None,
                 "rng": rng,
             }
-            path = self.checkpointer.save(meta, trainable_state(t.model, t.lora), training)
+            model = None
+            if not t.fsdp:
+                training["optimizer"] = t.optimizer.state_dict()
+                model = trainable_state(t.model, t.lora)
+            path = self.checkpointer.commit(temp, meta, model, training)
             self.reporter.checkpoint(self.position.step, str(path))
         self.ctx.barrier()
         self._last_saved = self.position.step
         self._window.started += time.monotonic() - began  # keep samples/s about training
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak: the device allocator's on a GPU, the process's resident set on Linux
+    (writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes at the peak since reset_peak_memory: tensors on a GPU, the resident set on a CPU
+    (weights, optimizer state, activations and the runtime itself); None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def fused_clipping(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer applies `grad_scale` inside its kernel (fused Adam/AdamW)."""
+    return bool(optimizer.defaults.get("fused")) and getattr(
+        optimizer, "_step_supports_amp_scaling", False
+    )
 
 
 def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:

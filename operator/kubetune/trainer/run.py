@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kubetune.api.v1alpha1.finetunejob import Method, OutputStatus, Task
+from kubetune.api.v1alpha1.finetunejob import Method, OutputStatus, Sharding, Task
 from kubetune.api.v1alpha1.trainerconfig import TrainerConfig
-from kubetune.trainer import data, events, modeling
+from kubetune.trainer import data, events, modeling, sharding
 from kubetune.trainer.checkpoint import Checkpointer, LoadedCheckpoint, Position, restore_rng
 from kubetune.trainer.distributed import DistContext, StopAgreement, init_distributed, shutdown
+from kubetune.trainer.errors import ConfigError
 from kubetune.trainer.export import export
 from kubetune.trainer.loop import Trainee, TrainingLoop, total_steps
 from kubetune.trainer.reporting import Reporter
@@ -37,6 +38,7 @@ class RunResult:
     train_seconds: float
     wall_seconds: float
     output: OutputStatus | None
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -50,7 +52,11 @@ class Prepared:
 
 def run(config: TrainerConfig) -> RunResult:
     """Trains as one process of the job (torchrun's environment says which)."""
-    ctx = init_distributed(use_gpus=config.spec.resources.gpus_per_node > 0)
+    hp = config.spec.hyperparameters
+    ctx = init_distributed(
+        use_gpus=config.spec.resources.gpus_per_node > 0,
+        group_for_one=hp.sharding == Sharding.FSDP,
+    )
     stop = StopAgreement(ctx)
     reporter = Reporter(config, ctx.is_main)
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.request())
@@ -70,6 +76,32 @@ class Job:
     start: Position
     tokenizer: Any
     prepared: Prepared
+    model_dir: Path
+
+
+def exportable_model(config: TrainerConfig, ctx: DistContext, job: Job) -> torch.nn.Module | None:
+    """What rank 0 exports: the trained model itself, or an unsharded, unquantised copy of it.
+
+    Under FSDP every rank takes part in gathering the full weights, once, to rank 0's host
+    memory; QLoRA's adapters go onto a bf16 copy of the base. None on the other ranks."""
+    trainee = job.loop.trainee
+    state: dict[str, torch.Tensor] | None = None
+    if trainee.fsdp:
+        state = sharding.full_state_on_rank0(trainee.model)
+    elif config.spec.method == Method.QLORA and ctx.is_main:
+        state = modeling.trainable_state(trainee.model, lora=True)
+    if not ctx.is_main:
+        return None
+    if state is None:
+        return trainee.model
+    return modeling.build_export_model(
+        job.model_dir,
+        config.spec,
+        job.prepared.labels,
+        job.tokenizer.pad_token_id,
+        trainee.autocast_dtype,
+        state,
+    )
 
 
 def _run(
@@ -78,13 +110,15 @@ def _run(
     job = set_up(config, ctx, stop, reporter)
     result = job.loop.run(job.start)
     output = None
-    if config.spec.task == Task.CAUSAL_LM:
-        set_use_cache(job.loop.trainee.model, True)
+    final = exportable_model(config, ctx, job)
     if ctx.is_main:
+        assert final is not None
+        if config.spec.task == Task.CAUSAL_LM:
+            set_use_cache(final, True)  # off for training (packing), on for generation
         with reporter.beating("exporting the model"):
             output = export(
                 config,
-                model=job.loop.trainee.model,
+                model=final,
                 tokenizer=job.tokenizer,
                 labels=job.prepared.labels,
                 metrics=result.metrics,
@@ -102,6 +136,8 @@ def _run(
         metrics=result.metrics,
         samplesPerSecond=round(result.samples_per_second, 2),
         trainSeconds=round(result.train_seconds, 2),
+        loopSeconds=round(result.wall_seconds, 2),
+        peakMemoryBytes=result.peak_memory_bytes,
     )
     return RunResult(
         job.loop.total_steps,
@@ -111,6 +147,7 @@ def _run(
         result.train_seconds,
         result.wall_seconds,
         output,
+        result.cpu_seconds,
     )
 
 
@@ -153,7 +190,7 @@ def set_up(config: TrainerConfig, ctx: DistContext, stop: StopAgreement, reporte
     _announce(
         config, ctx=ctx, loop=loop, prepared=prepared, trainee=trainee, resume=resume, start=start
     )
-    return Job(loop, start, tokenizer, prepared)
+    return Job(loop, start, tokenizer, prepared, model_dir)
 
 
 def load_resume(ctx: DistContext, checkpointer: Checkpointer) -> LoadedCheckpoint | None:
@@ -229,28 +266,42 @@ def build_trainee(
     steps: int,
 ) -> Trainee:
     spec = config.spec
-    lora = spec.method == Method.LORA
+    lora = modeling.is_lora(spec)
     autocast_dtype = modeling.resolve_precision(spec.hyperparameters.precision, ctx.device)
-    torch.manual_seed(spec.hyperparameters.seed)  # the same new head on every rank
-    model = modeling.build_model(model_dir, spec, labels, pad_token_id, autocast_dtype)
+    torch.manual_seed(spec.hyperparameters.seed)  # the same new head (and adapters) on every rank
+    model = modeling.build_model(model_dir, spec, labels, pad_token_id, autocast_dtype, ctx.device)
     if spec.task == Task.CAUSAL_LM:
         # Training needs no KV cache, and with one transformers ignores packed sequences'
         # boundaries (position ids); the export turns it back on for generation.
         set_use_cache(model, False)
-    if resume is not None and ctx.is_main:
-        modeling.load_trainable_state(model, resume.model, lora)
-    model = model.to(ctx.device)
-    forward: torch.nn.Module = model
-    if ctx.distributed:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            gradient_as_bucket_view=True,
+    fsdp = sharding.use_fsdp(spec, ctx, model)
+    if resume is not None and resume.meta.sharded != fsdp:
+        written = "with" if resume.meta.sharded else "without"
+        raise ConfigError(
+            f"the checkpoint {resume.path} was written {written} FSDP and this run "
+            f"{'uses' if fsdp else 'does not use'} it "
+            "(hyperparameters.sharding, or the process count with sharding auto); resume with the "
+            "setting that wrote it, or remove the checkpoints to start over"
         )
+    if resume is not None and ctx.is_main and not fsdp:
+        modeling.load_trainable_state(model, resume.model, lora)
+    forward: torch.nn.Module = model
+    if fsdp:
+        model = forward = sharding.shard(model, ctx, autocast_dtype)
+    else:
+        if spec.method != Method.QLORA:  # a 4-bit base is placed as it is quantised
+            model = model.to(ctx.device)
+        forward = model
+        if ctx.distributed:
+            forward = torch.nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+            )
     optimizer = modeling.build_optimizer(model, spec.hyperparameters, ctx.device)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     scheduler = modeling.build_scheduler(optimizer, spec.hyperparameters.warmup_ratio, steps)
-    return Trainee(model, forward, optimizer, scheduler, scaler, autocast_dtype, lora)
+    return Trainee(model, forward, optimizer, scheduler, scaler, autocast_dtype, lora, fsdp)
 
 
 def set_use_cache(model: torch.nn.Module, on: bool) -> None:
@@ -272,7 +323,11 @@ def restore_training(
         reseed(seed, ctx.rank, 0)
         return Position()
     state = resume.training
-    trainee.optimizer.load_state_dict(state["optimizer"])
+    if resume.meta.sharded:
+        shards = resume.path / sharding.SHARDS_FOLDER
+        sharding.load_shards(shards, trainee.model, trainee.optimizer, trainee.lora)
+    else:
+        trainee.optimizer.load_state_dict(state["optimizer"])
     trainee.scheduler.load_state_dict(state["scheduler"])
     if trainee.scaler is not None and state.get("scaler"):
         trainee.scaler.load_state_dict(state["scaler"])
@@ -328,6 +383,12 @@ def _announce(
         worldSize=ctx.world_size,
         device=str(ctx.device),
         precision=str(trainee.autocast_dtype or torch.float32).removeprefix("torch."),
+        sharding="fsdp" if trainee.fsdp else ("ddp" if ctx.distributed else "none"),
+        activationCheckpointing=spec.hyperparameters.activation_checkpointing,
+        trainableParameters=sum(p.numel() for p in trainee.model.parameters() if p.requires_grad),
+        quantizedLayers=sum(  # bitsandbytes' own 4-bit layers (peft's wrappers share the name)
+            type(m).__module__.startswith("bitsandbytes") for m in trainee.model.modules()
+        ),
         task=str(spec.task),
         method=str(spec.method),
         epochs=spec.hyperparameters.epochs,

@@ -82,3 +82,21 @@ def test_rng_state_survives_the_checkpoint_file(tmp_path: Path) -> None:
     path = ckpt.save(meta(1), {}, {"rng": [state]})
     restore_rng(ckpt.load(path).training["rng"][0])
     assert (random.random(), float(torch.rand(1))) == expected
+
+
+def test_a_sharded_checkpoint_commits_the_shards_folder_and_loads_without_weights(
+    tmp_path: Path,
+) -> None:
+    """FSDP: the ranks write shards into the temp folder, rank 0 commits it with the rest; the
+    loaded checkpoint carries no unsharded weights (each rank reads its shards itself)."""
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    temp = ckpt.begin()
+    (temp / "sharded").mkdir()
+    (temp / "sharded" / "__0_0.distcp").write_bytes(b"shard")
+    sharded = CheckpointMeta(**{**meta(4).__dict__, "sharded": True})
+    path = ckpt.commit(temp, sharded, None, {"rng": [capture_rng()]})
+    assert not temp.exists()
+    assert (path / "sharded" / "__0_0.distcp").read_bytes() == b"shard"
+    loaded = ckpt.load(path)
+    assert loaded.meta.sharded and loaded.model == {}
+    assert ckpt.load(save(ckpt, 5)).meta.sharded is False  # the default, as in old checkpoints

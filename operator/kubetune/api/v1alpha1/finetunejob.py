@@ -37,6 +37,13 @@ class Task(StrEnum):
 class Method(StrEnum):
     FULL = "full"
     LORA = "lora"
+    QLORA = "qlora"  # LoRA over a base quantised to 4-bit NF4 (bitsandbytes)
+
+
+class Sharding(StrEnum):
+    NONE = "none"  # DDP: every process holds the whole model, its gradients and optimizer state
+    FSDP = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded over all processes
+    AUTO = "auto"  # fsdp when several processes train a model that does not fit one device
 
 
 class DatasetFormat(StrEnum):
@@ -165,7 +172,18 @@ class Hyperparameters(ApiModel):
     seed: int = Field(default=42, description="Seed of every random generator.", ge=0)
     precision: Precision = Field(
         default=Precision.AUTO,
-        description="bf16, fp16 or fp32 autocast; auto picks bf16 where the GPU has it, else fp32.",
+        description="bf16, fp16 or fp32 autocast; auto picks bf16 where the GPU (or the CPU, with "
+        "AMX or AVX512-BF16) multiplies it natively, else fp32.",
+    )
+    sharding: Sharding = Field(
+        default=Sharding.AUTO,
+        description="none (DDP), fsdp (FSDP2 over all processes, sharded checkpoints) or auto "
+        "(fsdp when the model does not fit one device and there are several processes).",
+    )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each transformer block's activations in the backward pass: less "
+        "memory for about a third more compute.",
     )
     # --- issue 10 (packing): begin
     packing: bool = Field(
@@ -280,9 +298,13 @@ class FineTuneJobSpec(ApiModel):
         description="sequence-classification (text -> label) or causal-lm (text generation).",
     )
     method: Method = Field(
-        default=Method.FULL, description="full (every weight) or lora (low-rank adapters)."
+        default=Method.FULL,
+        description="full (every weight), lora (low-rank adapters) or qlora (adapters over a "
+        "4-bit NF4 base; needs bitsandbytes and a GPU or its CPU backend).",
     )
-    lora: LoraSpec | None = Field(default=None, description="LoRA settings; only with method lora.")
+    lora: LoraSpec | None = Field(
+        default=None, description="LoRA settings; only with method lora or qlora."
+    )
     hyperparameters: Hyperparameters = Field(
         default_factory=Hyperparameters, description="Optimisation settings."
     )
@@ -311,8 +333,8 @@ class FineTuneJobSpec(ApiModel):
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 {
-                    "rule": "!has(self.lora) || self.method == 'lora'",
-                    "message": "spec.lora is only allowed with spec.method 'lora'",
+                    "rule": "!has(self.lora) || self.method in ['lora', 'qlora']",
+                    "message": "spec.lora is only allowed with spec.method 'lora' or 'qlora'",
                     "fieldPath": ".lora",
                 },
                 # --- issue 10 (chat data, packing): begin
