@@ -35,6 +35,9 @@ from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import running_cluster
 from kubetune.devcluster.volumes import ensure_claim
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_reconcile import _ftj  # the same one-GPU FineTuneJob as the reconcile benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 WRITE_VERBS = {"POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION", "CREATE", "UPDATE"}
 # What kubetune writes (its resources, their children, Events). Everything else (kwok's node
@@ -131,20 +134,6 @@ class Watcher:
         while any(n not in self.seen for n in names) and time.monotonic() < deadline:
             time.sleep(0.1)
         return max((self.seen[n] for n in names if n in self.seen), default=float("nan"))
-
-
-def _ftj(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "pvc://models/base"},
-            "dataset": {"source": "pvc://datasets/train.jsonl"},
-            "resources": {"nodes": 1, "gpusPerNode": 1},
-            "output": {"uri": f"pvc://models/out/{name}"},
-        },
-    }
 
 
 def _plain_job(name: str) -> dict[str, Any]:
