@@ -44,6 +44,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster
             "--set-json",
             'tolerations=[{"key":"kubetune.io/local-node","operator":"Exists"}]',
         ]
+        # One replica: the leader election of the default two has a test of its own
+        # (tests/integration/test_ha.py). No pre-flight pod: it runs the trainer image, which
+        # cannot be built on this machine's disk (see docs/development.md).
+        placement += ["--set", "replicas=1", "--set", "preflight=false"]
         install = ["install", "kubetune", str(CHART), "--namespace", SYSTEM, "--create-namespace"]
         subprocess.run(
             [str(binaries_dir() / "helm"), *install, *placement, "--wait", "--timeout", "5m"],

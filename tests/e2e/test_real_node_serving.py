@@ -78,7 +78,9 @@ def deployment(cluster: LocalCluster, ns: str, name: str, replicas: int, mode: s
     )
     owner = Owner("kubetune.io/v1alpha1", "ModelServer", name, ns, "0" * 8)
     model = ResolvedModel(uri="pvc://models/minilm", revision="r1")
-    settings = Settings(fetcher_image="ghcr.io/kubetune/operator:0.1.0")
+    # No operator runs here to open the smoke-test readiness gate (the stand-in serves no model;
+    # tests/integration/test_smoke_gate.py covers the gate): the pods are built without it.
+    settings = Settings(fetcher_image="ghcr.io/kubetune/operator:0.1.0", smoke_test_gate=False)
     manifest = build_deployment(ms, owner, model, settings, spare_gpus=0)
     manifest["metadata"].pop("ownerReferences", None)  # no ModelServer object exists here
     [triton] = manifest["spec"]["template"]["spec"]["containers"]

@@ -156,5 +156,11 @@ def test_sharding_auto_plans_fsdp_over_the_jobs_gpus(tmp_path: Path) -> None:
     assert verdict.fits is True
     assert verdict.setup.sharding_degree == 8
     assert verdict.message.startswith("sharding auto: FSDP over 8 GPUs")
-    alone = plan(shape, base.model_copy(update={"resources": spec.resources}), 2, 80 * GIB)
+    unsharded = base.hyperparameters.model_copy(update={"sharding": "none"})
+    alone = plan(
+        shape,
+        base.model_copy(update={"resources": spec.resources, "hyperparameters": unsharded}),
+        2,
+        80 * GIB,
+    )
     assert alone.fits is False and alone.setup.sharding_degree == 1
