@@ -160,3 +160,46 @@ def test_an_edit_of_a_finished_job_is_observed_without_training_again(world: Any
     kube.put(body)
     after = _reconcile(kube, ctx)
     assert after["status"]["observedGeneration"] == 2 and _job(kube) is None
+
+
+def _lora_job(merge: bool) -> dict[str, Any]:
+    job = _ftj("adapter")
+    job["spec"] |= {"task": "causal-lm", "method": "lora", "lora": {"r": 8, "merge": merge}}
+    job["status"] = {
+        "phase": "Succeeded",
+        "completionTime": "2026-01-01T00:10:00Z",
+        "output": {
+            "modelUri": "pvc://out/adapter",
+            "tritonRepositoryUri": "pvc://out/adapter/triton-repository",
+        },
+    }
+    return job
+
+
+@pytest.mark.parametrize(
+    ("runtime", "merge", "uri", "adapters"),
+    [
+        ("vllm", False, "pvc://models/minilm", (("adapter", "pvc://out/adapter"),)),
+        ("vllm", True, "pvc://out/adapter/triton-repository", ()),
+        ("python", False, "pvc://out/adapter/triton-repository", ()),
+    ],
+)
+def test_an_unmerged_adapter_is_served_beside_its_base_on_vllm(
+    world: Any, runtime: str, merge: bool, uri: str, adapters: tuple[tuple[str, str], ...]
+) -> None:
+    from kubetune.api.v1alpha1.modelserver import ModelServer
+    from kubetune.builders.common import Owner
+    from kubetune.handlers import modelserver as ms_handlers
+
+    kube, ctx = world
+    kube.put(_lora_job(merge))
+    body = {
+        "apiVersion": API_VERSION,
+        "kind": "ModelServer",
+        "metadata": {"name": "srv", "namespace": "ns", "uid": "u", "generation": 1},
+        "spec": {"model": {"fineTuneJobRef": {"name": "adapter"}}, "runtime": runtime},
+    }
+    resolved = ms_handlers._resolve_model(
+        ctx, ModelServer.model_validate(body), Owner.from_body(body)
+    )
+    assert (resolved.uri, resolved.lora_adapters) == (uri, adapters)

@@ -5,6 +5,7 @@ are written only where they differ from what exists."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any, cast
 
 import kopf
@@ -14,7 +15,7 @@ from kubetune import metrics
 from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
 from kubetune.api.v1alpha1.finetunejob import KIND as FTJ_KIND
 from kubetune.api.v1alpha1.finetunejob import PLURAL as FTJ_PLURAL
-from kubetune.api.v1alpha1.modelserver import KIND, PLURAL, ModelServer, Phase
+from kubetune.api.v1alpha1.modelserver import KIND, PLURAL, ModelServer, Phase, Runtime
 from kubetune.api.v1alpha1.reasons import ConditionType as T
 from kubetune.api.v1alpha1.reasons import ServingReason as R
 from kubetune.builders import serving
@@ -153,7 +154,25 @@ def _resolve_model(ctx: Context, ms: ModelServer, owner: Owner) -> ResolvedModel
             Phase.PENDING,
         )
     task = (job.get("spec") or {}).get("task") or "sequence-classification"
-    return ResolvedModel(uri=uri, revision=_served_run(job), task=task)
+    served = ResolvedModel(uri=uri, revision=_served_run(job), task=task)
+    return _as_adapter(ms, job, served) or served
+
+
+def _as_adapter(
+    ms: ModelServer, job: dict[str, Any], served: ResolvedModel
+) -> ResolvedModel | None:
+    """A LoRA run exported without merging (spec.lora.merge false) left its adapter at
+    status.output.modelUri: on the vLLM runtime the base model is served with that adapter
+    beside it (named after the job), instead of the merged copy the python backend uses."""
+    spec = job.get("spec") or {}
+    base = (spec.get("model") or {}).get("source")
+    adapter = ((job.get("status") or {}).get("output") or {}).get("modelUri")
+    unmerged = (spec.get("lora") or {}).get("merge") is False
+    if spec.get("method") not in ("lora", "qlora") or not unmerged or not base or not adapter:
+        return None
+    name = str(job["metadata"]["name"])
+    candidate = replace(served, uri=str(base), lora_adapters=((name, str(adapter)),))
+    return candidate if serving.runtime(ms.spec, candidate) == Runtime.VLLM else None
 
 
 def _rollout_target(body: dict[str, Any], wanted: ResolvedModel) -> ResolvedModel:
