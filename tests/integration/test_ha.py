@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client, config
@@ -19,6 +18,7 @@ from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.volumes import ensure_claim
 from kubetune.operator_main import LEASE_SECONDS, RETRY_SECONDS
+from tests.integration.test_finetunejob import finetunejob
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,20 +40,6 @@ def _replica(cluster: LocalCluster, log: Path) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-
-
-def _ftj(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "pvc://models/base"},
-            "dataset": {"source": "pvc://datasets/train.jsonl"},
-            "resources": {"nodes": 1, "gpusPerNode": 1},
-            "output": {"uri": f"pvc://models/out/{name}"},
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +81,11 @@ def test_one_replica_acts_and_the_standby_takes_over_after_kill_9(
         wait_for(lambda: b"standing by for the lease" in logs[1].read_bytes(), 60, "a standby")
 
         custom.create_namespaced_custom_object(
-            "kubetune.io", "v1alpha1", NS, "finetunejobs", _ftj("one")
+            "kubetune.io",
+            "v1alpha1",
+            NS,
+            "finetunejobs",
+            finetunejob("one", resources={"nodes": 1, "gpusPerNode": 1}),
         )
         wait_for(lambda: _job(batch, "one-train"), 60, "the leader to create one's Job")
         assert b"Initial authentication" not in logs[1].read_bytes()  # the standby did nothing
@@ -104,7 +94,11 @@ def test_one_replica_acts_and_the_standby_takes_over_after_kill_9(
         first.wait()
         killed = time.monotonic()
         custom.create_namespaced_custom_object(
-            "kubetune.io", "v1alpha1", NS, "finetunejobs", _ftj("two")
+            "kubetune.io",
+            "v1alpha1",
+            NS,
+            "finetunejobs",
+            finetunejob("two", resources={"nodes": 1, "gpusPerNode": 1}),
         )
         wait_for(lambda: _job(batch, "two-train"), 60, "the standby to create two's Job")
         took = time.monotonic() - killed
