@@ -437,21 +437,39 @@ def test_the_operator_may_watch_everything_it_handles_but_never_list_secrets(
     assert granted == []
 
 
-def _body(kind: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """A resource as the API server would hand it to a handler. It is never created: the
-    session's operator (when running) must not act on it, and the owner references of the
-    children point at nothing, so the garbage collector removes what this test creates."""
+def _owner(
+    api_client: client.ApiClient, kind: str, ns: str, spec: dict[str, Any], stand_in: dict[str, Any]
+) -> dict[str, Any]:
+    """A resource as the API server would hand it to a handler, with the uid of a real object of
+    that kind and name, so the children's owner references point at something (the garbage
+    collector deletes children of a missing owner, which would race this test's next apply).
+
+    The real object is `stand_in`, a spec the session's operator (when running) builds nothing
+    for: a FineTuneJob whose claims do not exist here, a ModelServer that waits for that job."""
+    plural = {"FineTuneJob": "finetunejobs", "ModelServer": "modelservers"}[kind]
+    real = client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        "kubetune.io",
+        "v1alpha1",
+        ns,
+        plural,
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": "rbac"},
+            "spec": stand_in,
+        },
+    )
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": kind,
-        "metadata": {"name": "rbac", "namespace": ns, "uid": str(uuid.uuid4()), "generation": 1},
+        "metadata": {"name": "rbac", "namespace": ns, "uid": real["metadata"]["uid"], "generation": 1},
         "spec": spec,
     }
 
 
 @pytest.mark.cluster
 def test_the_operator_can_make_every_call_of_a_reconcile(
-    installed: Installed, as_operator: client.ApiClient
+    installed: Installed, as_operator: client.ApiClient, api_client: client.ApiClient
 ) -> None:
     """The builders' real children, applied as kube.py applies them, with the operator's token.
 
@@ -461,17 +479,15 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
     """
     ns = installed.namespace
     kube = Kube(as_operator)
-    ftj_body = _body(
-        "FineTuneJob",
-        ns,
-        {
-            "model": {"source": "pvc://models/base/minilm"},
-            "dataset": {"source": "pvc://datasets/intents.jsonl"},
-            "resources": {"nodes": 2, "gpusPerNode": 4},
-            "output": {"uri": "pvc://models/out/rbac"},
-        },
-    )
-    ms_body = _body(
+    ftj_spec = {
+        "model": {"source": "pvc://models/base/minilm"},
+        "dataset": {"source": "pvc://datasets/intents.jsonl"},
+        "resources": {"nodes": 2, "gpusPerNode": 4},
+        "output": {"uri": "pvc://models/out/rbac"},
+    }
+    ftj_body = _owner(api_client, "FineTuneJob", ns, ftj_spec, stand_in=ftj_spec)
+    ms_body = _owner(
+        api_client,
         "ModelServer",
         ns,
         {
@@ -485,6 +501,7 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
             },
             "networkPolicy": True,
         },
+        stand_in={"model": {"fineTuneJobRef": {"name": "rbac"}}},
     )
     ftj, ftj_owner = FineTuneJob.model_validate(ftj_body), Owner.from_body(ftj_body)
     ms, ms_owner = ModelServer.model_validate(ms_body), Owner.from_body(ms_body)
@@ -509,8 +526,8 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
     # The handlers dry-run every child first (as the operator would), then apply them.
     apply_children(kube, children, dry_run=True, rejected=AssertionError)
     # Then created for real (Job and Deployment aside: no simulated pod takes other tests' GPUs);
-    # a refusal raises AssertionError, anything else kopf.TemporaryError. Their owner does not
-    # exist, so the garbage collector removes them soon after: nothing is read back.
+    # a refusal raises AssertionError, anything else kopf.TemporaryError. The owner references
+    # (blockOwnerDeletion) pass the local cluster's OwnerReferencesPermissionEnforcement.
     created = [c for c in children if c["kind"] not in ("Job", "Deployment")]
     apply_children(kube, created, dry_run=False, rejected=AssertionError)
     for dependency in ("PersistentVolumeClaim", "Secret"):
@@ -519,7 +536,7 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
     kube.list("v1", "Pod", None)
     for kind in ("FineTuneJob", "ModelServer"):
         with pytest.raises(NotFound):  # authorized, and then not found
-            kube.patch_status("kubetune.io/v1alpha1", kind, "rbac", ns, {"phase": "Pending"})
+            kube.patch_status("kubetune.io/v1alpha1", kind, "absent", ns, {"phase": "Pending"})
     client.CoreV1Api(as_operator).create_namespaced_event(
         ns,
         {
