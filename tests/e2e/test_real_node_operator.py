@@ -97,7 +97,8 @@ def test_the_chart_runs_the_operator_image_on_the_real_node_and_it_reconciles(
         )
     except AssertionError as err:
         raise AssertionError(
-            f"{err}\n{installed.kubectl('-n', SYSTEM, 'logs', pod.metadata.name)[-5000:]}"
+            f"{err}\nstatus: {resources.get('finetunejobs', 'intents').get('status')}\n"
+            f"{installed.kubectl('-n', SYSTEM, 'logs', pod.metadata.name)[-5000:]}"
         ) from err
     phase = wait_for(
         lambda: resources.get("finetunejobs", "intents").get("status", {}).get("phase"),

@@ -275,6 +275,19 @@ def base_image() -> Image:
 PACKAGE_INPUTS = ("pyproject.toml", "README.md", "operator")
 
 
+def ml_image() -> Image:
+    """images/ml: the local base of the trainer and Triton images (the ML stack, no kubetune code),
+    keyed by requirements.lock only, so code changes never rebuild it."""
+    base = base_image()
+    spec = ImageSpec(
+        "ml",
+        {"BASE_IMAGE": base.ref},
+        extra_key=base.ref,
+        inputs=("requirements.lock",),
+    )
+    return build(spec)
+
+
 def kubetune_image(name: str) -> Image:
     """images/NAME (operator, trainer, triton) built on the local Debian base."""
     base = base_image()
