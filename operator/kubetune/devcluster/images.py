@@ -228,7 +228,13 @@ def _prune(name: str, archive: Path, ref: str) -> None:
     stale = [r for r in listed.split() if r.startswith(f"{REGISTRY}/{name}:") and r != ref]
     if stale:
         _run(["buildah", *_storage_args(), "rmi", *stale], f"removing old {name} images")
-    _run(["buildah", *_storage_args(), "rmi", "--prune"], "pruning buildah's unused layers")
+    try:
+        _run(["buildah", *_storage_args(), "rmi", "--prune"], "pruning buildah's unused layers")
+    except ImageError as err:
+        # Another image's build (its own lock) is using intermediate layers right now: those are
+        # not unused; what this prune could not remove goes with the next one.
+        if "image is in use by a container" not in str(err):
+            raise
 
 
 def pause_image() -> Image:
