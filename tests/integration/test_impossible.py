@@ -37,6 +37,7 @@ from tests.integration.test_preflight import validated
 from tests.waiting import wait_for
 
 FTJ = "finetunejobs"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _ready(resources: Resources, name: str) -> dict[str, Any]:
@@ -145,14 +146,14 @@ def test_a_missing_claim_waits_and_its_creation_builds_the_children(
 
 
 def test_a_model_that_does_not_exist_is_refused_and_correcting_the_source_goes_on(
-    resources: Resources, namespace: str, volumes: dict[str, Path]
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: dict[str, Path]
 ) -> None:
     (volumes["models"] / "minilm").mkdir()
     (volumes["models"] / "minilm" / "config.json").write_bytes(
         (minilm_checkpoint() / "config.json").read_bytes()
     )
-    (volumes["datasets"] / "intents.jsonl").write_text(
-        json.dumps({"text": "hello", "label": "a"}) + "\n", encoding="utf-8"
+    (volumes["datasets"] / "intents.jsonl").write_bytes(
+        (REPO / "examples" / "data" / "support-intents.jsonl").read_bytes()
     )
     body = preflight_job("typo", "80Gi", runPolicy={"suspend": True})
     body["spec"]["model"]["source"] = "pvc://models/minlm"  # a typo
@@ -161,12 +162,19 @@ def test_a_model_that_does_not_exist_is_refused_and_correcting_the_source_goes_o
     assert (refused["status"], refused["reason"]) == ("False", "ModelNotFound"), refused
     assert "/kubetune/pvc/models/minlm" in refused["message"]
     resources.patch(FTJ, "typo", {"spec": {"model": {"source": "pvc://models/minilm"}}})
-    accepted = wait_for(
-        lambda: (
-            (c := resources.condition(FTJ, "typo", "Validated")) and c["status"] == "True" and c
-        ),
-        180,
-        "the check of the corrected source",
-    )
+    try:
+        accepted = wait_for(
+            lambda: (
+                (c := resources.condition(FTJ, "typo", "Validated")) and c["status"] == "True" and c
+            ),
+            180,
+            "the check of the corrected source",
+        )
+    except AssertionError as err:
+        jobs = client.BatchV1Api(api_client).list_namespaced_job(namespace).items
+        raise AssertionError(
+            f"{err}\nstatus: {resources.get(FTJ, 'typo').get('status')}\n"
+            f"jobs: {[(j.metadata.name, j.metadata.annotations, j.status) for j in jobs]}"
+        ) from err
     assert accepted["reason"] == "Fits"
     resources.wait_phase(FTJ, "typo", "Suspended", timeout=60)

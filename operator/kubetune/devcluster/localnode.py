@@ -238,20 +238,41 @@ class PodRunner(threading.Thread):
                 )
                 continue
             ref = item.get("valueFrom") or {}
+            if "secretKeyRef" in ref:
+                value = self._secret_key(ref["secretKeyRef"])
+                if value is not None:
+                    env[item["name"]] = value
+                continue
             with contextlib.suppress(ApiException, KeyError, TypeError):
                 if "fieldRef" in ref:
                     env[item["name"]] = self._field(ref["fieldRef"]["fieldPath"])
-                elif "secretKeyRef" in ref:
-                    secret = self.core.read_namespaced_secret(ref["secretKeyRef"]["name"], self.ns)
-                    env[item["name"]] = base64.b64decode(
-                        secret.data[ref["secretKeyRef"]["key"]]
-                    ).decode()
                 elif "configMapKeyRef" in ref:
                     cm = self.core.read_namespaced_config_map(
                         ref["configMapKeyRef"]["name"], self.ns
                     )
                     env[item["name"]] = cm.data[ref["configMapKeyRef"]["key"]]
         return env
+
+    def _secret_key(self, ref: dict[str, Any]) -> str | None:
+        """One key of a Secret, as the kubelet resolves it: a missing Secret or key is
+        CreateContainerConfigError (the kubelet's own messages) unless the ref is optional."""
+        optional = bool(ref.get("optional"))
+        try:
+            secret = self.core.read_namespaced_secret(ref["name"], self.ns)
+        except ApiException as err:
+            if err.status == 404 and not optional:
+                raise ContainerConfigError(f'secret "{ref["name"]}" not found') from err
+            if err.status == 404:
+                return None
+            raise ContainerConfigError(f"reading secret {ref['name']!r}: {err.reason}") from err
+        data = secret.data or {}
+        if ref["key"] not in data:
+            if optional:
+                return None
+            raise ContainerConfigError(
+                f"couldn't find key {ref['key']} in Secret {self.ns}/{ref['name']}"
+            )
+        return base64.b64decode(data[ref["key"]]).decode()
 
     def _env_from(self, source: dict[str, Any]) -> dict[str, str]:
         """envFrom as the kubelet does it: every key, under the prefix; a missing Secret or
@@ -293,7 +314,7 @@ class PodRunner(threading.Thread):
                 waiting = {"reason": "CreateContainerConfigError", "message": str(err)}
                 if item.state.get("waiting") != waiting:
                     item.state = {"waiting": waiting}
-                    self._report("Pending", not self.init)
+                    self._report("Pending", item in self.main)
                 if self.stopping.wait(CONFIG_RETRY_SECONDS):
                     return
         self._start(item, env, volumes, hosts)
