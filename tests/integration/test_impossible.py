@@ -28,16 +28,15 @@ from typing import Any
 from kubernetes import client
 
 from kubetune.devcluster.cluster import LocalCluster
-from kubetune.devcluster.demo import PLACEMENT, minilm_checkpoint
+from kubetune.devcluster.demo import PLACEMENT
 from kubetune.devcluster.volumes import ensure_claim
 from tests.cluster_fixtures import OperatorProcess, Resources
 from tests.integration.test_finetunejob import finetunejob
 from tests.integration.test_preflight import job as preflight_job
-from tests.integration.test_preflight import validated
+from tests.integration.test_preflight import stage_sources, validated
 from tests.waiting import wait_for
 
 FTJ = "finetunejobs"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _ready(resources: Resources, name: str) -> dict[str, Any]:
@@ -148,13 +147,7 @@ def test_a_missing_claim_waits_and_its_creation_builds_the_children(
 def test_a_model_that_does_not_exist_is_refused_and_correcting_the_source_goes_on(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: dict[str, Path]
 ) -> None:
-    (volumes["models"] / "minilm").mkdir()
-    (volumes["models"] / "minilm" / "config.json").write_bytes(
-        (minilm_checkpoint() / "config.json").read_bytes()
-    )
-    (volumes["datasets"] / "intents.jsonl").write_bytes(
-        (REPO / "examples" / "data" / "support-intents.jsonl").read_bytes()
-    )
+    stage_sources(volumes)
     body = preflight_job("typo", "80Gi", runPolicy={"suspend": True})
     body["spec"]["model"]["source"] = "pvc://models/minlm"  # a typo
     resources.create(FTJ, body)
