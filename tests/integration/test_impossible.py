@@ -13,6 +13,8 @@ on by itself, driven by the event the fix makes.
 - a model that does not exist: the pre-flight pod's ModelNotFound; correcting spec.model.source
   checks again and creates the training Job.
 
+And the trainer's token: its own FineTuneJob's status, refused everywhere else.
+
 More GPUs than any node (Unschedulable, then lowered) is in test_finetunejob.py and an unknown
 FineTuneJob reference (FineTuneJobNotFound, then created) in test_modelserver.py.
 """
@@ -26,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from kubetune.devcluster.cluster import LocalCluster
 from kubetune.devcluster.demo import PLACEMENT
 from kubetune.devcluster.volumes import ensure_claim
 from tests.cluster_fixtures import OperatorProcess, Resources
+from tests.integration.test_chart import _token, _token_client
 from tests.integration.test_finetunejob import finetunejob
 from tests.integration.test_preflight import job as preflight_job
 from tests.integration.test_preflight import stage_sources, validated
@@ -171,3 +175,58 @@ def test_a_model_that_does_not_exist_is_refused_and_correcting_the_source_goes_o
         ) from err
     assert accepted["reason"] == "Fits"
     resources.wait_phase(FTJ, "typo", "Suspended", timeout=60)
+
+
+def test_the_trainers_token_patches_its_own_status_and_nothing_else(
+    resources: Resources, api_client: client.ApiClient, namespace: str, cluster: LocalCluster
+) -> None:
+    """The token of a training pod's ServiceAccount (the operator's child, minted here by the
+    TokenRequest API as the kubelet would for the pod): its own FineTuneJob's status, nothing
+    more. Suspended jobs: the children exist, no pod runs."""
+    suspended = {"runPolicy": {"suspend": True}, "resources": {"nodes": 1, "gpusPerNode": 1}}
+    for name in ("own", "other"):
+        resources.create(FTJ, finetunejob(name, **suspended))
+    for name in ("own", "other"):
+        resources.wait_phase(FTJ, name, "Suspended")
+    account = wait_for(
+        lambda: _read_account(api_client, namespace, "own-trainer"), what="the trainer's account"
+    )
+    trainer = _token_client(cluster, _token(api_client, namespace, account))
+    api = client.CustomObjectsApi(trainer)
+    progress = {"status": {"progress": {"step": 1, "totalSteps": 10, "percent": 10}}}
+    patched = api.patch_namespaced_custom_object_status(
+        "kubetune.io", "v1alpha1", namespace, FTJ, "own", progress
+    )
+    assert patched["status"]["progress"]["step"] == 1
+    refused = {
+        "another job's status": lambda: api.patch_namespaced_custom_object_status(
+            "kubetune.io", "v1alpha1", namespace, FTJ, "other", progress
+        ),
+        "its own spec": lambda: api.patch_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", namespace, FTJ, "own", {"spec": {"image": "evil:1"}}
+        ),
+        "listing jobs": lambda: api.list_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", namespace, FTJ
+        ),
+        "pods": lambda: client.CoreV1Api(trainer).list_namespaced_pod(namespace),
+        "secrets": lambda: client.CoreV1Api(trainer).list_namespaced_secret(namespace),
+        "its Role": lambda: client.RbacAuthorizationV1Api(trainer).patch_namespaced_role(
+            "own-trainer", namespace, {"rules": []}
+        ),
+    }
+    answers = {}
+    for what, call in refused.items():
+        try:
+            call()
+            answers[what] = 200
+        except ApiException as err:
+            answers[what] = err.status
+    assert answers == dict.fromkeys(refused, 403)
+
+
+def _read_account(api_client: client.ApiClient, namespace: str, name: str) -> str | None:
+    try:
+        client.CoreV1Api(api_client).read_namespaced_service_account(name, namespace)
+    except ApiException:
+        return None
+    return name
