@@ -178,7 +178,11 @@ def test_a_model_that_does_not_exist_is_refused_and_correcting_the_source_goes_o
 
 
 def test_the_trainers_token_patches_its_own_status_and_nothing_else(
-    resources: Resources, api_client: client.ApiClient, namespace: str, cluster: LocalCluster
+    resources: Resources,
+    api_client: client.ApiClient,
+    namespace: str,
+    cluster: LocalCluster,
+    volumes: dict[str, Path],
 ) -> None:
     """The token of a training pod's ServiceAccount (the operator's child, minted here by the
     TokenRequest API as the kubelet would for the pod): its own FineTuneJob's status, nothing
