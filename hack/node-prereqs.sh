@@ -9,8 +9,9 @@
 #   buildah                        builds images/*/Dockerfile with no Docker engine
 #   mmdebstrap                     the local Debian bookworm base image
 #   gcc, libc6-dev                 the pause container (a static C binary)
+#   ipset                          kube-router's network-policy controller (the enforcement test)
 set -euo pipefail
-want=(containerd runc containernetworking-plugins iptables buildah mmdebstrap gcc libc6-dev)
+want=(containerd runc containernetworking-plugins iptables buildah mmdebstrap gcc libc6-dev ipset)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$pkg")

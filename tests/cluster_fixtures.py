@@ -12,28 +12,74 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 
 from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import LocalCluster
 from kubetune.devcluster.volumes import ensure_claim
+from kubetune.kube import Kube
+from tests.tools.helm import Helm
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+TOKEN_SECONDS = 24 * 3600  # longer than any test session
+
+
+def chart_rbac_kubeconfig(
+    api_client: client.ApiClient,
+    kubeconfig: Path,
+    folder: Path,
+    namespace: str = "kubetune-system",
+    release: str = "session",
+    replicas: int = 1,
+) -> Path:
+    """A kubeconfig that authenticates as the chart's ServiceAccount, and nothing more.
+
+    `helm template` of charts/kubetune renders the ServiceAccount, the ClusterRole and its
+    binding (and, with replicas > 1, the leader-election Role in `namespace`); they are applied
+    to the cluster as rendered, and the API server mints a token for the ServiceAccount (the
+    TokenRequest API). An operator run with this kubeconfig holds the chart's RBAC only: a call
+    the chart does not allow is a 403 in its log, which the `operator` fixture fails on."""
+    core = client.CoreV1Api(api_client)
+    if not any(ns.metadata.name == namespace for ns in core.list_namespace().items):
+        core.create_namespace({"metadata": {"name": namespace}})
+    rendered = Helm.in_folder(folder / "helm").template(
+        "crds.enabled=false", f"replicas={replicas}", namespace=namespace
+    )
+    kube = Kube(api_client)
+    for doc in rendered:
+        if doc["kind"] in RBAC_KINDS:
+            kube.apply(doc, field_manager="kubetune-tests")
+    (account,) = [d["metadata"]["name"] for d in rendered if d["kind"] == "ServiceAccount"]
+    token = core.create_namespaced_service_account_token(
+        account, namespace, {"spec": {"expirationSeconds": TOKEN_SECONDS}}
+    ).status.token
+    config = yaml.safe_load(kubeconfig.read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}  # no client certificate: the token is the identity
+    path = folder / "operator-kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 class OperatorProcess:
-    """Start, stop and restart the operator; its log is kept for failing tests to show."""
+    """Start, stop and restart the operator; its log is kept for failing tests to show.
 
-    def __init__(self, cluster: LocalCluster, log: Path) -> None:
+    It runs with `kubeconfig` when given (the chart's ServiceAccount, chart_rbac_kubeconfig),
+    else with the cluster's admin kubeconfig."""
+
+    def __init__(self, cluster: LocalCluster, log: Path, kubeconfig: Path | None = None) -> None:
         self.cluster = cluster
         self.log = log
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {
             **os.environ,
-            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "KUBECONFIG": str(self.kubeconfig),
             "PYTHONPATH": str(REPO / "operator"),
         }
         with self.log.open("ab") as out:
@@ -87,16 +133,28 @@ def crds(api_client: client.ApiClient) -> None:
 
 @pytest.fixture(scope="session")
 def operator(
-    cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory
+    cluster: LocalCluster,
+    api_client: client.ApiClient,
+    crds: None,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    proc = OperatorProcess(cluster, log)
+    """The operator of the whole integration tier, as the chart's ServiceAccount: every test
+    also shows that the chart's RBAC is enough for what it exercises."""
+    folder = tmp_path_factory.mktemp("operator")
+    log = folder / "operator.log"
+    proc = OperatorProcess(
+        cluster, log, chart_rbac_kubeconfig(api_client, cluster.kubeconfig, folder)
+    )
     proc.start()
     yield proc
     proc.stop()
-    # Every test ran with a live operator: a crash would have been a silent stop.
+    # Every test ran with a live operator: a crash would have been a silent stop, and a call
+    # the chart's RBAC does not allow would have been a 403 naming the ServiceAccount (quota,
+    # Pod Security and terminating namespaces answer 403 too, but name no user).
     text = log.read_text(errors="replace")
     assert "Traceback" not in text, text[-5000:]
+    denied = [line for line in text.splitlines() if '"system:serviceaccount:' in line]
+    assert denied == [], "\n".join(denied[:20])
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Rendering tests need only helm; the others install the chart and then act as the
 ServiceAccount (a real token from the TokenRequest API) to show that the ClusterRole allows every
 call the operator's code makes — the children the builders produce, applied the way kube.py
 applies them, and a list+watch on every resource kopf has a handler for — and nothing it should
-not have (no list/watch on Secrets, no escalate, no bind).
+not have (no verb on Secrets, no escalate, no bind).
 
 The session's CRDs come from the `crds` fixture (the same generator), without Helm's ownership
 labels, so the install here uses crds.enabled=false; the chart's CRD templates are exercised by
@@ -207,7 +207,7 @@ def test_the_rendered_command_is_what_kubetune_run_accepts(
     assert args.namespace == namespaces
 
 
-def test_the_cluster_role_grants_no_secret_listing_and_no_escalation(helm: Helm) -> None:
+def test_the_cluster_role_grants_nothing_on_secrets_and_no_escalation(helm: Helm) -> None:
     (role,) = find(helm.template(), "ClusterRole")
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
@@ -217,7 +217,7 @@ def test_the_cluster_role_grants_no_secret_listing_and_no_escalation(helm: Helm)
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
     everything = {verb for verbs in granted.values() for verb in verbs}
     assert "*" not in everything and not any("*" in key for pair in granted for key in pair)
-    assert granted[("", "secrets")] == {"get"}
+    assert ("", "secrets") not in granted  # a missing Secret is reported from the pod
     assert not everything & {"escalate", "bind", "impersonate", "deletecollection"}
 
 
@@ -416,7 +416,6 @@ def test_the_operator_may_watch_everything_it_handles_but_never_list_secrets(
         ("list", "", "nodes", None),
         ("patch", "kubetune.io", "finetunejobs/status", "any-namespace"),
         ("patch", "kubetune.io", "modelservers/status", "any-namespace"),
-        ("get", "", "secrets", "any-namespace"),
         ("get", "", "persistentvolumeclaims", "any-namespace"),
         ("create", "", "events", "any-namespace"),
         ("create", "events.k8s.io", "events", "any-namespace"),
@@ -424,6 +423,8 @@ def test_the_operator_may_watch_everything_it_handles_but_never_list_secrets(
     missing = [n for n in needed if not _allowed(as_operator, *n)]
     assert missing == []
     refused = [
+        ("get", "", "secrets", "any-namespace"),
+        ("get", "", "secrets", None),
         ("list", "", "secrets", None),
         ("watch", "", "secrets", None),
         ("list", "", "secrets", "any-namespace"),
@@ -462,7 +463,12 @@ def _owner(
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": kind,
-        "metadata": {"name": "rbac", "namespace": ns, "uid": real["metadata"]["uid"], "generation": 1},
+        "metadata": {
+            "name": "rbac",
+            "namespace": ns,
+            "uid": real["metadata"]["uid"],
+            "generation": 1,
+        },
         "spec": spec,
     }
 
@@ -499,7 +505,7 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
                 "metric": "queue-time",
                 "target": 50000,
             },
-            "networkPolicy": True,
+            "networkPolicy": {"sources": [{"namespace": "apps", "podLabels": {"app": "client"}}]},
         },
         stand_in={"model": {"fineTuneJobRef": {"name": "rbac"}}},
     )
@@ -530,8 +536,9 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
     # (blockOwnerDeletion) pass the local cluster's OwnerReferencesPermissionEnforcement.
     created = [c for c in children if c["kind"] not in ("Job", "Deployment")]
     apply_children(kube, created, dry_run=False, rejected=AssertionError)
-    for dependency in ("PersistentVolumeClaim", "Secret"):
-        assert kube.get("v1", dependency, "absent", ns) is None  # a 404, not a 403
+    assert kube.get("v1", "PersistentVolumeClaim", "absent", ns) is None  # a 404, not a 403
+    with pytest.raises(Forbidden):
+        kube.get("v1", "Secret", "absent", ns)
     assert kube.list("v1", "Node", None)
     kube.list("v1", "Pod", None)
     for kind in ("FineTuneJob", "ModelServer"):

@@ -34,6 +34,18 @@ def job(name: str, gpu_memory: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+def stage_sources(volumes: dict[str, Path]) -> None:
+    """The model job() names (pvc://models/minilm) and its dataset, on the test's claims.
+    config.json is all the pre-flight reads of a model: no weights are needed for the check."""
+    (volumes["models"] / "minilm").mkdir()
+    (volumes["models"] / "minilm" / "config.json").write_bytes(
+        (minilm_checkpoint() / "config.json").read_bytes()
+    )
+    (volumes["datasets"] / "intents.jsonl").write_bytes(
+        (REPO / "examples" / "data" / "support-intents.jsonl").read_bytes()
+    )
+
+
 def validated(resources: Resources, name: str) -> dict[str, Any]:
     return wait_for(
         lambda: (
@@ -52,14 +64,7 @@ def test_a_job_whose_plan_does_not_fit_is_refused_with_no_job(
     namespace: str,
     volumes: dict[str, Path],
 ) -> None:
-    (volumes["models"] / "minilm").mkdir()
-    # config.json is all the pre-flight reads of a model: no weights are needed for the check
-    (volumes["models"] / "minilm" / "config.json").write_bytes(
-        (minilm_checkpoint() / "config.json").read_bytes()
-    )
-    (volumes["datasets"] / "intents.jsonl").write_bytes(
-        (REPO / "examples" / "data" / "support-intents.jsonl").read_bytes()
-    )
+    stage_sources(volumes)
     batch = client.BatchV1Api(api_client)
 
     resources.create("finetunejobs", job("too-big", "2Gi"))

@@ -137,7 +137,13 @@ MS_SOURCE_BASE: dict[str, Any] = {
     "autoscaling": {"minReplicas": 2, "maxReplicas": 6, "metric": "queue-time", "target": 50000},
     "rollout": {"strategy": "surge", "smokeTest": {"enabled": True, "text": "hi"}},
     "service": {"type": "ClusterIP", "httpPort": 8000, "grpcPort": 8001, "metricsPort": 8002},
-    "networkPolicy": True,
+    "networkPolicy": {
+        "sources": [
+            {"namespace": "apps", "podLabels": {"app": "client"}},
+            {"namespaceLabels": {"team": "search"}},
+            {"podLabels": {"role": "gateway"}},
+        ]
+    },
 }
 
 MS_REF_BASE: dict[str, Any] = {
@@ -164,6 +170,21 @@ CEL_BREAKS: list[tuple[str, int, dict[str, Any], list[str], str]] = [
     ("ModelServer", 0, {"model.fineTuneJobRef": {"name": "x"}}, [], "spec.model"),
     ("ModelServer", 1, {}, ["model.fineTuneJobRef"], "spec.model"),
     ("ModelServer", 0, {"service.grpcPort": 8000}, [], "spec.service"),
+    ("ModelServer", 0, {"networkPolicy.sources": [{}]}, [], "spec.networkPolicy.sources[0]"),
+    (
+        "ModelServer",
+        0,
+        {"networkPolicy.sources": [{"namespace": "a", "namespaceLabels": {"t": "b"}}]},
+        [],
+        "spec.networkPolicy.sources[0]",
+    ),
+    (
+        "ModelServer",
+        0,
+        {"networkPolicy.sources": [{"podLabels": {"a key": "v"}}]},
+        [],
+        "spec.networkPolicy.sources[0].podLabels",
+    ),
     (
         "ModelServer",
         0,
@@ -548,8 +569,14 @@ def _cel_holds(kind: str, spec: dict[str, Any]) -> bool:
         return "lora" not in spec or spec.get("method") == "lora"
     scaling = spec.get("autoscaling") or {}
     model = spec.get("model") or {}
+    sources = (spec.get("networkPolicy") or {}).get("sources") or []
     return (
-        not ("replicas" in spec and "autoscaling" in spec)
+        all(
+            ("namespace" in s or s.get("namespaceLabels") or s.get("podLabels"))
+            and not ("namespace" in s and s.get("namespaceLabels"))
+            for s in sources
+        )
+        and not ("replicas" in spec and "autoscaling" in spec)
         and scaling.get("minReplicas", 1) <= scaling.get("maxReplicas", 1000)
         and ("fineTuneJobRef" in model) != ("source" in model)
     )

@@ -60,8 +60,8 @@ ACCEPTED = {
         "(issue 12's network-policy item); the namespace's own policies apply."
     ),
     "pod-networkpolicy Deployment small - | pod-networkpolicy Deployment chat -": (
-        "A ModelServer's NetworkPolicy is opt-in (spec.networkPolicy: true; ms-autoscaled has "
-        "one), as its clients are unknown to the operator."
+        "A ModelServer's NetworkPolicy is opt-in (spec.networkPolicy names the sources that may "
+        "connect; ms-autoscaled has one), as its clients are unknown to the operator."
     ),
     "service-targets-pod Service *-workers -": (
         "The headless rendezvous Service selects batch.kubernetes.io/job-name, which the Job "

@@ -30,13 +30,48 @@ def test_format_inference_problem_names_the_field() -> None:
     assert check_spec(ftj(dataset={"source": "pvc://data/train.bin", "format": "csv"}).spec) == []
 
 
-def test_dependencies_list_claims_once_per_field_and_secrets() -> None:
+def test_dependencies_list_claims_once_per_field_and_no_secrets() -> None:
+    """The operator reads no Secret (its ClusterRole has no rule on Secrets): only claims are
+    checked before the children are built; a missing Secret is reported from the pod."""
     deps = dependencies(ftj(model={"source": "hf://org/m", "secretRef": {"name": "tok"}}).spec)
     assert [(d.kind, d.name, d.field) for d in deps] == [
         ("PersistentVolumeClaim", "data", "spec.dataset.source"),
         ("PersistentVolumeClaim", "models", "spec.output.uri"),
-        ("Secret", "tok", "spec.model.secretRef.name"),
     ]
+
+
+def _waiting(reason: str, message: str) -> dict[str, Any]:
+    return {
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {"name": "trainer", "state": {"waiting": {"reason": reason, "message": message}}}
+            ],
+        }
+    }
+
+
+def test_a_pod_waiting_for_its_secret_is_a_missing_dependency_naming_the_field() -> None:
+    job = ftj(
+        model={"source": "hf://org/m", "secretRef": {"name": "tok"}},
+        output={"uri": "s3://b/out", "secretRef": {"name": "tok"}},
+    )
+    for pods_job in (None, _job(active=1)):  # the pre-flight pod's, or the training pod's
+        seen = observe(
+            job, pods_job, [_waiting("CreateContainerConfigError", 'secret "tok" not found')]
+        )
+        assert (seen.phase, seen.reason) == (Phase.PENDING, "MissingDependency")
+        assert seen.message == (
+            'spec.model.secretRef.name, spec.output.secretRef.name: secret "tok" not found; '
+            "the pod starts once it exists"
+        )
+    key = observe(
+        job,
+        _job(active=1),
+        [_waiting("CreateContainerConfigError", "couldn't find key HF_TOKEN in Secret ns/tok")],
+    )
+    assert key.reason == "MissingDependency" and key.message.startswith("spec.model.secretRef")
+    assert observe(job, _job(active=1), [_waiting("ContainerCreating", "")]).reason == "Starting"
 
 
 def test_validation_errors_name_the_field_by_its_wire_name() -> None:
@@ -145,11 +180,14 @@ def test_each_location_gets_its_own_credentials() -> None:
         for e in env
         if "secretKeyRef" in e.get("valueFrom", {})
     }
+    # The scheme's first key is required (a missing Secret stops the pod, which says so),
+    # the others optional.
     assert refs["KUBETUNE_DATASET_AWS_ACCESS_KEY_ID"] == {
         "name": "data-s3",
         "key": "AWS_ACCESS_KEY_ID",
-        "optional": True,
+        "optional": False,
     }
+    assert refs["KUBETUNE_DATASET_AWS_SESSION_TOKEN"]["optional"] is True
     assert refs["KUBETUNE_OUTPUT_AWS_ACCESS_KEY_ID"]["name"] == "out-s3"
     assert refs["KUBETUNE_MODEL_HF_TOKEN"]["name"] == "hub"
     assert not {"AWS_ACCESS_KEY_ID", "HF_TOKEN"} & set(refs)

@@ -95,6 +95,9 @@ class Settings:
     # Run the no-GPU pre-flight Job (sources reachable, memory plan) before the training Job.
     preflight: bool = False
     # --- issue 10 (pre-flight check): end
+    # The operator's namespace when it runs in the cluster (its ServiceAccount's namespace
+    # file): a ModelServer's NetworkPolicy admits it to the HTTP port, for the smoke test.
+    operator_namespace: str | None = None
 
 
 def child_name(owner_name: str, suffix: str = "", limit: int = 63) -> str:

@@ -17,6 +17,7 @@ from kubetune.api.v1alpha1.modelserver import (
     AutoscalingMetric,
     ModelServer,
     ModelServerSpec,
+    NetworkSource,
     RolloutStrategy,
     Runtime,
     default_runtime,
@@ -414,10 +415,28 @@ def build_pdb(ms: ModelServer, owner: Owner) -> dict[str, Any] | None:
     }
 
 
-def build_network_policy(ms: ModelServer, owner: Owner) -> dict[str, Any] | None:
-    if not ms.spec.network_policy:
+def build_network_policy(
+    ms: ModelServer, owner: Owner, settings: Settings
+) -> dict[str, Any] | None:
+    """Ingress to the serving pods from the sources the spec names, on the serving ports only;
+    no source named: no client (but the operator's namespace, for the smoke test)."""
+    policy = ms.spec.network_policy
+    if policy is None:
         return None
     svc = ms.spec.service
+    ports = [
+        {"port": p, "protocol": "TCP"} for p in (svc.http_port, svc.grpc_port, svc.metrics_port)
+    ]
+    ingress: list[dict[str, Any]] = []
+    if policy.sources:
+        ingress.append({"from": [network_peer(s) for s in policy.sources], "ports": ports})
+    if settings.operator_namespace:
+        ingress.append(
+            {
+                "from": [{"namespaceSelector": _namespace_named(settings.operator_namespace)}],
+                "ports": [{"port": svc.http_port, "protocol": "TCP"}],
+            }
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -425,16 +444,26 @@ def build_network_policy(ms: ModelServer, owner: Owner) -> dict[str, Any] | None
         "spec": {
             "podSelector": {"matchLabels": selector_labels(owner)},
             "policyTypes": ["Ingress"],
-            "ingress": [
-                {
-                    "ports": [
-                        {"port": p, "protocol": "TCP"}
-                        for p in (svc.http_port, svc.grpc_port, svc.metrics_port)
-                    ]
-                }
-            ],
+            "ingress": ingress,
         },
     }
+
+
+def _namespace_named(name: str) -> dict[str, Any]:
+    return {"matchLabels": {"kubernetes.io/metadata.name": name}}
+
+
+def network_peer(source: NetworkSource) -> dict[str, Any]:
+    """One NetworkPolicy peer. A pod selector alone means the policy's own namespace (the
+    NetworkPolicy API's rule), as the spec documents."""
+    peer: dict[str, Any] = {}
+    if source.namespace:
+        peer["namespaceSelector"] = _namespace_named(source.namespace)
+    elif source.namespace_labels:
+        peer["namespaceSelector"] = {"matchLabels": dict(source.namespace_labels)}
+    if source.pod_labels or not peer:
+        peer["podSelector"] = {"matchLabels": dict(source.pod_labels)}
+    return peer
 
 
 OPTIONAL_KINDS = (
@@ -451,7 +480,7 @@ def build_children(
     optional = {
         "HorizontalPodAutoscaler": build_hpa(ms, owner, model),
         "PodDisruptionBudget": build_pdb(ms, owner),
-        "NetworkPolicy": build_network_policy(ms, owner),
+        "NetworkPolicy": build_network_policy(ms, owner, settings),
     }
     children = [
         build_service(ms, owner),

@@ -105,14 +105,22 @@ def dependencies(spec: FineTuneJobSpec) -> list[Dependency]:
     for field, uri in _uris(spec).items():
         if uri.startswith("pvc://"):
             deps.append(Dependency("PersistentVolumeClaim", split_uri(uri)[1], f"spec.{field}"))
+    return deps
+
+
+def secret_fields(spec: FineTuneJobSpec) -> dict[str, list[str]]:
+    """The fields that name each Secret: {"hub": ["spec.model.secretRef.name"]}. The Secrets
+    are not read by the operator; a pod that cannot start without one names it, and the status
+    names the field (training_status.observe)."""
+    fields: dict[str, list[str]] = {}
     for field, ref in (
         ("model", spec.model.secret_ref),
         ("dataset", spec.dataset.secret_ref),
         ("output", spec.output.secret_ref),
     ):
         if ref is not None:
-            deps.append(Dependency("Secret", ref.name, f"spec.{field}.secretRef.name"))
-    return deps
+            fields.setdefault(ref.name, []).append(f"spec.{field}.secretRef.name")
+    return fields
 
 
 def _uris(spec: FineTuneJobSpec) -> dict[str, str]:
@@ -221,7 +229,12 @@ def build_service(owner: Owner) -> dict[str, Any]:
 
 def _secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     """Each location's Secret under its own names (api.contract.credential_env): the dataset's
-    and the output's credentials never stand in for each other."""
+    and the output's credentials never stand in for each other.
+
+    The scheme's first key (HF_TOKEN, AWS_ACCESS_KEY_ID) is required, the others optional: the
+    operator never reads a Secret (it holds no `get` on Secrets); a missing Secret or key is
+    the kubelet's CreateContainerConfigError, which the status reports from the pod
+    (training_status.observe) until the Secret is created and the kubelet starts the pod."""
     env: list[dict[str, Any]] = []
     for role, uri, ref in (
         (MODEL, spec.model.source, spec.model.secret_ref),
@@ -230,11 +243,14 @@ def _secret_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     ):
         if ref is None:
             continue
-        for key in SECRET_KEYS.get(split_uri(uri)[0], ()):
+        for index, key in enumerate(SECRET_KEYS.get(split_uri(uri)[0], ())):
+            optional = index > 0
             env.append(
                 {
                     "name": credential_env(role, key),
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}},
+                    "valueFrom": {
+                        "secretKeyRef": {"name": ref.name, "key": key, "optional": optional}
+                    },
                 }
             )
     return env

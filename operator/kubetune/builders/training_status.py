@@ -10,6 +10,7 @@ from typing import Any
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob, Phase
 from kubetune.api.v1alpha1.reasons import ConditionType as T
 from kubetune.api.v1alpha1.reasons import Reason
+from kubetune.builders.training import secret_fields
 
 # First line of a trainer's termination message: "Reason: message" (see kubetune.trainer.errors).
 KNOWN_FAILURE_REASONS = {
@@ -64,6 +65,32 @@ def _unschedulable(pods: list[dict[str, Any]]) -> str | None:
         for cond in (pod.get("status") or {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
                 return str(cond.get("message") or "no node can run the training pod")
+    return None
+
+
+def _config_error(ftj: FineTuneJob, pods: list[dict[str, Any]]) -> str | None:
+    """A pod the kubelet cannot start for a missing Secret or key (CreateContainerConfigError):
+    the kubelet's message, with the field that names the Secret. The kubelet tries again by
+    itself, so creating the Secret is all it takes."""
+    fields = secret_fields(ftj.spec)
+    for pod in pods:
+        status = pod.get("status") or {}
+        for item in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            waiting = (item.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") != "CreateContainerConfigError":
+                continue
+            detail = str(waiting.get("message") or "the pod's configuration cannot be made")
+            named = [
+                field
+                for name, where in fields.items()
+                if f'"{name}"' in detail or f"/{name}" in detail
+                for field in where
+            ]
+            where = f"{', '.join(named)}: " if named else ""
+            return f"{where}{detail}; the pod starts once it exists"
     return None
 
 
@@ -131,7 +158,10 @@ def gpu_usage(
 def observe(
     ftj: FineTuneJob, job: dict[str, Any] | None, pods: list[dict[str, Any]]
 ) -> Observation:
+    missing = _config_error(ftj, pods)  # the pre-flight pod's too, before the Job exists
     if job is None:
+        if missing:
+            return Observation(Phase.PENDING, Reason.MISSING_DEPENDENCY, missing)
         return Observation(Phase.PENDING, "Creating", "creating the training pods")
     status = job.get("status") or {}
     counts: dict[str, Any] = {
@@ -175,6 +205,8 @@ def observe(
             else "spec.runPolicy.suspend is true; no pods run"
         )
         return Observation(Phase.SUSPENDED, reason, message, **counts)
+    if missing:
+        return Observation(Phase.PENDING, Reason.MISSING_DEPENDENCY, missing, **counts)
     if unschedulable := _unschedulable(pods):
         return Observation(
             Phase.PENDING,

@@ -82,10 +82,22 @@ KUBE_SCORE = PublishedTool("kube-score", "github.com/zegl/kube-score", "cmd/kube
 KUBECONFORM = PublishedTool(
     "kubeconform", "github.com/yannh/kubeconform", "cmd/kubeconform", "v0.8.0"
 )
+# The network-policy controller alone (--run-firewall), on the real node: it enforces the
+# NetworkPolicies the operator generates (tests/integration/test_network_policy_enforced.py).
+# v2.1.0 is the only version the module proxy serves.
+KUBE_ROUTER = PublishedTool(
+    "kube-router", "github.com/cloudnativelabs/kube-router/v2", "cmd/kube-router", "v2.1.0"
+)
 KSTATUS = HelperTool("kstatus")
 PODSECURITY = HelperTool("podsecurity")
 
-ALL_TOOLS: tuple[PublishedTool | HelperTool, ...] = (KUBE_SCORE, KUBECONFORM, KSTATUS, PODSECURITY)
+ALL_TOOLS: tuple[PublishedTool | HelperTool, ...] = (
+    KUBE_SCORE,
+    KUBECONFORM,
+    KUBE_ROUTER,
+    KSTATUS,
+    PODSECURITY,
+)
 
 
 def go_env() -> dict[str, str]:

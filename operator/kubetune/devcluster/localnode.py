@@ -42,6 +42,13 @@ log = logging.getLogger("kubetune.localnode")
 NODE_LABEL = "kubetune.io/local-node"
 HOST_IP = "127.0.0.1"
 VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+# How often a container in CreateContainerConfigError is tried again (the kubelet retries on its
+# pod sync, every few seconds at first).
+CONFIG_RETRY_SECONDS = 2.0
+
+
+class ContainerConfigError(Exception):
+    """A container's environment cannot be made yet: the kubelet's CreateContainerConfigError."""
 
 
 def _now() -> str:
@@ -222,6 +229,8 @@ class PodRunner(threading.Thread):
         for key in ("KUBETUNE_CACHE", "XDG_CACHE_HOME", "LD_LIBRARY_PATH"):
             if key in os.environ:
                 env[key] = os.environ[key]
+        for source in container.get("envFrom") or []:
+            env.update(self._env_from(source))
         for item in container.get("env") or []:
             if "value" in item:
                 env[item["name"]] = VAR_REF.sub(
@@ -229,20 +238,61 @@ class PodRunner(threading.Thread):
                 )
                 continue
             ref = item.get("valueFrom") or {}
+            if "secretKeyRef" in ref:
+                value = self._secret_key(ref["secretKeyRef"])
+                if value is not None:
+                    env[item["name"]] = value
+                continue
             with contextlib.suppress(ApiException, KeyError, TypeError):
                 if "fieldRef" in ref:
                     env[item["name"]] = self._field(ref["fieldRef"]["fieldPath"])
-                elif "secretKeyRef" in ref:
-                    secret = self.core.read_namespaced_secret(ref["secretKeyRef"]["name"], self.ns)
-                    env[item["name"]] = base64.b64decode(
-                        secret.data[ref["secretKeyRef"]["key"]]
-                    ).decode()
                 elif "configMapKeyRef" in ref:
                     cm = self.core.read_namespaced_config_map(
                         ref["configMapKeyRef"]["name"], self.ns
                     )
                     env[item["name"]] = cm.data[ref["configMapKeyRef"]["key"]]
         return env
+
+    def _secret_key(self, ref: dict[str, Any]) -> str | None:
+        """One key of a Secret, as the kubelet resolves it: a missing Secret or key is
+        CreateContainerConfigError (the kubelet's own messages) unless the ref is optional."""
+        optional = bool(ref.get("optional"))
+        try:
+            secret = self.core.read_namespaced_secret(ref["name"], self.ns)
+        except ApiException as err:
+            if err.status == 404 and not optional:
+                raise ContainerConfigError(f'secret "{ref["name"]}" not found') from err
+            if err.status == 404:
+                return None
+            raise ContainerConfigError(f"reading secret {ref['name']!r}: {err.reason}") from err
+        data = secret.data or {}
+        if ref["key"] not in data:
+            if optional:
+                return None
+            raise ContainerConfigError(
+                f"couldn't find key {ref['key']} in Secret {self.ns}/{ref['name']}"
+            )
+        return base64.b64decode(data[ref["key"]]).decode()
+
+    def _env_from(self, source: dict[str, Any]) -> dict[str, str]:
+        """envFrom as the kubelet does it: every key, under the prefix; a missing Secret or
+        ConfigMap that is not optional is the kubelet's CreateContainerConfigError."""
+        prefix = source.get("prefix", "")
+        kind, ref = ("secret", source["secretRef"]) if "secretRef" in source else ("configmap", {})
+        ref = ref or source.get("configMapRef") or {}
+        try:
+            if kind == "secret":
+                obj = self.core.read_namespaced_secret(ref["name"], self.ns)
+                data = {k: base64.b64decode(v).decode() for k, v in (obj.data or {}).items()}
+            else:
+                data = dict(self.core.read_namespaced_config_map(ref["name"], self.ns).data or {})
+        except ApiException as err:
+            if err.status == 404 and ref.get("optional"):
+                return {}
+            if err.status == 404:
+                raise ContainerConfigError(f'{kind} "{ref["name"]}" not found') from err
+            raise
+        return {f"{prefix}{key}": value for key, value in data.items()}
 
     def _argv(self, container: dict[str, Any], env: dict[str, str]) -> list[str]:
         def expand(value: str) -> str:
@@ -254,8 +304,25 @@ class PodRunner(threading.Thread):
         return self.node.resolve_command(argv)
 
     def _spawn(self, item: Container, volumes: dict[str, Path], hosts: Path) -> None:
+        """Start the container; while its configuration cannot be made (a missing Secret), it
+        waits in CreateContainerConfigError, and is tried again as the kubelet does."""
+        while True:
+            try:
+                env = self._env(item.spec)
+                break
+            except ContainerConfigError as err:
+                waiting = {"reason": "CreateContainerConfigError", "message": str(err)}
+                if item.state.get("waiting") != waiting:
+                    item.state = {"waiting": waiting}
+                    self._report("Pending", item in self.main)
+                if self.stopping.wait(CONFIG_RETRY_SECONDS):
+                    return
+        self._start(item, env, volumes, hosts)
+
+    def _start(
+        self, item: Container, env: dict[str, str], volumes: dict[str, Path], hosts: Path
+    ) -> None:
         spec = item.spec
-        env = self._env(spec)
         term = self.dir / "termination" / item.name
         term.parent.mkdir(parents=True, exist_ok=True)
         term.write_text("")
@@ -451,6 +518,8 @@ class PodRunner(threading.Thread):
         for item in self.init:
             while True:
                 self._spawn(item, volumes, hosts)
+                if self.stopping.is_set():
+                    return  # deleted while it waited for its configuration
                 self._report("Pending", False)
                 assert item.proc is not None
                 while item.proc.poll() is None:
@@ -469,6 +538,8 @@ class PodRunner(threading.Thread):
                     return
         for item in self.main:
             self._spawn(item, volumes, hosts)
+            if self.stopping.is_set():
+                return
         self._report("Running", True)
         self._supervise(volumes, hosts)
 
@@ -491,6 +562,8 @@ class PodRunner(threading.Thread):
                     self._report("Running", True)
                     time.sleep(min(5 * item.restarts, 30))
                     self._spawn(item, volumes, hosts)
+                    if self.stopping.is_set():
+                        return
             done = [c for c in self.main if "terminated" in c.state]
             if len(done) == len(self.main) and self.restart_policy != "Always":
                 failed = any(c.state["terminated"]["exitCode"] for c in done)

@@ -511,6 +511,24 @@ def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
             write_status(ctx.kube, KIND, "FineTuneJob", body, {"progressText": text})
 
 
+@kopf.on.event("", "v1", "persistentvolumeclaims")
+def claim_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A claim was created: the FineTuneJobs of its namespace that wait for it (Pending,
+    MissingDependency) are reconciled at once, not at their next retry."""
+    if _event(event).get("type") != "ADDED":
+        return  # the initial listing (type None): the resume handlers run anyway
+    meta = _object(event).get("metadata") or {}
+    ctx = context(memo, kwargs)
+    for body in ctx.kube.list(API_VERSION, KIND, meta.get("namespace")):
+        status = body.get("status") or {}
+        waiting = status.get("failureReason") == Reason.MISSING_DEPENDENCY
+        if waiting and f"PersistentVolumeClaim {meta.get('name')!r}" in str(
+            status.get("failureMessage")
+        ):
+            with later():
+                reconcile_body(ctx, body)
+
+
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "configmaps", labels=CHILD_SELECTOR)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -13,6 +14,7 @@ from kubetune.handlers.common import Context
 from kubetune.kube import Kube
 
 PREFIX = "kubetune.io"
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 @kopf.on.startup()
@@ -40,8 +42,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
             preflight=os.environ.get("KUBETUNE_PREFLIGHT", "") in ("1", "true"),
             vllm_image=os.environ.get("KUBETUNE_VLLM_IMAGE", defaults.vllm_image),
             smoke_test_gate=os.environ.get("KUBETUNE_SMOKE_TEST_GATE", "true") != "false",
+            operator_namespace=_own_namespace(),
         ),
     )
+
+
+def _own_namespace() -> str | None:
+    """The namespace of the operator's pod (the ServiceAccount mount's file); None outside."""
+    try:
+        return Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 @kopf.on.login()

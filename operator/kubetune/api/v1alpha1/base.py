@@ -176,27 +176,34 @@ class Affinity(ApiModel):
     pod_anti_affinity: dict[str, Any] | None = _passed_through("PodAntiAffinity")
 
 
+LabelMap = dict[str, Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]]
+
+
+def label_map(description: str) -> Any:
+    """A field of labels ({key: value}) as Kubernetes takes them: values by pattern, keys by a
+    CEL rule (a structural schema cannot constrain property names)."""
+    return Field(
+        default_factory=dict,
+        description=description,
+        max_length=64,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.all(k, k.matches(r'{QUALIFIED_NAME_PATTERN}') && "
+                    + _PREFIX_RULE.format("k")
+                    + ")",
+                    "message": "every key must be a label key: an optional DNS-subdomain "
+                    "prefix and '/', then a name of at most 63 letters, digits, '-', '_', '.'",
+                }
+            ]
+        },
+    )
+
+
 class SchedulingSpec(ApiModel):
     """Where the pods may run. Passed through to the pod template."""
 
-    node_selector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]] = (
-        Field(
-            default_factory=dict,
-            description="Node labels the pods must match.",
-            max_length=64,
-            json_schema_extra={
-                "x-kubernetes-validations": [
-                    {
-                        "rule": f"self.all(k, k.matches(r'{QUALIFIED_NAME_PATTERN}') && "
-                        + _PREFIX_RULE.format("k")
-                        + ")",
-                        "message": "every key must be a label key: an optional DNS-subdomain "
-                        "prefix and '/', then a name of at most 63 letters, digits, '-', '_', '.'",
-                    }
-                ]
-            },
-        )
-    )
+    node_selector: LabelMap = label_map("Node labels the pods must match.")
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Tolerations for tainted (e.g. GPU) nodes.", max_length=32
     )

@@ -15,9 +15,11 @@ from kubetune.api.v1alpha1.base import (
     RESOURCE_NAME_PATTERN,
     ApiModel,
     Condition,
+    LabelMap,
     Quantity,
     SchedulingSpec,
     SecretRef,
+    label_map,
 )
 from kubetune.api.v1alpha1.finetunejob import SOURCE_PATTERN
 
@@ -289,6 +291,57 @@ class RolloutSpec(ApiModel):
     )
 
 
+class NetworkSource(ApiModel):
+    """Clients admitted to the serving ports: the pods with `podLabels` (every pod when
+    empty) in the namespace `namespace`, or in the namespaces with `namespaceLabels`, or (with
+    neither) in the ModelServer's own namespace. One NetworkPolicy peer."""
+
+    namespace: str | None = Field(
+        default=None,
+        description="A namespace by name (its kubernetes.io/metadata.name label).",
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+    )
+    namespace_labels: LabelMap = label_map(
+        "Namespaces by labels (all must match); excludes namespace."
+    )
+    pod_labels: LabelMap = label_map(
+        "Pods by labels (all must match), in the namespaces above or the ModelServer's own."
+    )
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.namespace) || "
+                    "(has(self.namespaceLabels) && size(self.namespaceLabels) > 0) || "
+                    "(has(self.podLabels) && size(self.podLabels) > 0)",
+                    "message": "a source names a namespace, namespace labels or pod labels "
+                    "(an empty source would admit every pod of every namespace)",
+                },
+                {
+                    "rule": "!has(self.namespace) || !has(self.namespaceLabels) || "
+                    "size(self.namespaceLabels) == 0",
+                    "message": "namespace and namespaceLabels are mutually exclusive",
+                },
+            ]
+        }
+    }
+
+
+class NetworkPolicySpec(ApiModel):
+    """A NetworkPolicy on the serving pods: only the named sources reach the HTTP, gRPC and
+    metrics ports; everything else is refused (where the cluster's network enforces policies).
+    The operator's own namespace is admitted to the HTTP port when the operator runs in the
+    cluster (its smoke test calls each pod)."""
+
+    sources: list[NetworkSource] = Field(
+        default_factory=list,
+        description="Who may connect. Empty: no client but the operator.",
+        max_length=32,
+    )
+
+
 class ServiceSpec(ApiModel):
     """The Service in front of the replicas."""
 
@@ -337,8 +390,10 @@ class ModelServerSpec(ApiModel):
     )
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rollout settings.")
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="Service settings.")
-    network_policy: bool = Field(
-        default=False, description="Create a NetworkPolicy that admits only the serving ports."
+    network_policy: NetworkPolicySpec | None = Field(
+        default=None,
+        description="Create a NetworkPolicy that admits only the named sources to the serving "
+        "ports. Absent: no NetworkPolicy.",
     )
 
     model_config = ApiModel.model_config | {
