@@ -25,9 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 class OperatorProcess:
     """Start, stop and restart the operator; its log is kept for failing tests to show."""
 
-    def __init__(self, cluster: LocalCluster, log: Path) -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        log: Path,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.cluster = cluster
         self.log = log
+        self.args = args
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -35,17 +43,19 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(self.cluster.kubeconfig),
             "PYTHONPATH": str(REPO / "operator"),
+            **self.env,
         }
+        started = len(self.log.read_bytes()) if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kubetune", "run"],
+                [sys.executable, "-m", "kubetune", "run", *self.args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
         deadline = time.monotonic() + 60
-        while b"Initial authentication has finished" not in self.log.read_bytes():
+        while b"Initial authentication has finished" not in self.log.read_bytes()[started:]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = self.log.read_text(errors="replace")[-3000:]
                 raise AssertionError(f"the operator did not start:\n{tail}")
@@ -59,6 +69,13 @@ class OperatorProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """kill -9: no shutdown of any kind (a crash, an OOM kill, a node lost)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
         self.proc = None
 
     def restart(self) -> None:

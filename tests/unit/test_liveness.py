@@ -5,6 +5,8 @@ tests/integration/test_faults.py; this one fails fast when a kopf upgrade moves 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import kopf
 import pytest
 from kopf._cogs.clients import api, watching
@@ -54,8 +56,8 @@ def test_the_hooks_are_what_kopf_calls() -> None:
     their modules, so the replaced functions are the ones that run."""
     assert watching.infinite_watch is liveness._observed_watch
     assert api.request is liveness._observed_request
-    assert "watching.infinite_watch(" in open(queueing.__file__).read()
-    assert "await request(" in open(api.__file__).read()
+    assert "watching.infinite_watch(" in Path(queueing.__file__).read_text()
+    assert "await request(" in Path(api.__file__).read_text()
 
 
 def test_the_threshold_follows_the_watch_timeout(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,8 +104,8 @@ async def _observed_request(*args: Any, **kwargs: Any) -> Any:
     return response
 
 
-watching.infinite_watch = _observed_watch  # type: ignore[assignment]
-api.request = _observed_request  # type: ignore[assignment]
+watching.infinite_watch = _observed_watch
+api.request = _observed_request
 
 
 def stale_seconds(settings: kopf.OperatorSettings) -> float:
