@@ -129,7 +129,14 @@ def start_kueue(cluster: LocalCluster, timeout: float = 180.0) -> None:
             time.sleep(0.2)
     cluster.add_component(
         "kueue",
-        [str(binary), f"--config={settings}", "--zap-log-level=2"],
+        # The on-demand visibility API is an aggregated API server of its own, which reads the
+        # in-cluster configuration only (and binds :8082): off, nothing here asks it.
+        [
+            str(binary),
+            f"--config={settings}",
+            "--feature-gates=VisibilityOnDemand=false",
+            "--zap-log-level=2",
+        ],
         marker=str(binary),
         env=cluster.python_env(),  # KUBECONFIG: the cluster's admin
     )
