@@ -88,6 +88,11 @@ class OperatorProcess:
 
 @pytest.fixture(scope="session")
 def crds(api_client: client.ApiClient) -> None:
+    install_crds(api_client)
+
+
+def install_crds(api_client: client.ApiClient) -> None:
+    """kubetune's CRDs, created and established (for clusters of a test module's own too)."""
     ext = client.ApiextensionsV1Api(api_client)
     for crd in all_crds().values():
         ext.create_custom_resource_definition(crd)

@@ -28,10 +28,9 @@ from kubetune.api.v1alpha1.finetunejob import FineTuneJob
 from kubetune.builders import training
 from kubetune.builders.common import FTJ_LABEL, MANAGED_BY, Owner, Settings
 from kubetune.builders.drift import differs
-from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.volumes import ensure_claim
-from tests.cluster_fixtures import OperatorProcess
+from tests.cluster_fixtures import OperatorProcess, install_crds
 from tests.integration.test_finetunejob import finetunejob
 from tests.waiting import wait_for
 
@@ -51,19 +50,7 @@ WATCH_STALE_SECONDS = 25  # the liveness probe fails after this much silence
 @pytest.fixture(scope="module")
 def fault_cluster() -> Iterator[LocalCluster]:
     with running_cluster(f"pytest-faults-{os.getpid()}") as cluster:
-        api = config.new_client_from_config(str(cluster.kubeconfig))
-        ext = client.ApiextensionsV1Api(api)
-        for crd in all_crds().values():
-            ext.create_custom_resource_definition(crd)
-        for crd in all_crds().values():
-            name = crd["metadata"]["name"]
-            wait_for(
-                lambda n=name: any(
-                    c.type == "Established" and c.status == "True"
-                    for c in ext.read_custom_resource_definition(n).status.conditions or []
-                ),
-                what=f"CRD {name} to be established",
-            )
+        install_crds(config.new_client_from_config(str(cluster.kubeconfig)))
         yield cluster
 
 

@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
-from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import OUTCOME_ANNOTATION, LocalCluster, running_cluster
 from kubetune.devcluster.kueue import API_VERSION, start_kueue
 from kubetune.devcluster.volumes import ensure_claim
-from tests.cluster_fixtures import OperatorProcess, Resources
+from tests.cluster_fixtures import OperatorProcess, Resources, install_crds
 from tests.integration.test_finetunejob import _finish_pods, _pods, finetunejob
 from tests.waiting import wait_for
 
@@ -33,8 +32,7 @@ GPUS = 8  # the ClusterQueue's quota: one job of 2 nodes x 4 GPUs
 def kueue_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with running_cluster(f"pytest-kueue-{os.getpid()}") as cluster:
         api = config.new_client_from_config(str(cluster.kubeconfig))
-        for crd in all_crds().values():
-            client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
+        install_crds(api)
         start_kueue(cluster)
         client.CoreV1Api(api).create_namespace({"metadata": {"name": NS}})
         for claim in ("models", "datasets"):
