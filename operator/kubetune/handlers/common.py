@@ -39,6 +39,10 @@ class Context:
     )
     _guard: threading.Lock = field(default_factory=threading.Lock)
     _seen: set[tuple[str, str]] = field(default_factory=set)
+    # Whether Kueue's Workloads are served: set by the first Workload event (kopf watches them
+    # only once Kueue's CRDs exist). Asking for an unserved kind costs a discovery refresh,
+    # which the dynamic client does not do safely from several threads.
+    kueue: bool = False
 
     def relisted(self, kind: str, event: Mapping[str, Any]) -> bool:
         """True for a listing event (type None) of an object this process has seen before.

@@ -300,14 +300,14 @@ def _create_suspended_for_kueue(ctx: Context, ftj: FineTuneJob, job: dict[str, A
 def _workload_message(ctx: Context, job: dict[str, Any] | None) -> str | None:
     """Why Kueue has not admitted the suspended Job yet, from its Workload (Kueue labels it with
     the Job's uid); None while the Job runs, and where Kueue is not installed."""
-    if job is None or not (job.get("spec") or {}).get("suspend"):
-        return None
+    if not ctx.kueue or job is None or not (job.get("spec") or {}).get("suspend"):
+        return None  # no Kueue (yet): the status names the queue only
     meta = job["metadata"]
     selector = f"{KUEUE_JOB_UID}={meta['uid']}"
     try:
         workloads = ctx.kube.list(*KUEUE_WORKLOAD, meta["namespace"], selector)
     except KubeError:
-        return None  # no Kueue (yet): the status names the queue only
+        return None
     return workload_message(workloads)
 
 
@@ -539,10 +539,11 @@ def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
     """Kueue's Workload for a training Job changed (queued, quota reserved, admitted): the
     FineTuneJob's status says what Kueue says. kopf starts this watch when Kueue's CRDs exist."""
     obj = _object(event)
+    ctx = context(memo, kwargs)
+    ctx.kueue = True
     if _event(event).get("type") in (None, "DELETED") or not obj:
         return
     meta = obj.get("metadata") or {}
-    ctx = context(memo, kwargs)
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") != "Job" or ref.get("apiVersion") != "batch/v1":
             continue
