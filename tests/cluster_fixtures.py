@@ -70,10 +70,19 @@ class OperatorProcess:
     It runs with `kubeconfig` when given (the chart's ServiceAccount, chart_rbac_kubeconfig),
     else with the cluster's admin kubeconfig."""
 
-    def __init__(self, cluster: LocalCluster, log: Path, kubeconfig: Path | None = None) -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        log: Path,
+        kubeconfig: Path | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.cluster = cluster
         self.log = log
         self.kubeconfig = kubeconfig or cluster.kubeconfig
+        self.args = args
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -81,17 +90,19 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "PYTHONPATH": str(REPO / "operator"),
+            **self.env,
         }
+        started = len(self.log.read_bytes()) if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kubetune", "run"],
+                [sys.executable, "-m", "kubetune", "run", *self.args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
         deadline = time.monotonic() + 60
-        while b"Initial authentication has finished" not in self.log.read_bytes():
+        while b"Initial authentication has finished" not in self.log.read_bytes()[started:]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = self.log.read_text(errors="replace")[-3000:]
                 raise AssertionError(f"the operator did not start:\n{tail}")
@@ -107,6 +118,13 @@ class OperatorProcess:
                 self.proc.wait()
         self.proc = None
 
+    def kill(self) -> None:
+        """kill -9: no shutdown of any kind (a crash, an OOM kill, a node lost)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -117,6 +135,11 @@ class OperatorProcess:
 
 @pytest.fixture(scope="session")
 def crds(api_client: client.ApiClient) -> None:
+    install_crds(api_client)
+
+
+def install_crds(api_client: client.ApiClient) -> None:
+    """kubetune's CRDs, created and established (for clusters of a test module's own too)."""
     ext = client.ApiextensionsV1Api(api_client)
     for crd in all_crds().values():
         ext.create_custom_resource_definition(crd)

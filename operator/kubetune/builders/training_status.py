@@ -156,8 +156,13 @@ def gpu_usage(
 
 
 def observe(
-    ftj: FineTuneJob, job: dict[str, Any] | None, pods: list[dict[str, Any]]
+    ftj: FineTuneJob,
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    queue_message: str | None = None,
 ) -> Observation:
+    """What the Job and its pods show. `queue_message`: why Kueue has not admitted the Job yet
+    (its Workload's condition, see workload_message), said after the queue's name."""
     missing = _config_error(ftj, pods)  # the pre-flight pod's too, before the Job exists
     if job is None:
         if missing:
@@ -201,6 +206,7 @@ def observe(
         reason = "WaitingForQueue" if queued else "Suspended"
         message = (
             f"waiting for admission by Kueue queue {ftj.spec.queue_name!r}"
+            + (f": {queue_message}" if queue_message else "")
             if queued
             else "spec.runPolicy.suspend is true; no pods run"
         )
@@ -232,6 +238,25 @@ def observe(
     return Observation(
         Phase.PENDING, "Starting", "training pods are starting", restarts=restarts, **counts
     )
+
+
+# The Workload conditions that say why a Workload waits, in the order they are asked.
+_WORKLOAD_WAITING = ("QuotaReserved", "Admitted")
+
+
+def workload_message(workloads: list[dict[str, Any]]) -> str | None:
+    """Kueue's own words for why a Job's Workload is not admitted ("couldn't assign flavors to
+    pod set main: insufficient unused quota for nvidia.com/gpu in flavor default, 8 more
+    needed"); None when Kueue has said nothing (no Workload yet, or admitted)."""
+    for workload in workloads:
+        conditions = {
+            c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []
+        }
+        for kind in _WORKLOAD_WAITING:
+            condition = conditions.get(kind)
+            if condition and condition.get("status") == "False" and condition.get("message"):
+                return str(condition["message"])
+    return None
 
 
 # -- the status the operator writes ------------------------------------------------------------

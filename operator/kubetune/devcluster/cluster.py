@@ -393,6 +393,17 @@ class LocalCluster:
         """Start a process that belongs to this cluster: `down` stops it, `status` reports it.
         `marker` is a string of its command line that tells it from a recycled pid."""
         log = self.logs / f"{name}.log"
+        pid = self._spawn(argv, log, env)
+        state = self._state() or {}
+        state.setdefault("components", []).append(
+            {"name": name, "pid": pid, "binary": marker, "log": str(log)}
+        )
+        # How to start it again (restart_component); the environment is only named when it
+        # is not this process's, and then it is not kept (it may hold anything).
+        state.setdefault("argv", {})[name] = argv if env is None else None
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    def _spawn(self, argv: list[str], log: Path, env: dict[str, str] | None) -> int:
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 argv,
@@ -403,11 +414,49 @@ class LocalCluster:
                 cwd=self.dir,
                 env=env,
             )
+        return proc.pid
+
+    # -- faults on demand (the tests' chaos) -------------------------------------------------
+
+    def _component(self, name: str) -> ComponentState:
+        for comp in self.components():
+            if comp.name == name:
+                return comp
+        raise ClusterError(f"cluster {self.name!r} has no component {name!r}")
+
+    def freeze_component(self, name: str) -> None:
+        """SIGSTOP the component's process group: its sockets stay open and say nothing, as a
+        hung server's do (clients' watches go silent rather than closed)."""
+        os.killpg(self._component(name).pid, signal.SIGSTOP)
+
+    def thaw_component(self, name: str) -> None:
+        os.killpg(self._component(name).pid, signal.SIGCONT)
+
+    def restart_component(self, name: str, timeout: float = 60.0) -> int:
+        """Stop a control-plane component (SIGKILL: a crash, not a graceful drain; a frozen one
+        is killed too) and start it again with the same arguments, ports and data; returns the
+        new pid once it is up (for the API server: ready)."""
+        comp = self._component(name)
+        argv = ((self._state() or {}).get("argv") or {}).get(name)
+        if not argv:
+            raise ClusterError(f"{name} cannot be restarted: its command line was not kept")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(comp.pid, signal.SIGKILL)
+            os.killpg(comp.pid, signal.SIGCONT)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(comp.pid, 0)
+        deadline = time.monotonic() + timeout
+        while _alive(comp.pid, comp.binary) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = self._spawn(argv, Path(comp.log), None)
         state = self._state() or {}
-        state.setdefault("components", []).append(
-            {"name": name, "pid": proc.pid, "binary": marker, "log": str(log)}
-        )
+        for item in state.get("components", []):
+            if item["name"] == name:
+                item["pid"] = pid
         self.state_file.write_text(json.dumps(state, indent=2))
+        if name == "kube-apiserver":
+            self._wait_until(self._ready, "kube-apiserver to be ready again", timeout)
+        return pid
 
     def python_env(self) -> dict[str, str]:
         """The environment for kubetune's own processes: this package first on PYTHONPATH."""

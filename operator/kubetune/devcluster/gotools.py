@@ -2,8 +2,8 @@
 
 Two sorts, both cached outside the repository and keyed by what they are built from:
 
-- published commands, pinned here by module version (`go install PACKAGE@VERSION`): kube-score
-  and kubeconform;
+- published commands, pinned here by module version (`go install PACKAGE@VERSION`): kube-score,
+  kubeconform and Kueue's manager;
 - small mains of the repository's own (`hack/gotools/<name>`) around libraries that ship no
   command for offline objects: `kstatus` (sigs.k8s.io/cli-utils' status.Compute, how Flux and kpt
   read health) and `podsecurity` (k8s.io/pod-security-admission's evaluator, what the API
@@ -88,6 +88,11 @@ KUBECONFORM = PublishedTool(
 KUBE_ROUTER = PublishedTool(
     "kube-router", "github.com/cloudnativelabs/kube-router/v2", "cmd/kube-router", "v2.1.0"
 )
+
+# Kueue's manager (job queueing with quota), run against the local cluster by the integration
+# tests; its CRDs are in the module's config/components/crd (module_dir). A heavy build (minutes
+# cold on 2 cores): cached like the others, by version.
+KUEUE = PublishedTool("kueue", "sigs.k8s.io/kueue", "cmd/kueue", "v0.17.0")
 KSTATUS = HelperTool("kstatus")
 PODSECURITY = HelperTool("podsecurity")
 
@@ -97,6 +102,7 @@ ALL_TOOLS: tuple[PublishedTool | HelperTool, ...] = (
     KUBE_ROUTER,
     KSTATUS,
     PODSECURITY,
+    KUEUE,
 )
 
 

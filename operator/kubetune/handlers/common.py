@@ -38,6 +38,31 @@ class Context:
         default_factory=lambda: defaultdict(threading.Lock)
     )
     _guard: threading.Lock = field(default_factory=threading.Lock)
+    _seen: set[tuple[str, str]] = field(default_factory=set)
+    # Whether Kueue's Workloads are served: set by the first Workload event (kopf watches them
+    # only once Kueue's CRDs exist). Asking for an unserved kind costs a discovery refresh,
+    # which the dynamic client does not do safely from several threads.
+    kueue: bool = False
+
+    def relisted(self, kind: str, event: Mapping[str, Any]) -> bool:
+        """True for a listing event (type None) of an object this process has seen before.
+
+        kopf lists a resource again when a watch could not be resumed (410 Gone: after an API
+        server restart, or a watch dead for minutes), and its resume handlers run only once per
+        process. A child deleted or edited while the watch was dead sent no event that arrived
+        and is not in the new listing either, so the parent's listing is the one chance to
+        notice: it is reconciled then."""
+        uid = ((event.get("object") or {}).get("metadata") or {}).get("uid")
+        if not uid:
+            return False
+        key = (kind, str(uid))
+        with self._guard:
+            if event.get("type") == "DELETED":
+                self._seen.discard(key)
+                return False
+            seen = key in self._seen
+            self._seen.add(key)
+        return seen and event.get("type") is None
 
     def schedule(self, delay: float, action: Callable[[], None]) -> None:
         """Run `action` once after `delay` seconds, on a daemon thread."""

@@ -30,6 +30,7 @@ from kubetune.builders.training_status import (
     observe,
     rejected_conditions,
     verdict_conditions,
+    workload_message,
 )
 from kubetune.handlers.common import (
     Context,
@@ -53,6 +54,8 @@ CHILD_SELECTOR: dict[str, Any] = {
     FTJ_LABEL: kopf.PRESENT,
 }
 HEARTBEAT_CHECK_SECONDS = 60
+KUEUE_WORKLOAD = ("kueue.x-k8s.io/v1beta2", "Workload")
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
 
 
 class SpecRejected(Exception):
@@ -294,6 +297,20 @@ def _create_suspended_for_kueue(ctx: Context, ftj: FineTuneJob, job: dict[str, A
         ) from err
 
 
+def _workload_message(ctx: Context, job: dict[str, Any] | None) -> str | None:
+    """Why Kueue has not admitted the suspended Job yet, from its Workload (Kueue labels it with
+    the Job's uid); None while the Job runs, and where Kueue is not installed."""
+    if not ctx.kueue or job is None or not (job.get("spec") or {}).get("suspend"):
+        return None  # no Kueue (yet): the status names the queue only
+    meta = job["metadata"]
+    selector = f"{KUEUE_JOB_UID}={meta['uid']}"
+    try:
+        workloads = ctx.kube.list(*KUEUE_WORKLOAD, meta["namespace"], selector)
+    except KubeError:
+        return None
+    return workload_message(workloads)
+
+
 def _stale_job(live: dict[str, Any] | None, job: dict[str, Any]) -> str | None:
     """The name of the live Job when its pod template differs from the one we would build."""
     if live is None:
@@ -343,7 +360,8 @@ def refresh_status(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> None
     if job is None and _finished(body):
         return  # the finished run's Job is gone: the status keeps what it showed
     pods = ctx.indexes.pods_of(owner.namespace, KIND, owner.name)
-    seen = observe(ftj, job, pods)
+    queue_message = _workload_message(ctx, job) if _kueue_decides(ftj) else None
+    seen = observe(ftj, job, pods, queue_message)
     old = body.get("status") or {}
     now = datetime.now(UTC)
     heartbeat = (
@@ -494,9 +512,15 @@ def _child_event(ctx: Context, event: dict[str, Any]) -> None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    """The trainer reported progress: keep the printer column in step (one cheap patch)."""
+    """The trainer reported progress: keep the printer column in step (one cheap patch). A
+    FineTuneJob listed again after a broken watch is reconciled (Context.relisted)."""
     body = _object(event)
     status = body.get("status") or {}
+    ctx = context(memo, kwargs)
+    if ctx.relisted(KIND, _event(event)):
+        with later():
+            reconcile_fresh(ctx, KIND, body, _restore_locked)
+        return
     if body and _event(event).get("type") == "DELETED":
         meta = body["metadata"]
         metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
@@ -505,7 +529,6 @@ def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
         return
     text = progress_text(status.get("progress") or {})
     if text and text != status.get("progressText"):
-        ctx = context(memo, kwargs)
         meta = body["metadata"]
         with ctx.lock(KIND, meta["namespace"], meta["name"]), later():
             write_status(ctx.kube, KIND, "FineTuneJob", body, {"progressText": text})
@@ -527,6 +550,25 @@ def claim_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
         ):
             with later():
                 reconcile_body(ctx, body)
+
+
+@kopf.on.event("kueue.x-k8s.io", "v1beta2", "workloads")
+def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Kueue's Workload for a training Job changed (queued, quota reserved, admitted): the
+    FineTuneJob's status says what Kueue says. kopf starts this watch when Kueue's CRDs exist."""
+    obj = _object(event)
+    ctx = context(memo, kwargs)
+    ctx.kueue = True
+    if _event(event).get("type") in (None, "DELETED") or not obj:
+        return
+    meta = obj.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") != "Job" or ref.get("apiVersion") != "batch/v1":
+            continue
+        job = ctx.kube.get("batch/v1", "Job", ref["name"], meta["namespace"])
+        labels = (job or {}).get("metadata", {}).get("labels") or {}
+        if job is not None and labels.get(MANAGED_BY) == "kubetune" and FTJ_LABEL in labels:
+            _child_event(ctx, {"type": "MODIFIED", "object": job})
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_SELECTOR)

@@ -29,8 +29,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # at INFO every reconcile and timer tick would be a write. kubetune's Events (one per
     # condition transition) are posted explicitly.
     settings.posting.level = logging.WARNING
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
+    # Each watch ends after this long and kopf opens the next; the API server sends a BOOKMARK
+    # 2 s before the end (and once a minute), which is what the liveness probe listens for.
+    server_timeout = int(os.environ.get("KUBETUNE_WATCH_TIMEOUT_SECONDS", "300"))
+    settings.watching.server_timeout = server_timeout
+    settings.watching.client_timeout = server_timeout + 30
     settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
     settings.networking.error_backoffs = [1, 2, 5, 10]
     defaults = Settings()

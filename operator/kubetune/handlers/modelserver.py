@@ -532,9 +532,15 @@ def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def modelserver_event(event: kopf.RawEvent, **_: Any) -> None:
-    """A ModelServer is gone: it leaves the per-phase gauge."""
+def modelserver_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A ModelServer is gone: it leaves the per-phase gauge. One listed again after a broken
+    watch is reconciled (Context.relisted)."""
     body = _object(event)
+    ctx = context(memo, kwargs)
+    if ctx.relisted(KIND, _event(event)):
+        with later():
+            reconcile_fresh(ctx, KIND, body, _restore_locked)
+        return
     if body and _event(event).get("type") == "DELETED":
         meta = body["metadata"]
         metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
