@@ -203,3 +203,43 @@ def test_an_unmerged_adapter_is_served_beside_its_base_on_vllm(
         ctx, ModelServer.model_validate(body), Owner.from_body(body)
     )
     assert (resolved.uri, resolved.lora_adapters) == (uri, adapters)
+
+
+def _served_source(kube: FakeKube, ctx: Context, model: dict[str, Any], generation: int) -> Any:
+    from kubetune.handlers import modelserver as ms_handlers
+
+    kube.put(
+        {
+            "apiVersion": API_VERSION,
+            "kind": "ModelServer",
+            "metadata": {"name": "srv", "namespace": "ns", "uid": "u", "generation": generation},
+            "spec": {"model": model},
+        }
+    )
+    body = kube.get(API_VERSION, "ModelServer", "srv", "ns")
+    assert body is not None
+    ms_handlers.reconcile_body(ctx, body)
+    deployment = kube.get("apps/v1", "Deployment", "srv", "ns")
+    assert deployment is not None
+    template = deployment["spec"]["template"]
+    fetch = template["spec"]["initContainers"][0]
+    return template["metadata"]["annotations"]["kubetune.io/model-revision"], fetch
+
+
+@pytest.mark.parametrize("uri", ["pvc://models/served", "s3://bucket/served", "hf://org/name"])
+def test_a_new_content_revision_at_the_same_uri_rolls_out(world: Any, uri: str) -> None:
+    """The operator cannot see new weights behind an unchanged URI: spec.model.revision names
+    them, and a new value is a new rollout revision (for hf://, also what is downloaded)."""
+    kube, ctx = world
+    kube.put({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": "ns"}})
+    unpinned, _ = _served_source(kube, ctx, {"source": uri}, 1)
+    first, fetch = _served_source(kube, ctx, {"source": uri, "revision": "2026-01"}, 2)
+    again, _ = _served_source(kube, ctx, {"source": uri, "revision": "2026-01"}, 2)
+    second, _ = _served_source(kube, ctx, {"source": uri, "revision": "2026-02"}, 3)
+    assert len({unpinned, first, second}) == 3 and again == first
+    wanted = f"{uri}@2026-01" if uri.startswith("hf://") else None
+    args = " ".join(fetch.get("args") or fetch.get("command") or [])
+    if wanted:
+        assert wanted in args, args
+    else:
+        assert "@2026-01" not in args, args

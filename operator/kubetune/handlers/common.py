@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections import defaultdict
@@ -26,6 +27,12 @@ from kubetune.kube import Forbidden, Invalid, Kube, KubeError, NotFound
 
 log = logging.getLogger("kubetune")
 
+# A child the API server refused (a quota, an admission webhook, Pod Security, RBAC) may be
+# allowed later, with no change to the spec: the refused spec is tried again after each of these
+# delays (then every last one), jittered by a fifth, and each try starts with a dry run, so a
+# refusal that holds writes nothing.
+REFUSAL_RETRY_SECONDS = (5.0, 15.0, 45.0, 120.0, 300.0)
+
 
 @dataclass
 class Context:
@@ -38,12 +45,51 @@ class Context:
         default_factory=lambda: defaultdict(threading.Lock)
     )
     _guard: threading.Lock = field(default_factory=threading.Lock)
+    # (kind, namespace, name) -> (generation, tries so far) of specs the server refused.
+    _refusals: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
+    _retrying: set[tuple[str, str, str]] = field(default_factory=set)
 
     def schedule(self, delay: float, action: Callable[[], None]) -> None:
         """Run `action` once after `delay` seconds, on a daemon thread."""
         timer = threading.Timer(delay, action)
         timer.daemon = True
         timer.start()
+
+    def retry_refusal(
+        self, kind: str, body: dict[str, Any], action: Callable[[], None]
+    ) -> float | None:
+        """Run `action` again after the next delay of REFUSAL_RETRY_SECONDS for this resource
+        (counted per generation); nothing when a retry is already waiting. Returns the delay."""
+        meta = body["metadata"]
+        key = (kind, meta["namespace"], meta["name"])
+        generation = int(meta.get("generation") or 0)
+        with self._guard:
+            if key in self._retrying:
+                return None
+            seen, tries = self._refusals.get(key, (generation, 0))
+            tries = tries if seen == generation else 0
+            self._refusals[key] = (generation, tries + 1)
+            self._retrying.add(key)
+        delay = REFUSAL_RETRY_SECONDS[min(tries, len(REFUSAL_RETRY_SECONDS) - 1)]
+        delay *= random.uniform(0.8, 1.2)
+        log.info(
+            "%s %s/%s: the API server refused a child; trying again in %.0fs (try %d)",
+            kind, meta["namespace"], meta["name"], delay, tries + 2,
+        )  # fmt: skip
+
+        def again() -> None:
+            with self._guard:
+                self._retrying.discard(key)
+            with later():
+                action()
+
+        self.schedule(delay, again)
+        return delay
+
+    def refusal_over(self, kind: str, namespace: str, name: str) -> None:
+        """The resource's children were applied: a later refusal starts the delays anew."""
+        with self._guard:
+            self._refusals.pop((kind, namespace, name), None)
 
     def lock(self, kind: str, namespace: str, name: str) -> threading.Lock:
         """One lock per resource: its own handler and its children's events never interleave,
@@ -213,8 +259,9 @@ def _delete_all(kube: Kube, children: list[dict[str, Any]]) -> None:
 
 def refused(body: dict[str, Any]) -> bool:
     """The current spec was refused (Stalled InvalidSpec or ChildRejected): the children's
-    events (the removal of a refused set among them) must not build it again; a spec change
-    or an operator restart does."""
+    events (the removal of a refused set among them) must not build it again; a spec change,
+    an operator restart or, for ChildRejected, the retry (`Context.retry_refusal`) does, each
+    starting with a dry run."""
     generation = body["metadata"].get("generation")
     for cond in (body.get("status") or {}).get("conditions") or []:
         if cond.get("type") == T.STALLED and cond.get("status") == "True":

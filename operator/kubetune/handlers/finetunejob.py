@@ -115,7 +115,7 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         if checking and not preflight_passed(ctx, body, ftj, owner, children[:-1]):
             return  # checking (its Job's events come back here), or refused
         stale_job = _stale_job(live_job, children[-1])
-        if _spec_changed(body) and not fresh:
+        if (_spec_changed(body) and not fresh) or refused(body):
             _apply_all(ctx, children[:-1] if stale_job else children, dry_run=True)
         if stale_job:
             # A Job's pod template is immutable: a changed template means a new Job, which
@@ -131,7 +131,15 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
     except SpecRejected as err:
         _report_rejected(ctx, body, owner, err)
         return
+    ctx.refusal_over(KIND, owner.namespace, owner.name)
     refresh_status(ctx, body, ftj)
+
+
+def _retry_locked(ctx: Context, body: dict[str, Any]) -> None:
+    """The refusal's retry: only while this generation is still the refused one (a spec edit
+    was reconciled by its own handler)."""
+    if refused(body):
+        _reconcile_locked(ctx, body)
 
 
 def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -333,6 +341,8 @@ def _report_rejected(ctx: Context, body: dict[str, Any], owner: Owner, err: Spec
         "failureMessage": str(err),
     }
     write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+    if err.reason == Reason.CHILD_REJECTED:
+        ctx.retry_refusal(KIND, body, lambda: reconcile_fresh(ctx, KIND, body, _retry_locked))
     if waiting:
         raise kopf.TemporaryError(str(err), delay=15)  # it may appear: look again
 

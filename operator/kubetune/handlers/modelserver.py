@@ -89,9 +89,11 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         spare = _spare_gpus(ctx, ms)
         children, absent = serving.build_children(ms, owner, model, ctx.settings, spare)
         fresh = is_new(body)
-        if (body.get("status") or {}).get("observedGeneration") != owner.generation and not fresh:
+        changed = (body.get("status") or {}).get("observedGeneration") != owner.generation
+        if (changed and not fresh) or refused(body):
             _apply_all(ctx, children, dry_run=True)
         _apply_all(ctx, children, dry_run=False, fresh=fresh)
+        ctx.refusal_over(KIND, owner.namespace, owner.name)
         for api_version, kind in absent:
             if ctx.kube.get(api_version, kind, owner.name, owner.namespace) is not None:
                 ctx.kube.delete(api_version, kind, owner.name, owner.namespace)
@@ -132,8 +134,7 @@ def _parse(body: dict[str, Any]) -> ModelServer:
 def _resolve_model(ctx: Context, ms: ModelServer, owner: Owner) -> ResolvedModel:
     source = ms.spec.model
     if source.source is not None:
-        digest = hashlib.sha256(source.source.encode()).hexdigest()[:12]
-        return ResolvedModel(uri=source.source, revision=f"source-{digest}", task="auto")
+        return source_model(source.source, source.revision)
     assert source.fine_tune_job_ref is not None  # the CRD's CEL rule: exactly one is set
     name = source.fine_tune_job_ref.name
     job = ctx.kube.get(API_VERSION, FTJ_KIND, name, owner.namespace)
@@ -156,6 +157,17 @@ def _resolve_model(ctx: Context, ms: ModelServer, owner: Owner) -> ResolvedModel
     task = (job.get("spec") or {}).get("task") or "sequence-classification"
     served = ResolvedModel(uri=uri, revision=_served_run(job), task=task)
     return _as_adapter(ms, job, served) or served
+
+
+def source_model(uri: str, revision: str | None) -> ResolvedModel:
+    """A model at a URI. Its rollout revision is a digest of the URI and of the content revision
+    the spec names (spec.model.revision): what the operator can know of the content. A hub
+    revision is also what the fetcher downloads (hf://org/name@revision)."""
+    key = uri if revision is None else f"{uri}@{revision}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    if revision is not None and uri.startswith("hf://"):
+        uri = key
+    return ResolvedModel(uri=uri, revision=f"source-{digest}", task="auto")
 
 
 def _as_adapter(
@@ -263,6 +275,8 @@ def _report_not_servable(
             "observedGeneration": owner.generation,
         },
     )
+    if err.reason == "ChildRejected":
+        ctx.retry_refusal(KIND, body, lambda: reconcile_fresh(ctx, KIND, body, _retry_locked))
     if err.retry:
         raise kopf.TemporaryError(str(err), delay=err.retry)
 
@@ -502,6 +516,12 @@ def _reconcile_soon(ctx: Context, server: dict[str, Any]) -> None:
     retried by kopf, and there is no timer to catch up)."""
     with later(ctx, lambda: _reconcile_soon(ctx, server)):
         reconcile_fresh(ctx, KIND, server, _restore_locked)
+
+
+def _retry_locked(ctx: Context, body: dict[str, Any]) -> None:
+    """See finetunejob._retry_locked."""
+    if refused(body):
+        _reconcile_locked(ctx, body)
 
 
 def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
