@@ -162,6 +162,35 @@ def test_an_edit_of_a_finished_job_is_observed_without_training_again(world: Any
     assert after["status"]["observedGeneration"] == 2 and _job(kube) is None
 
 
+def test_a_running_job_is_checked_for_a_silent_trainer_until_it_finishes(world: Any) -> None:
+    """The periodic check (one thread for all running jobs, no kopf timer per job) sees a
+    trainer whose last heartbeat is older than the timeout; a finished job leaves the check."""
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    job = _job(kube)
+    job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
+    kube.put(job)
+    pod = {
+        "metadata": {"name": "job-train-0", "namespace": "ns"},
+        "spec": {"nodeName": "gpu-0"},
+        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
+    }
+    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]})
+    running = _reconcile(kube, ctx)
+    assert running["status"]["phase"] == "Running"
+    assert ctx.watched["heartbeat"] == {("ns", "job")}
+    assert _conditions(running)["TrainerHeartbeat"][0] == "True"
+    running["status"]["progress"] = {"lastHeartbeat": "2026-01-01T00:01:00Z"}  # long ago
+    kube.put(running)
+    ftj_handlers._check_heartbeat(ctx, "ns", "job")
+    silent = kube.get(API_VERSION, "FineTuneJob", "job", "ns")
+    assert _conditions(silent)["TrainerHeartbeat"] == ("False", "HeartbeatStale")
+    _finish(kube, "Complete")
+    _reconcile(kube, ctx)
+    assert ctx.watched["heartbeat"] == set()
+
+
 def _lora_job(merge: bool) -> dict[str, Any]:
     job = _ftj("adapter")
     job["spec"] |= {"task": "causal-lm", "method": "lora", "lora": {"r": 8, "merge": merge}}

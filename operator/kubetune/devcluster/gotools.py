@@ -82,6 +82,13 @@ KUBE_SCORE = PublishedTool("kube-score", "github.com/zegl/kube-score", "cmd/kube
 KUBECONFORM = PublishedTool(
     "kubeconform", "github.com/yannh/kubeconform", "cmd/kubeconform", "v0.8.0"
 )
+# The peer that bench/bench_scale.py measures kubetune against (not used by the tests).
+TRAINING_OPERATOR = PublishedTool(
+    "training-operator.v1",  # `go install` names the binary after its package's folder
+    "github.com/kubeflow/training-operator",
+    "cmd/training-operator.v1",
+    "v1.8.1",
+)
 KSTATUS = HelperTool("kstatus")
 PODSECURITY = HelperTool("podsecurity")
 

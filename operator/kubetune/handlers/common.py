@@ -48,6 +48,10 @@ class Context:
     # (kind, namespace, name) -> (generation, tries so far) of specs the server refused.
     _refusals: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
     _retrying: set[tuple[str, str, str]] = field(default_factory=set)
+    # Resources a periodic check looks at (e.g. running jobs, whose trainer may go silent),
+    # and the checks' threads by name.
+    watched: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    _periodic: set[str] = field(default_factory=set)
 
     def schedule(self, delay: float, action: Callable[[], None]) -> None:
         """Run `action` once after `delay` seconds, on a daemon thread."""
@@ -85,6 +89,43 @@ class Context:
 
         self.schedule(delay, again)
         return delay
+
+    def watch(
+        self,
+        check: str,
+        namespace: str,
+        name: str,
+        wanted: bool,
+        interval: float,
+        action: Callable[[str, str], None],
+    ) -> None:
+        """Keep (`wanted`) or drop `namespace/name` from the periodic `check`, which calls
+        `action(namespace, name)` for each one every `interval` seconds, on one daemon thread
+        for all of them (started with the first). A kopf timer would do it per object, and kopf
+        keeps the whole last body of every object that has one."""
+        with self._guard:
+            keys = self.watched.setdefault(check, set())
+            if wanted:
+                keys.add((namespace, name))
+            else:
+                keys.discard((namespace, name))
+            if not wanted or check in self._periodic:
+                return
+            self._periodic.add(check)
+
+        def loop() -> None:
+            while True:
+                time.sleep(interval)
+                with self._guard:
+                    due = sorted(self.watched.get(check, ()))
+                for ns, obj in due:
+                    with later():
+                        try:
+                            action(ns, obj)
+                        except Exception:
+                            log.exception("periodic %s of %s/%s failed", check, ns, obj)
+
+        threading.Thread(target=loop, name=f"kubetune-{check}", daemon=True).start()
 
     def refusal_over(self, kind: str, namespace: str, name: str) -> None:
         """The resource's children were applied: a later refusal starts the delays anew."""
@@ -189,12 +230,13 @@ def reconcile_fresh(
 ) -> None:
     """Run `reconcile` on the object as the server has it now, under its lock, and count it.
     An object deleted (or recreated) meanwhile is left alone: the garbage collector takes the
-    children of the old one."""
+    children of the old one. `body` may be just the metadata (name, namespace, and the uid when
+    known): it is read here anyway."""
     meta = body["metadata"]
     key = f"{meta['namespace']}/{meta['name']}"
     with ctx.lock(kind, meta["namespace"], meta["name"]):
         fresh = ctx.kube.get(API_VERSION, kind, meta["name"], meta["namespace"])
-        if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+        if fresh is None or meta.get("uid") not in (None, fresh["metadata"]["uid"]):
             metrics.record_phase(kind, key, None)
             return
         with metrics.reconciling(kind):
@@ -207,11 +249,12 @@ def apply_children(
     dry_run: bool,
     rejected: Callable[[str], Exception],
     fresh: bool = False,
-) -> int:
+) -> dict[tuple[str, str], dict[str, Any]]:
     """Server-side apply, in order, every child whose live object differs from it (see
     `builders.drift`); the ones that already match are not written. A refusal by the server
     (validation, admission) becomes `rejected(message)`; anything else is passing and retried.
-    Returns how many were applied.
+    Returns the children as the server now has them (what it answered to each apply, or the live
+    object that already matched), by (kind, name); a dry run returns nothing.
 
     `fresh`: the owner is new, so none of its children can exist yet: they are applied without
     being read first. When the server refuses a child, the ones this call created are deleted
@@ -222,7 +265,7 @@ def apply_children(
     earlier one (a RoleBinding to its Role, which RBAC looks up) finds it missing: that NotFound
     says nothing about the spec and is let pass; the real apply creates them in order.
     """
-    applied = 0
+    result: dict[tuple[str, str], dict[str, Any]] = {}
     created: list[dict[str, Any]] = []
     for child in children:
         meta = child["metadata"]
@@ -232,9 +275,11 @@ def apply_children(
             if not dry_run and not fresh:
                 live = kube.get(child["apiVersion"], child["kind"], meta["name"], meta["namespace"])
                 if live is not None and not differs(child, live):
+                    result[(child["kind"], meta["name"])] = live
                     continue
-            _apply_settling(kube, child, dry_run)
-            applied += 1
+            applied = _apply_settling(kube, child, dry_run)
+            if not dry_run:
+                result[(child["kind"], meta["name"])] = applied
             if live is None and not dry_run:
                 created.append(child)
         except NotFound:
@@ -245,7 +290,7 @@ def apply_children(
             raise rejected(f"the API server refused {what}: {err}") from err
         except KubeError as err:
             raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
-    return applied
+    return result
 
 
 def _delete_all(kube: Kube, children: list[dict[str, Any]]) -> None:
@@ -277,18 +322,17 @@ def is_new(body: dict[str, Any]) -> bool:
     return (body.get("status") or {}).get("observedGeneration") is None
 
 
-def _apply_settling(kube: Kube, child: dict[str, Any], dry_run: bool) -> None:
+def _apply_settling(kube: Kube, child: dict[str, Any], dry_run: bool) -> dict[str, Any]:
     """Apply; a NotFound for what was just created (the API server's RBAC cache has not yet seen
     the Role a RoleBinding names) is retried briefly before it counts."""
     for pause in (0.2, 0.5, 1.0):
         try:
-            kube.apply(child, dry_run=dry_run)
-            return
+            return kube.apply(child, dry_run=dry_run)
         except NotFound:
             if dry_run:
                 raise
             time.sleep(pause)
-    kube.apply(child, dry_run=dry_run)
+    return kube.apply(child, dry_run=dry_run)
 
 
 def conditions_of(body: dict[str, Any]) -> list[Condition]:

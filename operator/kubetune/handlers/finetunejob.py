@@ -2,8 +2,9 @@
 
 A reconcile builds the desired children (pure builders), writes only the ones whose live object
 differs, and patches the status only where it changed: a cluster of idle FineTuneJobs receives no
-writes from kubetune, and a restart with nothing changed writes nothing. The only timer runs for
-jobs that are Running, to notice a trainer that stopped reporting (no event says so).
+writes from kubetune, and a restart with nothing changed writes nothing. The only periodic work is
+a read of each Running job once a minute, to notice a trainer that stopped reporting (no event
+says so): one thread for all of them, not a kopf timer per job.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from kubetune.handlers.common import (
     with_conditions,
     write_status,
 )
-from kubetune.kube import FIELD_MANAGER, KubeError, NotFound
+from kubetune.kube import FIELD_MANAGER, KubeError
 
 GROUP, VERSION = API_VERSION.split("/")
 CHILD_SELECTOR: dict[str, Any] = {
@@ -71,24 +72,11 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     reconcile_body(context(memo, kwargs), dict(body))
 
 
-def _running(status: kopf.Status, **_: Any) -> bool:
-    return bool(status.get("phase") == Phase.RUNNING.value)
-
-
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=HEARTBEAT_CHECK_SECONDS,
-    initial_delay=HEARTBEAT_CHECK_SECONDS,
-    idle=HEARTBEAT_CHECK_SECONDS,
-    when=_running,
-)
-def heartbeat_check(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    """Only running jobs have this timer: a trainer that went silent produces no event."""
-    ctx = context(memo, kwargs)
-    with later():
-        reconcile_fresh(ctx, KIND, dict(body), _refresh_locked)
+def _check_heartbeat(ctx: Context, namespace: str, name: str) -> None:
+    """A running job's trainer that went silent produces no event: this periodic check (every
+    HEARTBEAT_CHECK_SECONDS, for the jobs `refresh_status` last saw running) notices it."""
+    stub = {"metadata": {"name": name, "namespace": namespace}}
+    reconcile_fresh(ctx, KIND, stub, _refresh_locked)
 
 
 def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
@@ -127,12 +115,13 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             live_job = None
         if live_job is None:
             _create_suspended_for_kueue(ctx, ftj, children[-1])
-        _apply_all(ctx, children, dry_run=False, fresh=fresh)
+        applied = _apply_all(ctx, children, dry_run=False, fresh=fresh)
     except SpecRejected as err:
         _report_rejected(ctx, body, owner, err)
         return
     ctx.refusal_over(KIND, owner.namespace, owner.name)
-    refresh_status(ctx, body, ftj)
+    job = children[-1]["metadata"]["name"]
+    refresh_status(ctx, body, ftj, applied.get(("Job", job)))
 
 
 def _retry_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -237,12 +226,12 @@ def _write_preflight(
     return written
 
 
-def _refresh_locked(ctx: Context, body: dict[str, Any]) -> None:
+def _refresh_locked(ctx: Context, body: dict[str, Any], job: dict[str, Any] | None = None) -> None:
     try:
         ftj = FineTuneJob.model_validate(body)
     except ValidationError:
         return  # the parent's own reconcile reports a bad spec
-    refresh_status(ctx, body, ftj)
+    refresh_status(ctx, body, ftj, job)
 
 
 def _finished(body: dict[str, Any]) -> bool:
@@ -267,8 +256,12 @@ def _parse(body: dict[str, Any]) -> FineTuneJob:
 
 def _check_dependencies(ctx: Context, ftj: FineTuneJob, owner: Owner) -> None:
     missing = []
+    found: dict[tuple[str, str], bool] = {}  # one read per object, however many fields name it
     for dep in training.dependencies(ftj.spec):
-        if ctx.kube.get("v1", dep.kind, dep.name, owner.namespace) is None:
+        key = (dep.kind, dep.name)
+        if key not in found:
+            found[key] = ctx.kube.get("v1", dep.kind, dep.name, owner.namespace) is not None
+        if not found[key]:
             missing.append(f"{dep.field}: {dep.kind} {dep.name!r} not found in {owner.namespace}")
     if missing:
         raise SpecRejected(Reason.MISSING_DEPENDENCY, "; ".join(missing))
@@ -318,8 +311,8 @@ def _spec_changed(body: dict[str, Any]) -> bool:
 
 def _apply_all(
     ctx: Context, children: list[dict[str, Any]], dry_run: bool, fresh: bool = False
-) -> None:
-    apply_children(
+) -> dict[tuple[str, str], dict[str, Any]]:
+    return apply_children(
         ctx.kube,
         children,
         dry_run,
@@ -347,9 +340,14 @@ def _report_rejected(ctx: Context, body: dict[str, Any], owner: Owner, err: Spec
         raise kopf.TemporaryError(str(err), delay=15)  # it may appear: look again
 
 
-def refresh_status(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> None:
+def refresh_status(
+    ctx: Context, body: dict[str, Any], ftj: FineTuneJob, job: dict[str, Any] | None = None
+) -> None:
+    """Say in status what the Job and pods show. `job`: the training Job as the server just
+    returned it (an apply's answer, a watch event), else it is read."""
     owner = Owner.from_body(body)
-    job = _live_job(ctx, owner)
+    if job is None:
+        job = _live_job(ctx, owner)
     if job is None and _finished(body):
         return  # the finished run's Job is gone: the status keeps what it showed
     pods = ctx.indexes.pods_of(owner.namespace, KIND, owner.name)
@@ -365,6 +363,14 @@ def refresh_status(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> None
     )
     status = _status(ctx, ftj, owner, seen, old, conditions_of(body), heartbeat, pods, now)
     write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+    ctx.watch(
+        "heartbeat",
+        owner.namespace,
+        owner.name,
+        seen.phase == Phase.RUNNING,
+        HEARTBEAT_CHECK_SECONDS,
+        lambda namespace, name: _check_heartbeat(ctx, namespace, name),
+    )
     if (
         heartbeat is not None
         and heartbeat[2] == Reason.HEARTBEAT_STALE
@@ -452,20 +458,18 @@ def _wire(conditions: list[Condition]) -> list[dict[str, Any]]:
 # -- children: mirror their changes into the parent, restore them when deleted or edited ---------
 
 
-def _owner_body(ctx: Context, obj: dict[str, Any]) -> dict[str, Any] | None:
+def _owner_of(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The owning FineTuneJob's metadata (name, namespace, uid when known), from the child alone:
+    the reconcile reads the FineTuneJob itself, once, under its lock."""
     meta = obj.get("metadata", {})
     if obj.get("kind") == "Pod":  # pods are owned by the Job; the label names the FineTuneJob
         name = (meta.get("labels") or {}).get(FTJ_LABEL)
-        return ctx.kube.get(API_VERSION, KIND, name, meta["namespace"]) if name else None
+        return {"metadata": {"name": name, "namespace": meta["namespace"]}} if name else None
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION:
-            namespace = obj["metadata"]["namespace"]
-            try:
-                parent = ctx.kube.get(API_VERSION, KIND, ref["name"], namespace)
-            except NotFound:
-                return None
-            if parent is not None and parent["metadata"]["uid"] == ref["uid"]:
-                return parent
+            return {
+                "metadata": {"name": ref["name"], "namespace": meta["namespace"], "uid": ref["uid"]}
+            }
     return None
 
 
@@ -490,16 +494,26 @@ def _child_event(ctx: Context, event: dict[str, Any]) -> None:
     obj = event.get("object") or {}
     if kind is None or (kind == "ADDED" and obj.get("kind") != "Pod"):
         return  # a child's creation is the reconcile's own write, which refreshes the status
-    with later():
-        parent = _owner_body(ctx, obj)
-        if parent is None or parent["metadata"].get("deletionTimestamp") or refused(parent):
+    owner = _owner_of(obj)
+    if owner is None:
+        return
+
+    def on_child(ctx: Context, parent: dict[str, Any]) -> None:
+        if parent["metadata"].get("deletionTimestamp") or refused(parent):
             return
         if kind == "DELETED" or (obj.get("kind") != "Pod" and _drifted(ctx, parent, obj)):
-            reconcile_fresh(ctx, KIND, parent, _restore_locked)
+            _reconcile_locked(ctx, parent)
         elif preflight.is_preflight_job(obj):
-            reconcile_body(ctx, parent)  # a verdict decides whether the training Job comes
+            _reconcile_locked(ctx, parent)  # a verdict decides whether the training Job comes
+        elif obj.get("kind") == "Job" and not (obj.get("status") or {}).get("conditions"):
+            _refresh_locked(ctx, parent, obj)  # the event's Job is the server's latest
         elif obj.get("kind") in ("Pod", "Job"):
-            reconcile_fresh(ctx, KIND, parent, _refresh_locked)
+            # A Job that finished is read again: the pod event that says why (its exit code,
+            # on another watch) may still be on its way, and the read gives it the time.
+            _refresh_locked(ctx, parent)
+
+    with later():
+        reconcile_fresh(ctx, KIND, owner, on_child)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -510,6 +524,8 @@ def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
     if body and _event(event).get("type") == "DELETED":
         meta = body["metadata"]
         metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
+        ctx = context(memo, kwargs)
+        ctx.watch("heartbeat", meta["namespace"], meta["name"], False, 0, lambda *_: None)
         return
     if not body or status.get("phase") != Phase.RUNNING.value:
         return
