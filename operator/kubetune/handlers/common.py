@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import logging
 import random
@@ -9,6 +11,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -41,6 +44,8 @@ class Context:
     kube: Kube
     settings: Settings = field(default_factory=Settings)
     indexes: Indexes = field(default_factory=Indexes)
+    # kopf's threads for sync handlers, which `blocking` hands work to (None: asyncio's default).
+    executor: Executor | None = None
     _locks: defaultdict[tuple[str, str, str], threading.Lock] = field(
         default_factory=lambda: defaultdict(threading.Lock)
     )
@@ -145,6 +150,15 @@ def context(memo: Any, kwargs: Mapping[str, Any] | None = None) -> Context:
     if kwargs and (indexes := Indexes.from_kwargs(kwargs)) is not None:
         ctx.indexes = indexes
     return ctx
+
+
+async def blocking(ctx: Context, action: Callable[[], None]) -> None:
+    """Run `action` (API calls) on the threads of kopf's sync handlers, in this context (kopf.event
+    finds its queue through context variables). The watch-event handlers are async and hand work
+    over only when there is some: most events (a job's progress, a child's own creation) are
+    answered on the event loop without holding a thread that a reconcile waits for."""
+    context_now = contextvars.copy_context()
+    await asyncio.get_running_loop().run_in_executor(ctx.executor, context_now.run, action)
 
 
 def describe_validation_error(err: ValidationError, root: str = "") -> str:

@@ -9,7 +9,7 @@ says so): one thread for all of them, not a kopf timer per job.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -35,6 +35,7 @@ from kubetune.builders.training_status import (
 from kubetune.handlers.common import (
     Context,
     apply_children,
+    blocking,
     conditions_of,
     context,
     describe_validation_error,
@@ -46,6 +47,7 @@ from kubetune.handlers.common import (
     with_conditions,
     write_status,
 )
+from kubetune.handlers.indexes import pod_view
 from kubetune.kube import FIELD_MANAGER, KubeError
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -226,6 +228,16 @@ def _write_preflight(
     return written
 
 
+def _gave_up(job: dict[str, Any]) -> str | None:
+    """The reason of the Job's own failure condition (BackoffLimitExceeded, PodFailurePolicy)."""
+    conditions = (job.get("status") or {}).get("conditions") or []
+    for type_ in ("Failed", "FailureTarget"):  # as training_status.observe reads them
+        for cond in conditions:
+            if cond.get("type") == type_ and cond.get("status") == "True":
+                return str(cond.get("reason") or "Failed")
+    return None
+
+
 def _refresh_locked(ctx: Context, body: dict[str, Any], job: dict[str, Any] | None = None) -> None:
     try:
         ftj = FineTuneJob.model_validate(body)
@@ -352,6 +364,14 @@ def refresh_status(
         return  # the finished run's Job is gone: the status keeps what it showed
     pods = ctx.indexes.pods_of(owner.namespace, KIND, owner.name)
     seen = observe(ftj, job, pods)
+    if job is not None and seen.phase == Phase.FAILED and seen.failure_reason == _gave_up(job):
+        # The Job failed, and no pod in the index says why yet: the pod's own event (on another
+        # watch) may come after the Job's. The Job controller acted on what the server has, so
+        # its pods are read from there, once, and the trainer's reason is not lost.
+        name = job["metadata"]["name"]
+        listed = ctx.kube.list("v1", "Pod", owner.namespace, f"batch.kubernetes.io/job-name={name}")
+        pods = [pod_view(pod) for pod in listed]
+        seen = observe(ftj, job, pods)
     old = body.get("status") or {}
     now = datetime.now(UTC)
     heartbeat = (
@@ -486,17 +506,18 @@ def _drifted(ctx: Context, parent: dict[str, Any], obj: dict[str, Any]) -> bool:
     return False
 
 
-def _child_event(ctx: Context, event: dict[str, Any]) -> None:
-    """A child changed. Events of the initial listing (type None) are skipped: the resume
-    handler reconciles every FineTuneJob once at start-up anyway. So are the creations of
-    children (ADDED, but for pods, which the Job controller creates): they are kubetune's own."""
+def _child_event(ctx: Context, event: dict[str, Any]) -> Callable[[], None] | None:
+    """A child changed: what to do about it (blocking), or None when nothing. Events of the
+    initial listing (type None) are skipped: the resume handler reconciles every FineTuneJob
+    once at start-up anyway. So are the creations of children (ADDED, but for pods, which the
+    Job controller creates): they are kubetune's own."""
     kind = event.get("type")
     obj = event.get("object") or {}
     if kind is None or (kind == "ADDED" and obj.get("kind") != "Pod"):
-        return  # a child's creation is the reconcile's own write, which refreshes the status
+        return None  # a child's creation is the reconcile's own write, which refreshes the status
     owner = _owner_of(obj)
     if owner is None:
-        return
+        return None
 
     def on_child(ctx: Context, parent: dict[str, Any]) -> None:
         if parent["metadata"].get("deletionTimestamp") or refused(parent):
@@ -512,12 +533,15 @@ def _child_event(ctx: Context, event: dict[str, Any]) -> None:
             # on another watch) may still be on its way, and the read gives it the time.
             _refresh_locked(ctx, parent)
 
-    with later():
-        reconcile_fresh(ctx, KIND, owner, on_child)
+    def run() -> None:
+        with later():
+            reconcile_fresh(ctx, KIND, owner, on_child)
+
+    return run
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+async def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     """The trainer reported progress: keep the printer column in step (one cheap patch)."""
     body = _object(event)
     status = body.get("status") or {}
@@ -533,8 +557,12 @@ def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
     if text and text != status.get("progressText"):
         ctx = context(memo, kwargs)
         meta = body["metadata"]
-        with ctx.lock(KIND, meta["namespace"], meta["name"]), later():
-            write_status(ctx.kube, KIND, "FineTuneJob", body, {"progressText": text})
+
+        def write() -> None:
+            with ctx.lock(KIND, meta["namespace"], meta["name"]), later():
+                write_status(ctx.kube, KIND, "FineTuneJob", body, {"progressText": text})
+
+        await blocking(ctx, write)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_SELECTOR)
@@ -544,8 +572,10 @@ def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
 @kopf.on.event("", "v1", "serviceaccounts", labels=CHILD_SELECTOR)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_SELECTOR)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_SELECTOR)
-def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    _child_event(context(memo, kwargs), _event(event))
+async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    ctx = context(memo, kwargs)
+    if (work := _child_event(ctx, _event(event))) is not None:
+        await blocking(ctx, work)
 
 
 def _event(event: kopf.RawEvent) -> dict[str, Any]:

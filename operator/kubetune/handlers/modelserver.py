@@ -40,6 +40,7 @@ from kubetune.conditions import now
 from kubetune.handlers.common import (
     Context,
     apply_children,
+    blocking,
     conditions_of,
     context,
     describe_validation_error,
@@ -537,12 +538,16 @@ def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_SELECTOR)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
-def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     """A child or a pod changed (skipping the initial listing: resume covers it)."""
     if _event(event).get("type") is None:
         return
     ctx = context(memo, kwargs)
-    parent = _parent(ctx, _object(event))
+    await blocking(ctx, lambda: _on_child(ctx, _object(event)))
+
+
+def _on_child(ctx: Context, obj: dict[str, Any]) -> None:
+    parent = _parent(ctx, obj)
     if (
         parent is not None
         and not parent["metadata"].get("deletionTimestamp")
@@ -552,7 +557,7 @@ def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def modelserver_event(event: kopf.RawEvent, **_: Any) -> None:
+async def modelserver_event(event: kopf.RawEvent, **_: Any) -> None:
     """A ModelServer is gone: it leaves the per-phase gauge."""
     body = _object(event)
     if body and _event(event).get("type") == "DELETED":
@@ -561,9 +566,10 @@ def modelserver_event(event: kopf.RawEvent, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, FTJ_PLURAL)
-def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+async def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     """A FineTuneJob appeared, changed phase or went away: the ModelServers that follow it (from
-    the index) may have a new model to roll out, or keep serving the last one while it trains."""
+    the index) may have a new model to roll out, or keep serving the last one while it trains.
+    A job that no server follows (most) is answered on the event loop."""
     kind = _event(event).get("type")
     if kind is None:
         return
@@ -571,7 +577,14 @@ def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> N
     job = _object(event)
     meta = job.get("metadata") or {}
     namespace, job_name = str(meta.get("namespace")), str(meta.get("name"))
-    for name in ctx.indexes.servers_following(namespace, job_name):
+    if followers := ctx.indexes.servers_following(namespace, job_name):
+        await blocking(ctx, lambda: _job_changed(ctx, job, str(kind), namespace, followers))
+
+
+def _job_changed(
+    ctx: Context, job: dict[str, Any], kind: str, namespace: str, followers: list[str]
+) -> None:
+    for name in followers:
         server = ctx.kube.get(API_VERSION, KIND, name, namespace)
         if server is None or _already_saw(server, job, kind):
             continue
