@@ -9,15 +9,25 @@ Prints, for N = 100 and 1,000 (or the counts given):
   the API server's own `apiserver_request_total` (writes = POST, PUT, PATCH, APPLY, DELETE) to
   the kinds kubetune manages; the rest (kwok's node heartbeats, the control plane's own leases)
   is counted apart;
-- the operator's resident memory per resource (RSS with N resources minus RSS with none).
+- the operator's resident memory per resource (RSS with N resources minus RSS with none), and
+  its peak RSS;
+- the same for the peer, Kubeflow's training operator (TRAINING_OPERATOR in devcluster/gotools.py,
+  built from its Go module, its defaults: one controller thread), given N equivalent PyTorchJobs
+  (one Master replica, one GPU) in the same cluster after kubetune's namespace is gone; its CRDs
+  are the module's manifests/base/crds. Its validating webhook is registered (the operator waits
+  for the CA to be injected into it before it starts its controllers) for a kind this benchmark
+  never creates: the API server here cannot reach a Service, so the peer's creates skip the
+  webhook call a real install makes (in the peer's favour).
 
     PYTHONPATH=operator python bench/bench_scale.py [N ...]
 """
 
 from __future__ import annotations
 
+import base64
 import os
-import statistics
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -28,11 +38,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client, config, watch
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import running_cluster
+from kubetune.devcluster.gotools import TRAINING_OPERATOR, ensure_tool, module_dir
 from kubetune.devcluster.volumes import ensure_claim
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,6 +58,11 @@ KUBETUNE_RESOURCES = {
     "finetunejobs", "modelservers", "jobs", "configmaps", "services", "serviceaccounts", "roles",
     "rolebindings", "pods", "deployments", "horizontalpodautoscalers",
     "poddisruptionbudgets", "networkpolicies",
+}  # fmt: skip
+# What the training operator writes: its jobs and their status, pods, services, and its webhook
+# certificate and configuration; its Events are counted apart, as kubetune's are.
+PEER_RESOURCES = {
+    "pytorchjobs", "pods", "services", "podgroups", "secrets", "validatingwebhookconfigurations",
 }  # fmt: skip
 IDLE_SECONDS = 60.0
 
@@ -76,17 +93,25 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
 
-def _split(delta: dict[str, float]) -> tuple[float, float]:
-    """(writes to what kubetune manages, all other writes)."""
-    ours = sum(v for k, v in delta.items() if k.split("/")[0] in KUBETUNE_RESOURCES)
+def _split(
+    delta: dict[str, float], resources: set[str] = KUBETUNE_RESOURCES
+) -> tuple[float, float]:
+    """(writes to what the operator manages, all other writes)."""
+    ours = sum(v for k, v in delta.items() if k.split("/")[0] in resources)
     return ours, sum(delta.values()) - ours
 
 
-def _our_events(core: client.CoreV1Api, namespace: str, since: datetime) -> int:
-    """Events kubetune posted since `since` (events are counted apart from the metric: the
-    scheduler posts FailedScheduling events for every waiting pod, and they are not ours)."""
+def _our_events(
+    core: client.CoreV1Api,
+    namespace: str,
+    since: datetime,
+    kinds: tuple[str, ...] = ("FineTuneJob", "ModelServer"),
+) -> int:
+    """Events the operator posted on its `kinds` since `since` (events are counted apart from
+    the metric: the scheduler posts FailedScheduling events for every waiting pod, and they are
+    not the operator's)."""
     count = 0
-    for kind in ("FineTuneJob", "ModelServer"):
+    for kind in kinds:
         for event in core.list_namespaced_event(
             namespace, field_selector=f"involvedObject.kind={kind}"
         ).items:
@@ -96,9 +121,10 @@ def _our_events(core: client.CoreV1Api, namespace: str, since: datetime) -> int:
     return count
 
 
-def _rss_kib(pid: int) -> int:
+def _rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory now (VmRSS) or at its highest so far (VmHWM), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -174,6 +200,26 @@ def _burst(create: Callable[[str], Any], names: list[str]) -> dict[str, float]:
     return started
 
 
+def _custom_burst(
+    custom: client.CustomObjectsApi,
+    api_version: str,
+    namespace: str,
+    plural: str,
+    build: Callable[[str], dict[str, Any]],
+    names: list[str],
+) -> tuple[float, dict[str, float]]:
+    """(when the burst began, when each object's create was sent)."""
+    group, version = api_version.split("/")
+    t0 = time.monotonic()
+    started = _burst(
+        lambda n: custom.create_namespaced_custom_object(
+            group, version, namespace, plural, build(n)
+        ),
+        names,
+    )
+    return t0, started
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -194,150 +240,437 @@ def _start_operator(cluster: Any, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _quiet(api: client.ApiClient, settle: float = 10.0, limit: float = 900.0) -> None:
-    """Wait until kubetune-side writes stop for `settle` seconds."""
+def _quiet(
+    api: client.ApiClient,
+    settle: float = 10.0,
+    limit: float = 900.0,
+    resources: set[str] = KUBETUNE_RESOURCES,
+) -> None:
+    """Wait until the operator's writes stop for `settle` seconds."""
     deadline = time.monotonic() + limit
-    last = _split(_writes(api))[0]
+    last = _split(_writes(api), resources)[0]
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(2)
-        now = _split(_writes(api))[0]
+        now = _split(_writes(api), resources)[0]
         if now != last:
             last, quiet_since = now, time.monotonic()
         elif time.monotonic() - quiet_since >= settle:
             return
 
 
-def run(count: int) -> dict[str, float]:
+def _lat(watcher: Watcher, started: dict[str, float], names: list[str]) -> list[float]:
+    return [watcher.seen[n] - started[n] for n in names if n in watcher.seen]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _idle_and_restart(
+    api: client.ApiClient,
+    core: client.CoreV1Api,
+    ns: str,
+    pid: int,
+    restart: Callable[[], int],
+    resources: set[str],
+) -> dict[str, Any]:
+    """Writes in an idle minute, RSS then, and writes in the minute after a restart. The idle
+    minute starts after 30 s without a write: at N = 1,000 on a loaded machine a 10 s lull came
+    while the operator still worked through the burst's last pod events."""
+    _quiet(api, settle=30.0, resources=resources)
+    before = _writes(api)
+    since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
+    time.sleep(IDLE_SECONDS)
+    idle_delta = _delta(_writes(api), before)
+    idle, idle_nodes = _split(idle_delta, resources)
+    kinds = ("FineTuneJob", "ModelServer") if resources is KUBETUNE_RESOURCES else ("PyTorchJob",)
+    idle += _our_events(core, ns, since, kinds)
+    rss_full, peak = _rss_kib(pid), _rss_kib(pid, "VmHWM")
+    before = _writes(api)
+    since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
+    restart()
+    time.sleep(IDLE_SECONDS)
+    restart_delta = _delta(_writes(api), before)
+    restarted, _ = _split(restart_delta, resources)
+    restarted += _our_events(core, ns, since, kinds)
+    return {
+        "idle_writes_per_min": idle * 60 / IDLE_SECONDS,
+        "node_writes_per_min": idle_nodes * 60 / IDLE_SECONDS,
+        "restart_writes": restarted,
+        "restart_detail": restart_delta,
+        "idle_detail": idle_delta,
+        "rss_full": rss_full,
+        "peak_rss": peak,
+    }
+
+
+def _floor(api: client.ApiClient, ns: str, count: int) -> dict[str, Any]:
+    """Plain Jobs, same burst, same cluster, no operator running."""
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    floor_jobs = Watcher(batch.list_namespaced_job, ns, lambda o: o.metadata.name)
+    floor_pods = Watcher(
+        core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get("job-name")
+    )
+    names = [f"floor-{i}" for i in range(count)]
+    t0 = time.monotonic()
+    started = _burst(lambda n: batch.create_namespaced_job(ns, _plain_job(n)), names)
+    all_pods = floor_pods.wait(names, 900) - t0
+    row = {
+        "who": "plain Jobs (floor)",
+        "first": _lat(floor_jobs, started, names),
+        "pod": _lat(floor_pods, started, names),
+        "all_pods": all_pods,
+    }
+    floor_jobs.stop.set()
+    floor_pods.stop.set()
+    batch.delete_collection_namespaced_job(
+        ns, label_selector="bench=floor", propagation_policy="Background"
+    )
+    while core.list_namespaced_pod(ns, label_selector="bench=floor").items:
+        time.sleep(1)
+    return row
+
+
+def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[str, Any]:
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    log = cluster.dir / "operator.log"
+    operator = _start_operator(cluster, log)
+    # Warm up (the first reconcile loads the API discovery cache, models, builders) before
+    # the baseline, so that RSS per resource is what each resource adds.
+    core.create_namespace({"metadata": {"name": "warm-up"}})
+    for claim in ("models", "datasets"):
+        ensure_claim(api, "warm-up", claim, cluster.dir / "volumes" / "warm-up" / claim)
+    warm = Watcher(batch.list_namespaced_job, "warm-up", lambda o: o.metadata.name)
+    custom.create_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", "warm-up", "finetunejobs", _ftj("warm")
+    )
+    warm.wait(["warm-train"], 120)
+    warm.stop.set()
+    _quiet(api)
+    rss_empty = _rss_kib(operator.pid)
+    label = "kubetune.io/finetunejob"
+    jobs = Watcher(batch.list_namespaced_job, ns, lambda o: (o.metadata.labels or {}).get(label))
+    pods = Watcher(core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(label))
+    names = [f"ftj-{i}" for i in range(count)]
+    t0, started = _custom_burst(custom, "kubetune.io/v1alpha1", ns, "finetunejobs", _ftj, names)
+    all_pods = pods.wait(names, 1800) - t0
+    row: dict[str, Any] = {
+        "who": "kubetune",
+        "first": _lat(jobs, started, names),
+        "pod": _lat(pods, started, names),
+        "all_pods": all_pods,
+    }
+    jobs.stop.set()
+    pods.stop.set()
+
+    def restart() -> int:
+        nonlocal operator
+        operator.terminate()
+        operator.wait(30)
+        operator = _start_operator(cluster, log)
+        return operator.pid
+
+    row |= _idle_and_restart(api, core, ns, operator.pid, restart, KUBETUNE_RESOURCES)
+    row["kib_per_resource"] = (row["rss_full"] - rss_empty) / count
+    operator.terminate()
+    operator.wait(30)
+    return row
+
+
+# -- the peer: Kubeflow's training operator ------------------------------------------------------
+
+PEER_NAMESPACE = "kubeflow"  # where it keeps its webhook certificate (MY_POD_NAMESPACE)
+PEER_SECRET = "training-operator-webhook-cert"
+PEER_WEBHOOK = "validator.training-operator.kubeflow.org"
+# Its cert rotator waits for the certificate in this folder (a constant of the peer's code),
+# where a pod would mount the Secret; the bench copies it there.
+PEER_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+PEER_LABEL = "training.kubeflow.org/job-name"
+
+
+def _pytorchjob(name: str) -> dict[str, Any]:
+    """The peer's equivalent of the benchmark's FineTuneJob: one Master pod with one GPU."""
+    container = _plain_job(name)["spec"]["template"]["spec"]["containers"][0]
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name, "labels": {"bench": "peer"}},
+        "spec": {
+            "pytorchReplicaSpecs": {
+                "Master": {
+                    "replicas": 1,
+                    "restartPolicy": "OnFailure",
+                    "template": {
+                        "spec": {
+                            "containers": [{**container, "name": "pytorch"}],
+                            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                        }
+                    },
+                }
+            }
+        },
+    }
+
+
+def _install_peer(api: client.ApiClient) -> None:
+    ext, core = client.ApiextensionsV1Api(api), client.CoreV1Api(api)
+    crds = module_dir(TRAINING_OPERATOR) / "manifests" / "base" / "crds"
+    for path in sorted(crds.glob("kubeflow.org_*.yaml")):
+        ext.create_custom_resource_definition(yaml.safe_load(path.read_text()))
+    custom = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            custom.list_cluster_custom_object("kubeflow.org", "v1", "pytorchjobs")
+            break
+        except client.ApiException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    core.create_namespace({"metadata": {"name": PEER_NAMESPACE}})
+    core.create_namespaced_secret(PEER_NAMESPACE, {"metadata": {"name": PEER_SECRET}})
+    client.AdmissionregistrationV1Api(api).create_validating_webhook_configuration(
+        {
+            "metadata": {"name": PEER_WEBHOOK},
+            "webhooks": [
+                {
+                    "name": "validator.mxjob.training-operator.kubeflow.org",
+                    "admissionReviewVersions": ["v1"],
+                    "clientConfig": {
+                        "service": {
+                            "name": "training-operator",
+                            "namespace": PEER_NAMESPACE,
+                            "path": "/validate-kubeflow-org-v1-mxjob",
+                        }
+                    },
+                    "failurePolicy": "Ignore",
+                    "sideEffects": "None",
+                    "rules": [
+                        {
+                            "apiGroups": ["kubeflow.org"],
+                            "apiVersions": ["v1"],
+                            "operations": ["CREATE"],
+                            "resources": ["mxjobs"],
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+
+
+def _start_peer(cluster: Any, api: client.ApiClient, log: Path) -> subprocess.Popen[bytes]:
+    binary = ensure_tool(TRAINING_OPERATOR)
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "MY_POD_NAMESPACE": "kubeflow"}
+    out = log.open("ab")
+    started = len(log.read_bytes()) if log.exists() else 0
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            f"--metrics-bind-address=127.0.0.1:{_free_port()}",
+            f"--health-probe-bind-address=127.0.0.1:{_free_port()}",
+            f"--webhook-server-port={_free_port()}",
+        ],
+        env=env,
+        stdout=out,
+        stderr=out,
+    )
+    core = client.CoreV1Api(api)
+    deadline = time.monotonic() + 120
+    while b"pytorchjob-controller" not in log.read_bytes()[started:] or (
+        b"Starting workers" not in log.read_bytes()[started:]
+    ):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the training operator did not start: {log.read_text()[-3000:]}")
+        data = core.read_namespaced_secret(PEER_SECRET, PEER_NAMESPACE).data or {}
+        if "tls.crt" in data and not (PEER_CERT_DIR / "tls.crt").exists():
+            PEER_CERT_DIR.mkdir(parents=True, exist_ok=True)
+            for key in ("tls.key", "tls.crt"):  # the certificate last: its presence is the signal
+                (PEER_CERT_DIR / key).write_bytes(base64.b64decode(data[key]))
+        time.sleep(0.5)
+    return proc
+
+
+def _peer(cluster: Any, api: client.ApiClient, count: int) -> dict[str, Any]:
+    core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    ns = f"peer-{count}"
+    shutil.rmtree(PEER_CERT_DIR, ignore_errors=True)
+    _install_peer(api)
+    log = cluster.dir / "training-operator.log"
+    peer = _start_peer(cluster, api, log)
+    try:
+        core.create_namespace({"metadata": {"name": "warm-up-peer"}})
+        warm = Watcher(
+            core.list_namespaced_pod,
+            "warm-up-peer",
+            lambda o: (o.metadata.labels or {}).get(PEER_LABEL),
+        )
+        custom.create_namespaced_custom_object(
+            "kubeflow.org", "v1", "warm-up-peer", "pytorchjobs", _pytorchjob("warm")
+        )
+        warm.wait(["warm"], 120)
+        warm.stop.set()
+        _quiet(api, resources=PEER_RESOURCES)
+        rss_empty = _rss_kib(peer.pid)
+        core.create_namespace({"metadata": {"name": ns}})
+        pods = Watcher(
+            core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(PEER_LABEL)
+        )
+        names = [f"ptj-{i}" for i in range(count)]
+        t0, started = _custom_burst(
+            custom, "kubeflow.org/v1", ns, "pytorchjobs", _pytorchjob, names
+        )
+        all_pods = pods.wait(names, 1800) - t0
+        pod_lat = _lat(pods, started, names)
+        pods.stop.set()
+        row: dict[str, Any] = {
+            "who": f"training-operator {TRAINING_OPERATOR.version}",
+            "first": pod_lat,
+            "pod": pod_lat,
+            "all_pods": all_pods,
+        }
+
+        def restart() -> int:
+            nonlocal peer
+            peer.terminate()
+            peer.wait(30)
+            peer = _start_peer(cluster, api, log)
+            return peer.pid
+
+        row |= _idle_and_restart(api, core, ns, peer.pid, restart, PEER_RESOURCES)
+        row["kib_per_resource"] = (row["rss_full"] - rss_empty) / count
+    finally:
+        peer.terminate()
+        peer.wait(30)
+        shutil.rmtree(PEER_CERT_DIR, ignore_errors=True)
+    return row
+
+
+def _gone(api: client.ApiClient, namespace: str, limit: float = 600.0) -> None:
+    """Delete a namespace and wait until the server has removed it and all it held. kwok deletes
+    a pod only once it has no finalizers, and the Job controller leaves its job-tracking one on
+    running pods whose Job the namespace's deletion took: the bench removes it, as a kubelet's
+    ending the containers would let the Job controller do."""
+    core = client.CoreV1Api(api)
+    core.delete_namespace(namespace)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespace(namespace)
+        except client.ApiException as err:
+            if err.status == 404:
+                return
+            raise
+        for pod in core.list_namespaced_pod(namespace).items:
+            if pod.metadata.deletion_timestamp and pod.metadata.finalizers:
+                try:
+                    core.patch_namespaced_pod(
+                        pod.metadata.name, namespace, {"metadata": {"finalizers": None}}
+                    )
+                except client.ApiException as err:
+                    if err.status != 404:
+                        raise
+        time.sleep(2)
+
+
+def run(count: int, peer: bool = True) -> list[dict[str, Any]]:
     ns = f"scale-{count}"
-    with running_cluster(f"bench-scale-{count}") as cluster:
+    with running_cluster(f"bench-scale-{count}-{os.getpid()}") as cluster:
         api = config.new_client_from_config(str(cluster.kubeconfig))
-        core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
-        ext, custom = client.ApiextensionsV1Api(api), client.CustomObjectsApi(api)
+        core = client.CoreV1Api(api)
+        ext = client.ApiextensionsV1Api(api)
         for crd in all_crds().values():
             ext.create_custom_resource_definition(crd)
         core.create_namespace({"metadata": {"name": ns}})
         for claim in ("models", "datasets"):
             ensure_claim(api, ns, claim, cluster.dir / "volumes" / claim)
-
-        # The floor: plain Jobs, same burst, same cluster, no operator running.
-        floor_jobs = Watcher(batch.list_namespaced_job, ns, lambda o: o.metadata.name)
-        floor_pods = Watcher(
-            core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get("job-name")
-        )
-        names = [f"floor-{i}" for i in range(count)]
-        t0 = time.monotonic()
-        started = _burst(lambda n: batch.create_namespaced_job(ns, _plain_job(n)), names)
-        floor_all = floor_pods.wait(names, 900) - t0
-        floor_job_lat = [floor_jobs.seen[n] - started[n] for n in names if n in floor_jobs.seen]
-        floor_jobs.stop.set()
-        floor_pods.stop.set()
-        batch.delete_collection_namespaced_job(
-            ns, label_selector="bench=floor", propagation_policy="Background"
-        )
-        while core.list_namespaced_pod(ns, label_selector="bench=floor").items:
-            time.sleep(1)
-
-        log = cluster.dir / "operator.log"
-        operator = _start_operator(cluster, log)
-        # Warm up (the first reconcile loads the API discovery cache, models, builders) before
-        # the baseline, so that RSS per resource is what each resource adds.
-        core.create_namespace({"metadata": {"name": "warm-up"}})
-        for claim in ("models", "datasets"):
-            ensure_claim(api, "warm-up", claim, cluster.dir / "volumes" / "warm-up" / claim)
-        warm = Watcher(batch.list_namespaced_job, "warm-up", lambda o: o.metadata.name)
-        custom.create_namespaced_custom_object(
-            "kubetune.io", "v1alpha1", "warm-up", "finetunejobs", _ftj("warm")
-        )
-        warm.wait(["warm-train"], 120)
-        warm.stop.set()
-        _quiet(api)
-        rss_empty = _rss_kib(operator.pid)
-        jobs = Watcher(
-            batch.list_namespaced_job,
-            ns,
-            lambda o: (o.metadata.labels or {}).get("kubetune.io/finetunejob"),
-        )
-        pods = Watcher(
-            core.list_namespaced_pod,
-            ns,
-            lambda o: (o.metadata.labels or {}).get("kubetune.io/finetunejob"),
-        )
-        names = [f"ftj-{i}" for i in range(count)]
-        t0 = time.monotonic()
-        started = _burst(
-            lambda n: custom.create_namespaced_custom_object(
-                "kubetune.io", "v1alpha1", ns, "finetunejobs", _ftj(n)
-            ),
-            names,
-        )
-        ours_all = pods.wait(names, 1800) - t0
-        job_lat = [jobs.seen[n] - started[n] for n in names if n in jobs.seen]
-        jobs.stop.set()
-        pods.stop.set()
-
-        _quiet(api)
-        before = _writes(api)
-        since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
-        time.sleep(IDLE_SECONDS)
-        idle_delta = _delta(_writes(api), before)
-        idle, idle_nodes = _split(idle_delta)
-        idle += _our_events(core, ns, since)
-        rss_full = _rss_kib(operator.pid)
-
-        operator.terminate()
-        operator.wait(30)
-        before = _writes(api)
-        since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
-        operator = _start_operator(cluster, log)
-        time.sleep(IDLE_SECONDS)
-        restart_delta = _delta(_writes(api), before)
-        restart, _ = _split(restart_delta)
-        restart += _our_events(core, ns, since)
-        operator.terminate()
-        operator.wait(30)
-    return {
-        "n": count,
-        "job_p50": statistics.median(job_lat),
-        "job_p99": _pct(job_lat, 0.99),
-        "floor_job_p50": statistics.median(floor_job_lat),
-        "floor_job_p99": _pct(floor_job_lat, 0.99),
-        "all_pods": ours_all,
-        "floor_all_pods": floor_all,
-        "idle_writes_per_min": idle * 60 / IDLE_SECONDS,
-        "node_writes_per_min": idle_nodes * 60 / IDLE_SECONDS,
-        "restart_writes": restart,
-        "restart_detail": restart_delta,  # type: ignore[dict-item]
-        "idle_detail": idle_delta,  # type: ignore[dict-item]
-        "kib_per_resource": (rss_full - rss_empty) / count,
-    }
+        rows = [_floor(api, ns, count)]
+        _progress(rows[-1])
+        rows.append(_kubetune(cluster, api, ns, count))
+        _progress(rows[-1])
+        if peer:
+            _gone(api, ns)  # the peer starts on a cluster as empty as kubetune's was
+            rows.append(_peer(cluster, api, count))
+            _progress(rows[-1])
+    for row in rows:
+        row["n"] = count
+        row["floor_all_pods"] = rows[0]["all_pods"]
+    return rows
 
 
-def main() -> None:
-    counts = [int(a) for a in sys.argv[1:]] or [100, 1000]
-    rows = [run(n) for n in counts]
-    print("\nFineTuneJobs applied in one burst (16 clients), local control plane, 2 cores")
-    print("floor: the same number of plain Jobs applied directly, same cluster, same run\n")
+def _progress(row: dict[str, Any]) -> None:
+    """One measured row at once, before the table (a long run shows what it has so far)."""
+    brief = {k: v for k, v in row.items() if k not in ("first", "pod")}
+    for key in ("first", "pod"):
+        if row.get(key):
+            brief[f"{key} p50/p99"] = (_pct(row[key], 0.5), _pct(row[key], 0.99))
+    print(f"measured: {brief}", flush=True)
+
+
+def _cpu() -> str:
+    for line in subprocess.run(
+        ["lscpu"], check=False, capture_output=True, text=True
+    ).stdout.splitlines():
+        if line.startswith("Model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def _ms(values: list[float], q: float) -> str:
+    return f"{_pct(values, q):.1f}s" if values else "-"
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    print(f"\nJobs applied in one burst (16 clients), local control plane, {os.cpu_count()} cores")
+    print(f"({_cpu()}); floor: the same number of plain Jobs applied directly, same run\n")
     header = (
-        f"{'N':>6} {'apply->Job p50':>15} {'p99':>8} {'floor p99':>10} {'all pods':>9} "
-        f"{'floor':>7} {'ratio':>6} {'idle writes/min':>16} {'restart writes':>15} "
-        f"{'KiB/resource':>13}"
+        f"| {'N':>5} | {'operator':<24} | {'apply->Job p50':>14} | {'p99':>7} | "
+        f"{'apply->pod p50':>14} | {'p99':>7} | {'all pods':>8} | {'x floor':>7} | "
+        f"{'idle writes/min':>15} | {'restart writes':>14} | {'KiB/resource':>12} | "
+        f"{'peak RSS':>9} |"
     )
     print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
+        operator = r["who"] != "plain Jobs (floor)"
+        first = r["first"] if r["first"] is not r["pod"] else []
         print(
-            f"{r['n']:>6} {r['job_p50']:>14.2f}s {r['job_p99']:>7.2f}s {r['floor_job_p99']:>9.2f}s "
-            f"{r['all_pods']:>8.1f}s {r['floor_all_pods']:>6.1f}s "
-            f"{r['all_pods'] / r['floor_all_pods']:>6.2f} {r['idle_writes_per_min']:>16.0f} "
-            f"{r['restart_writes']:>15.0f} {r['kib_per_resource']:>13.1f}"
+            f"| {r['n']:>5} | {r['who']:<24} | {_ms(first, 0.5):>14} | {_ms(first, 0.99):>7} | "
+            f"{_ms(r['pod'], 0.5):>14} | {_ms(r['pod'], 0.99):>7} | {r['all_pods']:>7.1f}s | "
+            f"{r['all_pods'] / r['floor_all_pods']:>7.2f} | "
+            + (
+                f"{r['idle_writes_per_min']:>15.0f} | {r['restart_writes']:>14.0f} | "
+                f"{r['kib_per_resource']:>12.1f} | {r['peak_rss'] / 1024:>6.0f}MiB |"
+                if operator
+                else f"{'':>15} | {'':>14} | {'':>12} | {'':>9} |"
+            )
         )
     for r in rows:
+        if r["who"] == "plain Jobs (floor)":
+            continue
         print(
-            f"N={r['n']}: other writes (kwok's nodes, control-plane leases) "
+            f"N={r['n']} {r['who']}: other writes (kwok's nodes, control-plane leases) "
             f"{r['node_writes_per_min']:.0f}/min; "
             f"idle writes by resource: {r['idle_detail'] or 'none'}; "
             f"restart writes by resource: {r['restart_detail'] or 'none'}"
         )
+
+
+def main() -> None:
+    """The table is printed again after each N, so a long run shows what it has so far."""
+    args = sys.argv[1:]
+    peer = "--no-peer" not in args
+    counts = [int(a) for a in args if a.isdigit()] or [100, 1000]
+    rows: list[dict[str, Any]] = []
+    for n in counts:
+        rows += run(n, peer)
+        _table(rows)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -422,10 +422,16 @@ def test_what_only_the_operator_can_judge_becomes_ready_false_and_no_children(
 
 
 def test_a_child_the_server_refuses_leaves_no_half_built_set(
-    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+    resources: Resources,
+    api_client: client.ApiClient,
+    namespace: str,
+    volumes: Any,
+    operator: OperatorProcess,
 ) -> None:
     """A quota that allows no Job: the Job is refused after the other children were applied,
-    and those are removed again; the FineTuneJob is Stalled and says why."""
+    and those are removed again; the FineTuneJob is Stalled and says why. The refusal is tried
+    again with backoff, each try a dry run that writes nothing while the quota holds; once the
+    quota is gone, the job runs without a spec change."""
     core = client.CoreV1Api(api_client)
     core.create_namespaced_resource_quota(
         namespace, {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
@@ -446,6 +452,24 @@ def test_a_child_the_server_refuses_leaves_no_half_built_set(
     assert not core.list_namespaced_service_account(namespace, label_selector=selector).items
     rbac = client.RbacAuthorizationV1Api(api_client)
     assert not rbac.list_namespaced_role(namespace, label_selector=selector).items
+
+    stalled_version = resources.get(FTJ, "quota")["metadata"]["resourceVersion"]
+    # The operator logs each retry it schedules: "try 3" is scheduled once try 2 was refused.
+    wait_for(
+        lambda: (
+            f"{namespace}/quota: the API server refused a child; trying again"
+            in (log := operator.log.read_text(errors="replace"))
+            and "(try 3)" in log
+        ),
+        timeout=60,
+        what="the first retry to be refused too",
+    )
+    assert resources.get(FTJ, "quota")["metadata"]["resourceVersion"] == stalled_version
+    assert not core.list_namespaced_config_map(namespace, label_selector=selector).items
+    core.delete_namespaced_resource_quota("no-jobs", namespace)
+    resources.wait_phase(FTJ, "quota", "Running", timeout=120)
+    stalled = resources.condition(FTJ, "quota", "Stalled")
+    assert stalled is not None and stalled["status"] == "False", stalled
 
 
 def test_operator_restart_loses_nothing_and_duplicates_nothing(

@@ -169,6 +169,14 @@ CEL_BREAKS: list[tuple[str, int, dict[str, Any], list[str], str]] = [
     ("ModelServer", 0, {"autoscaling.minReplicas": 7}, [], "spec.autoscaling"),
     ("ModelServer", 0, {"model.fineTuneJobRef": {"name": "x"}}, [], "spec.model"),
     ("ModelServer", 1, {}, ["model.fineTuneJobRef"], "spec.model"),
+    ("ModelServer", 1, {"model.revision": "v2"}, [], "spec.model"),
+    (
+        "ModelServer",
+        0,
+        {"model.source": "hf://org/name@main", "model.revision": "abc"},
+        [],
+        "spec.model",
+    ),
     ("ModelServer", 0, {"service.grpcPort": 8000}, [], "spec.service"),
     ("ModelServer", 0, {"networkPolicy.sources": [{}]}, [], "spec.networkPolicy.sources[0]"),
     (

@@ -162,6 +162,35 @@ def test_an_edit_of_a_finished_job_is_observed_without_training_again(world: Any
     assert after["status"]["observedGeneration"] == 2 and _job(kube) is None
 
 
+def test_a_running_job_is_checked_for_a_silent_trainer_until_it_finishes(world: Any) -> None:
+    """The periodic check (one thread for all running jobs, no kopf timer per job) sees a
+    trainer whose last heartbeat is older than the timeout; a finished job leaves the check."""
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    job = _job(kube)
+    job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
+    kube.put(job)
+    pod = {
+        "metadata": {"name": "job-train-0", "namespace": "ns"},
+        "spec": {"nodeName": "gpu-0"},
+        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
+    }
+    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]})
+    running = _reconcile(kube, ctx)
+    assert running["status"]["phase"] == "Running"
+    assert ctx.watched["heartbeat"] == {("ns", "job")}
+    assert _conditions(running)["TrainerHeartbeat"][0] == "True"
+    running["status"]["progress"] = {"lastHeartbeat": "2026-01-01T00:01:00Z"}  # long ago
+    kube.put(running)
+    ftj_handlers._check_heartbeat(ctx, "ns", "job")
+    silent = kube.get(API_VERSION, "FineTuneJob", "job", "ns")
+    assert _conditions(silent)["TrainerHeartbeat"] == ("False", "HeartbeatStale")
+    _finish(kube, "Complete")
+    _reconcile(kube, ctx)
+    assert ctx.watched["heartbeat"] == set()
+
+
 def _lora_job(merge: bool) -> dict[str, Any]:
     job = _ftj("adapter")
     job["spec"] |= {"task": "causal-lm", "method": "lora", "lora": {"r": 8, "merge": merge}}
@@ -203,3 +232,43 @@ def test_an_unmerged_adapter_is_served_beside_its_base_on_vllm(
         ctx, ModelServer.model_validate(body), Owner.from_body(body)
     )
     assert (resolved.uri, resolved.lora_adapters) == (uri, adapters)
+
+
+def _served_source(kube: FakeKube, ctx: Context, model: dict[str, Any], generation: int) -> Any:
+    from kubetune.handlers import modelserver as ms_handlers
+
+    kube.put(
+        {
+            "apiVersion": API_VERSION,
+            "kind": "ModelServer",
+            "metadata": {"name": "srv", "namespace": "ns", "uid": "u", "generation": generation},
+            "spec": {"model": model},
+        }
+    )
+    body = kube.get(API_VERSION, "ModelServer", "srv", "ns")
+    assert body is not None
+    ms_handlers.reconcile_body(ctx, body)
+    deployment = kube.get("apps/v1", "Deployment", "srv", "ns")
+    assert deployment is not None
+    template = deployment["spec"]["template"]
+    fetch = template["spec"]["initContainers"][0]
+    return template["metadata"]["annotations"]["kubetune.io/model-revision"], fetch
+
+
+@pytest.mark.parametrize("uri", ["pvc://models/served", "s3://bucket/served", "hf://org/name"])
+def test_a_new_content_revision_at_the_same_uri_rolls_out(world: Any, uri: str) -> None:
+    """The operator cannot see new weights behind an unchanged URI: spec.model.revision names
+    them, and a new value is a new rollout revision (for hf://, also what is downloaded)."""
+    kube, ctx = world
+    kube.put({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": "ns"}})
+    unpinned, _ = _served_source(kube, ctx, {"source": uri}, 1)
+    first, fetch = _served_source(kube, ctx, {"source": uri, "revision": "2026-01"}, 2)
+    again, _ = _served_source(kube, ctx, {"source": uri, "revision": "2026-01"}, 2)
+    second, _ = _served_source(kube, ctx, {"source": uri, "revision": "2026-02"}, 3)
+    assert len({unpinned, first, second}) == 3 and again == first
+    wanted = f"{uri}@2026-01" if uri.startswith("hf://") else None
+    args = " ".join(fetch.get("args") or fetch.get("command") or [])
+    if wanted:
+        assert wanted in args, args
+    else:
+        assert "@2026-01" not in args, args

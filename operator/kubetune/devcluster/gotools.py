@@ -93,6 +93,14 @@ KUBE_ROUTER = PublishedTool(
 # tests; its CRDs are in the module's config/components/crd (module_dir). A heavy build (minutes
 # cold on 2 cores): cached like the others, by version.
 KUEUE = PublishedTool("kueue", "sigs.k8s.io/kueue", "cmd/kueue", "v0.17.0")
+
+# The peer that bench/bench_scale.py measures kubetune against (not used by the tests).
+TRAINING_OPERATOR = PublishedTool(
+    "training-operator.v1",  # `go install` names the binary after its package's folder
+    "github.com/kubeflow/training-operator",
+    "cmd/training-operator.v1",
+    "v1.8.1",
+)
 KSTATUS = HelperTool("kstatus")
 PODSECURITY = HelperTool("podsecurity")
 

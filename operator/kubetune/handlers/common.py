@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import logging
+import random
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -26,6 +30,12 @@ from kubetune.kube import Forbidden, Invalid, Kube, KubeError, NotFound
 
 log = logging.getLogger("kubetune")
 
+# A child the API server refused (a quota, an admission webhook, Pod Security, RBAC) may be
+# allowed later, with no change to the spec: the refused spec is tried again after each of these
+# delays (then every last one), jittered by a fifth, and each try starts with a dry run, so a
+# refusal that holds writes nothing.
+REFUSAL_RETRY_SECONDS = (5.0, 15.0, 45.0, 120.0, 300.0)
+
 
 @dataclass
 class Context:
@@ -34,10 +44,19 @@ class Context:
     kube: Kube
     settings: Settings = field(default_factory=Settings)
     indexes: Indexes = field(default_factory=Indexes)
+    # kopf's threads for sync handlers, which `blocking` hands work to (None: asyncio's default).
+    executor: Executor | None = None
     _locks: defaultdict[tuple[str, str, str], threading.Lock] = field(
         default_factory=lambda: defaultdict(threading.Lock)
     )
     _guard: threading.Lock = field(default_factory=threading.Lock)
+    # (kind, namespace, name) -> (generation, tries so far) of specs the server refused.
+    _refusals: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
+    _retrying: set[tuple[str, str, str]] = field(default_factory=set)
+    # Resources a periodic check looks at (e.g. running jobs, whose trainer may go silent),
+    # and the checks' threads by name.
+    watched: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    _periodic: set[str] = field(default_factory=set)
     _seen: set[tuple[str, str]] = field(default_factory=set)
     # Whether Kueue's Workloads are served: set by the first Workload event (kopf watches them
     # only once Kueue's CRDs exist). Asking for an unserved kind costs a discovery refresh,
@@ -70,6 +89,79 @@ class Context:
         timer.daemon = True
         timer.start()
 
+    def retry_refusal(
+        self, kind: str, body: dict[str, Any], action: Callable[[], None]
+    ) -> float | None:
+        """Run `action` again after the next delay of REFUSAL_RETRY_SECONDS for this resource
+        (counted per generation); nothing when a retry is already waiting. Returns the delay."""
+        meta = body["metadata"]
+        key = (kind, meta["namespace"], meta["name"])
+        generation = int(meta.get("generation") or 0)
+        with self._guard:
+            if key in self._retrying:
+                return None
+            seen, tries = self._refusals.get(key, (generation, 0))
+            tries = tries if seen == generation else 0
+            self._refusals[key] = (generation, tries + 1)
+            self._retrying.add(key)
+        delay = REFUSAL_RETRY_SECONDS[min(tries, len(REFUSAL_RETRY_SECONDS) - 1)]
+        delay *= random.uniform(0.8, 1.2)
+        log.info(
+            "%s %s/%s: the API server refused a child; trying again in %.0fs (try %d)",
+            kind, meta["namespace"], meta["name"], delay, tries + 2,
+        )  # fmt: skip
+
+        def again() -> None:
+            with self._guard:
+                self._retrying.discard(key)
+            with later():
+                action()
+
+        self.schedule(delay, again)
+        return delay
+
+    def watch(
+        self,
+        check: str,
+        namespace: str,
+        name: str,
+        wanted: bool,
+        interval: float,
+        action: Callable[[str, str], None],
+    ) -> None:
+        """Keep (`wanted`) or drop `namespace/name` from the periodic `check`, which calls
+        `action(namespace, name)` for each one every `interval` seconds, on one daemon thread
+        for all of them (started with the first). A kopf timer would do it per object, and kopf
+        keeps the whole last body of every object that has one."""
+        with self._guard:
+            keys = self.watched.setdefault(check, set())
+            if wanted:
+                keys.add((namespace, name))
+            else:
+                keys.discard((namespace, name))
+            if not wanted or check in self._periodic:
+                return
+            self._periodic.add(check)
+
+        def loop() -> None:
+            while True:
+                time.sleep(interval)
+                with self._guard:
+                    due = sorted(self.watched.get(check, ()))
+                for ns, obj in due:
+                    with later():
+                        try:
+                            action(ns, obj)
+                        except Exception:
+                            log.exception("periodic %s of %s/%s failed", check, ns, obj)
+
+        threading.Thread(target=loop, name=f"kubetune-{check}", daemon=True).start()
+
+    def refusal_over(self, kind: str, namespace: str, name: str) -> None:
+        """The resource's children were applied: a later refusal starts the delays anew."""
+        with self._guard:
+            self._refusals.pop((kind, namespace, name), None)
+
     def lock(self, kind: str, namespace: str, name: str) -> threading.Lock:
         """One lock per resource: its own handler and its children's events never interleave,
         so each reconcile sees the status the previous one wrote (one Event per transition)."""
@@ -83,6 +175,15 @@ def context(memo: Any, kwargs: Mapping[str, Any] | None = None) -> Context:
     if kwargs and (indexes := Indexes.from_kwargs(kwargs)) is not None:
         ctx.indexes = indexes
     return ctx
+
+
+async def blocking(ctx: Context, action: Callable[[], None]) -> None:
+    """Run `action` (API calls) on the threads of kopf's sync handlers, in this context (kopf.event
+    finds its queue through context variables). The watch-event handlers are async and hand work
+    over only when there is some: most events (a job's progress, a child's own creation) are
+    answered on the event loop without holding a thread that a reconcile waits for."""
+    context_now = contextvars.copy_context()
+    await asyncio.get_running_loop().run_in_executor(ctx.executor, context_now.run, action)
 
 
 def describe_validation_error(err: ValidationError, root: str = "") -> str:
@@ -168,12 +269,13 @@ def reconcile_fresh(
 ) -> None:
     """Run `reconcile` on the object as the server has it now, under its lock, and count it.
     An object deleted (or recreated) meanwhile is left alone: the garbage collector takes the
-    children of the old one."""
+    children of the old one. `body` may be just the metadata (name, namespace, and the uid when
+    known): it is read here anyway."""
     meta = body["metadata"]
     key = f"{meta['namespace']}/{meta['name']}"
     with ctx.lock(kind, meta["namespace"], meta["name"]):
         fresh = ctx.kube.get(API_VERSION, kind, meta["name"], meta["namespace"])
-        if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+        if fresh is None or meta.get("uid") not in (None, fresh["metadata"]["uid"]):
             metrics.record_phase(kind, key, None)
             return
         with metrics.reconciling(kind):
@@ -186,11 +288,12 @@ def apply_children(
     dry_run: bool,
     rejected: Callable[[str], Exception],
     fresh: bool = False,
-) -> int:
+) -> dict[tuple[str, str], dict[str, Any]]:
     """Server-side apply, in order, every child whose live object differs from it (see
     `builders.drift`); the ones that already match are not written. A refusal by the server
     (validation, admission) becomes `rejected(message)`; anything else is passing and retried.
-    Returns how many were applied.
+    Returns the children as the server now has them (what it answered to each apply, or the live
+    object that already matched), by (kind, name); a dry run returns nothing.
 
     `fresh`: the owner is new, so none of its children can exist yet: they are applied without
     being read first. When the server refuses a child, the ones this call created are deleted
@@ -201,7 +304,7 @@ def apply_children(
     earlier one (a RoleBinding to its Role, which RBAC looks up) finds it missing: that NotFound
     says nothing about the spec and is let pass; the real apply creates them in order.
     """
-    applied = 0
+    result: dict[tuple[str, str], dict[str, Any]] = {}
     created: list[dict[str, Any]] = []
     for child in children:
         meta = child["metadata"]
@@ -211,9 +314,11 @@ def apply_children(
             if not dry_run and not fresh:
                 live = kube.get(child["apiVersion"], child["kind"], meta["name"], meta["namespace"])
                 if live is not None and not differs(child, live):
+                    result[(child["kind"], meta["name"])] = live
                     continue
-            _apply_settling(kube, child, dry_run)
-            applied += 1
+            applied = _apply_settling(kube, child, dry_run)
+            if not dry_run:
+                result[(child["kind"], meta["name"])] = applied
             if live is None and not dry_run:
                 created.append(child)
         except NotFound:
@@ -224,7 +329,7 @@ def apply_children(
             raise rejected(f"the API server refused {what}: {err}") from err
         except KubeError as err:
             raise kopf.TemporaryError(f"applying {what} failed: {err}", delay=10) from err
-    return applied
+    return result
 
 
 def _delete_all(kube: Kube, children: list[dict[str, Any]]) -> None:
@@ -238,8 +343,9 @@ def _delete_all(kube: Kube, children: list[dict[str, Any]]) -> None:
 
 def refused(body: dict[str, Any]) -> bool:
     """The current spec was refused (Stalled InvalidSpec or ChildRejected): the children's
-    events (the removal of a refused set among them) must not build it again; a spec change
-    or an operator restart does."""
+    events (the removal of a refused set among them) must not build it again; a spec change,
+    an operator restart or, for ChildRejected, the retry (`Context.retry_refusal`) does, each
+    starting with a dry run."""
     generation = body["metadata"].get("generation")
     for cond in (body.get("status") or {}).get("conditions") or []:
         if cond.get("type") == T.STALLED and cond.get("status") == "True":
@@ -255,18 +361,17 @@ def is_new(body: dict[str, Any]) -> bool:
     return (body.get("status") or {}).get("observedGeneration") is None
 
 
-def _apply_settling(kube: Kube, child: dict[str, Any], dry_run: bool) -> None:
+def _apply_settling(kube: Kube, child: dict[str, Any], dry_run: bool) -> dict[str, Any]:
     """Apply; a NotFound for what was just created (the API server's RBAC cache has not yet seen
     the Role a RoleBinding names) is retried briefly before it counts."""
     for pause in (0.2, 0.5, 1.0):
         try:
-            kube.apply(child, dry_run=dry_run)
-            return
+            return kube.apply(child, dry_run=dry_run)
         except NotFound:
             if dry_run:
                 raise
             time.sleep(pause)
-    kube.apply(child, dry_run=dry_run)
+    return kube.apply(child, dry_run=dry_run)
 
 
 def conditions_of(body: dict[str, Any]) -> list[Condition]:

@@ -2,13 +2,14 @@
 
 A reconcile builds the desired children (pure builders), writes only the ones whose live object
 differs, and patches the status only where it changed: a cluster of idle FineTuneJobs receives no
-writes from kubetune, and a restart with nothing changed writes nothing. The only timer runs for
-jobs that are Running, to notice a trainer that stopped reporting (no event says so).
+writes from kubetune, and a restart with nothing changed writes nothing. The only periodic work is
+a read of each Running job once a minute, to notice a trainer that stopped reporting (no event
+says so): one thread for all of them, not a kopf timer per job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -35,6 +36,7 @@ from kubetune.builders.training_status import (
 from kubetune.handlers.common import (
     Context,
     apply_children,
+    blocking,
     conditions_of,
     context,
     describe_validation_error,
@@ -46,7 +48,8 @@ from kubetune.handlers.common import (
     with_conditions,
     write_status,
 )
-from kubetune.kube import FIELD_MANAGER, KubeError, NotFound
+from kubetune.handlers.indexes import pod_view
+from kubetune.kube import FIELD_MANAGER, KubeError
 
 GROUP, VERSION = API_VERSION.split("/")
 CHILD_SELECTOR: dict[str, Any] = {
@@ -74,24 +77,11 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     reconcile_body(context(memo, kwargs), dict(body))
 
 
-def _running(status: kopf.Status, **_: Any) -> bool:
-    return bool(status.get("phase") == Phase.RUNNING.value)
-
-
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=HEARTBEAT_CHECK_SECONDS,
-    initial_delay=HEARTBEAT_CHECK_SECONDS,
-    idle=HEARTBEAT_CHECK_SECONDS,
-    when=_running,
-)
-def heartbeat_check(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    """Only running jobs have this timer: a trainer that went silent produces no event."""
-    ctx = context(memo, kwargs)
-    with later():
-        reconcile_fresh(ctx, KIND, dict(body), _refresh_locked)
+def _check_heartbeat(ctx: Context, namespace: str, name: str) -> None:
+    """A running job's trainer that went silent produces no event: this periodic check (every
+    HEARTBEAT_CHECK_SECONDS, for the jobs `refresh_status` last saw running) notices it."""
+    stub = {"metadata": {"name": name, "namespace": namespace}}
+    reconcile_fresh(ctx, KIND, stub, _refresh_locked)
 
 
 def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
@@ -118,7 +108,7 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         if checking and not preflight_passed(ctx, body, ftj, owner, children[:-1]):
             return  # checking (its Job's events come back here), or refused
         stale_job = _stale_job(live_job, children[-1])
-        if _spec_changed(body) and not fresh:
+        if (_spec_changed(body) and not fresh) or refused(body):
             _apply_all(ctx, children[:-1] if stale_job else children, dry_run=True)
         if stale_job:
             # A Job's pod template is immutable: a changed template means a new Job, which
@@ -130,11 +120,20 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             live_job = None
         if live_job is None:
             _create_suspended_for_kueue(ctx, ftj, children[-1])
-        _apply_all(ctx, children, dry_run=False, fresh=fresh)
+        applied = _apply_all(ctx, children, dry_run=False, fresh=fresh)
     except SpecRejected as err:
         _report_rejected(ctx, body, owner, err)
         return
-    refresh_status(ctx, body, ftj)
+    ctx.refusal_over(KIND, owner.namespace, owner.name)
+    job = children[-1]["metadata"]["name"]
+    refresh_status(ctx, body, ftj, applied.get(("Job", job)))
+
+
+def _retry_locked(ctx: Context, body: dict[str, Any]) -> None:
+    """The refusal's retry: only while this generation is still the refused one (a spec edit
+    was reconciled by its own handler)."""
+    if refused(body):
+        _reconcile_locked(ctx, body)
 
 
 def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -232,12 +231,22 @@ def _write_preflight(
     return written
 
 
-def _refresh_locked(ctx: Context, body: dict[str, Any]) -> None:
+def _gave_up(job: dict[str, Any]) -> str | None:
+    """The reason of the Job's own failure condition (BackoffLimitExceeded, PodFailurePolicy)."""
+    conditions = (job.get("status") or {}).get("conditions") or []
+    for type_ in ("Failed", "FailureTarget"):  # as training_status.observe reads them
+        for cond in conditions:
+            if cond.get("type") == type_ and cond.get("status") == "True":
+                return str(cond.get("reason") or "Failed")
+    return None
+
+
+def _refresh_locked(ctx: Context, body: dict[str, Any], job: dict[str, Any] | None = None) -> None:
     try:
         ftj = FineTuneJob.model_validate(body)
     except ValidationError:
         return  # the parent's own reconcile reports a bad spec
-    refresh_status(ctx, body, ftj)
+    refresh_status(ctx, body, ftj, job)
 
 
 def _finished(body: dict[str, Any]) -> bool:
@@ -262,8 +271,12 @@ def _parse(body: dict[str, Any]) -> FineTuneJob:
 
 def _check_dependencies(ctx: Context, ftj: FineTuneJob, owner: Owner) -> None:
     missing = []
+    found: dict[tuple[str, str], bool] = {}  # one read per object, however many fields name it
     for dep in training.dependencies(ftj.spec):
-        if ctx.kube.get("v1", dep.kind, dep.name, owner.namespace) is None:
+        key = (dep.kind, dep.name)
+        if key not in found:
+            found[key] = ctx.kube.get("v1", dep.kind, dep.name, owner.namespace) is not None
+        if not found[key]:
             missing.append(f"{dep.field}: {dep.kind} {dep.name!r} not found in {owner.namespace}")
     if missing:
         raise SpecRejected(Reason.MISSING_DEPENDENCY, "; ".join(missing))
@@ -327,8 +340,8 @@ def _spec_changed(body: dict[str, Any]) -> bool:
 
 def _apply_all(
     ctx: Context, children: list[dict[str, Any]], dry_run: bool, fresh: bool = False
-) -> None:
-    apply_children(
+) -> dict[tuple[str, str], dict[str, Any]]:
+    return apply_children(
         ctx.kube,
         children,
         dry_run,
@@ -350,18 +363,33 @@ def _report_rejected(ctx: Context, body: dict[str, Any], owner: Owner, err: Spec
         "failureMessage": str(err),
     }
     write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+    if err.reason == Reason.CHILD_REJECTED:
+        ctx.retry_refusal(KIND, body, lambda: reconcile_fresh(ctx, KIND, body, _retry_locked))
     if waiting:
         raise kopf.TemporaryError(str(err), delay=15)  # it may appear: look again
 
 
-def refresh_status(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> None:
+def refresh_status(
+    ctx: Context, body: dict[str, Any], ftj: FineTuneJob, job: dict[str, Any] | None = None
+) -> None:
+    """Say in status what the Job and pods show. `job`: the training Job as the server just
+    returned it (an apply's answer, a watch event), else it is read."""
     owner = Owner.from_body(body)
-    job = _live_job(ctx, owner)
+    if job is None:
+        job = _live_job(ctx, owner)
     if job is None and _finished(body):
         return  # the finished run's Job is gone: the status keeps what it showed
     pods = ctx.indexes.pods_of(owner.namespace, KIND, owner.name)
     queue_message = _workload_message(ctx, job) if _kueue_decides(ftj) else None
     seen = observe(ftj, job, pods, queue_message)
+    if job is not None and seen.phase == Phase.FAILED and seen.failure_reason == _gave_up(job):
+        # The Job failed, and no pod in the index says why yet: the pod's own event (on another
+        # watch) may come after the Job's. The Job controller acted on what the server has, so
+        # its pods are read from there, once, and the trainer's reason is not lost.
+        name = job["metadata"]["name"]
+        listed = ctx.kube.list("v1", "Pod", owner.namespace, f"batch.kubernetes.io/job-name={name}")
+        pods = [pod_view(pod) for pod in listed]
+        seen = observe(ftj, job, pods, queue_message)
     old = body.get("status") or {}
     now = datetime.now(UTC)
     heartbeat = (
@@ -373,6 +401,14 @@ def refresh_status(ctx: Context, body: dict[str, Any], ftj: FineTuneJob) -> None
     )
     status = _status(ctx, ftj, owner, seen, old, conditions_of(body), heartbeat, pods, now)
     write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+    ctx.watch(
+        "heartbeat",
+        owner.namespace,
+        owner.name,
+        seen.phase == Phase.RUNNING,
+        HEARTBEAT_CHECK_SECONDS,
+        lambda namespace, name: _check_heartbeat(ctx, namespace, name),
+    )
     if (
         heartbeat is not None
         and heartbeat[2] == Reason.HEARTBEAT_STALE
@@ -460,20 +496,18 @@ def _wire(conditions: list[Condition]) -> list[dict[str, Any]]:
 # -- children: mirror their changes into the parent, restore them when deleted or edited ---------
 
 
-def _owner_body(ctx: Context, obj: dict[str, Any]) -> dict[str, Any] | None:
+def _owner_of(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The owning FineTuneJob's metadata (name, namespace, uid when known), from the child alone:
+    the reconcile reads the FineTuneJob itself, once, under its lock."""
     meta = obj.get("metadata", {})
     if obj.get("kind") == "Pod":  # pods are owned by the Job; the label names the FineTuneJob
         name = (meta.get("labels") or {}).get(FTJ_LABEL)
-        return ctx.kube.get(API_VERSION, KIND, name, meta["namespace"]) if name else None
+        return {"metadata": {"name": name, "namespace": meta["namespace"]}} if name else None
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION:
-            namespace = obj["metadata"]["namespace"]
-            try:
-                parent = ctx.kube.get(API_VERSION, KIND, ref["name"], namespace)
-            except NotFound:
-                return None
-            if parent is not None and parent["metadata"]["uid"] == ref["uid"]:
-                return parent
+            return {
+                "metadata": {"name": ref["name"], "namespace": meta["namespace"], "uid": ref["uid"]}
+            }
     return None
 
 
@@ -490,48 +524,72 @@ def _drifted(ctx: Context, parent: dict[str, Any], obj: dict[str, Any]) -> bool:
     return False
 
 
-def _child_event(ctx: Context, event: dict[str, Any]) -> None:
-    """A child changed. Events of the initial listing (type None) are skipped: the resume
-    handler reconciles every FineTuneJob once at start-up anyway. So are the creations of
-    children (ADDED, but for pods, which the Job controller creates): they are kubetune's own."""
+def _child_event(ctx: Context, event: dict[str, Any]) -> Callable[[], None] | None:
+    """A child changed: what to do about it (blocking), or None when nothing. Events of the
+    initial listing (type None) are skipped: the resume handler reconciles every FineTuneJob
+    once at start-up anyway. So are the creations of children (ADDED, but for pods, which the
+    Job controller creates): they are kubetune's own."""
     kind = event.get("type")
     obj = event.get("object") or {}
     if kind is None or (kind == "ADDED" and obj.get("kind") != "Pod"):
-        return  # a child's creation is the reconcile's own write, which refreshes the status
-    with later():
-        parent = _owner_body(ctx, obj)
-        if parent is None or parent["metadata"].get("deletionTimestamp") or refused(parent):
+        return None  # a child's creation is the reconcile's own write, which refreshes the status
+    owner = _owner_of(obj)
+    if owner is None:
+        return None
+
+    def on_child(ctx: Context, parent: dict[str, Any]) -> None:
+        if parent["metadata"].get("deletionTimestamp") or refused(parent):
             return
         if kind == "DELETED" or (obj.get("kind") != "Pod" and _drifted(ctx, parent, obj)):
-            reconcile_fresh(ctx, KIND, parent, _restore_locked)
+            _reconcile_locked(ctx, parent)
         elif preflight.is_preflight_job(obj):
-            reconcile_body(ctx, parent)  # a verdict decides whether the training Job comes
+            _reconcile_locked(ctx, parent)  # a verdict decides whether the training Job comes
+        elif obj.get("kind") == "Job" and not (obj.get("status") or {}).get("conditions"):
+            _refresh_locked(ctx, parent, obj)  # the event's Job is the server's latest
         elif obj.get("kind") in ("Pod", "Job"):
-            reconcile_fresh(ctx, KIND, parent, _refresh_locked)
+            # A Job that finished is read again: the pod event that says why (its exit code,
+            # on another watch) may still be on its way, and the read gives it the time.
+            _refresh_locked(ctx, parent)
+
+    def run() -> None:
+        with later():
+            reconcile_fresh(ctx, KIND, owner, on_child)
+
+    return run
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+async def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     """The trainer reported progress: keep the printer column in step (one cheap patch). A
     FineTuneJob listed again after a broken watch is reconciled (Context.relisted)."""
     body = _object(event)
     status = body.get("status") or {}
     ctx = context(memo, kwargs)
     if ctx.relisted(KIND, _event(event)):
-        with later():
-            reconcile_fresh(ctx, KIND, body, _restore_locked)
+
+        def again() -> None:
+            with later():
+                reconcile_fresh(ctx, KIND, body, _restore_locked)
+
+        await blocking(ctx, again)
         return
     if body and _event(event).get("type") == "DELETED":
         meta = body["metadata"]
         metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
+        ctx = context(memo, kwargs)
+        ctx.watch("heartbeat", meta["namespace"], meta["name"], False, 0, lambda *_: None)
         return
     if not body or status.get("phase") != Phase.RUNNING.value:
         return
     text = progress_text(status.get("progress") or {})
     if text and text != status.get("progressText"):
         meta = body["metadata"]
-        with ctx.lock(KIND, meta["namespace"], meta["name"]), later():
-            write_status(ctx.kube, KIND, "FineTuneJob", body, {"progressText": text})
+
+        def write() -> None:
+            with ctx.lock(KIND, meta["namespace"], meta["name"]), later():
+                write_status(ctx.kube, KIND, "FineTuneJob", body, {"progressText": text})
+
+        await blocking(ctx, write)
 
 
 @kopf.on.event("", "v1", "persistentvolumeclaims")
@@ -578,8 +636,10 @@ def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
 @kopf.on.event("", "v1", "serviceaccounts", labels=CHILD_SELECTOR)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_SELECTOR)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_SELECTOR)
-def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    _child_event(context(memo, kwargs), _event(event))
+async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    ctx = context(memo, kwargs)
+    if (work := _child_event(ctx, _event(event))) is not None:
+        await blocking(ctx, work)
 
 
 def _event(event: kopf.RawEvent) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     defaults = Settings()
     memo.kubetune = Context(
         kube=Kube.from_environment(os.environ.get("KUBECONFIG")),
+        executor=settings.execution.executor,
         settings=Settings(
             trainer_image=os.environ.get("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
             fetcher_image=os.environ.get("KUBETUNE_FETCHER_IMAGE", defaults.fetcher_image),

@@ -40,6 +40,7 @@ from kubetune.conditions import now
 from kubetune.handlers.common import (
     Context,
     apply_children,
+    blocking,
     conditions_of,
     context,
     describe_validation_error,
@@ -89,9 +90,11 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         spare = _spare_gpus(ctx, ms)
         children, absent = serving.build_children(ms, owner, model, ctx.settings, spare)
         fresh = is_new(body)
-        if (body.get("status") or {}).get("observedGeneration") != owner.generation and not fresh:
+        changed = (body.get("status") or {}).get("observedGeneration") != owner.generation
+        if (changed and not fresh) or refused(body):
             _apply_all(ctx, children, dry_run=True)
         _apply_all(ctx, children, dry_run=False, fresh=fresh)
+        ctx.refusal_over(KIND, owner.namespace, owner.name)
         for api_version, kind in absent:
             if ctx.kube.get(api_version, kind, owner.name, owner.namespace) is not None:
                 ctx.kube.delete(api_version, kind, owner.name, owner.namespace)
@@ -132,8 +135,7 @@ def _parse(body: dict[str, Any]) -> ModelServer:
 def _resolve_model(ctx: Context, ms: ModelServer, owner: Owner) -> ResolvedModel:
     source = ms.spec.model
     if source.source is not None:
-        digest = hashlib.sha256(source.source.encode()).hexdigest()[:12]
-        return ResolvedModel(uri=source.source, revision=f"source-{digest}", task="auto")
+        return source_model(source.source, source.revision)
     assert source.fine_tune_job_ref is not None  # the CRD's CEL rule: exactly one is set
     name = source.fine_tune_job_ref.name
     job = ctx.kube.get(API_VERSION, FTJ_KIND, name, owner.namespace)
@@ -156,6 +158,17 @@ def _resolve_model(ctx: Context, ms: ModelServer, owner: Owner) -> ResolvedModel
     task = (job.get("spec") or {}).get("task") or "sequence-classification"
     served = ResolvedModel(uri=uri, revision=_served_run(job), task=task)
     return _as_adapter(ms, job, served) or served
+
+
+def source_model(uri: str, revision: str | None) -> ResolvedModel:
+    """A model at a URI. Its rollout revision is a digest of the URI and of the content revision
+    the spec names (spec.model.revision): what the operator can know of the content. A hub
+    revision is also what the fetcher downloads (hf://org/name@revision)."""
+    key = uri if revision is None else f"{uri}@{revision}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    if revision is not None and uri.startswith("hf://"):
+        uri = key
+    return ResolvedModel(uri=uri, revision=f"source-{digest}", task="auto")
 
 
 def _as_adapter(
@@ -263,6 +276,8 @@ def _report_not_servable(
             "observedGeneration": owner.generation,
         },
     )
+    if err.reason == "ChildRejected":
+        ctx.retry_refusal(KIND, body, lambda: reconcile_fresh(ctx, KIND, body, _retry_locked))
     if err.retry:
         raise kopf.TemporaryError(str(err), delay=err.retry)
 
@@ -504,6 +519,12 @@ def _reconcile_soon(ctx: Context, server: dict[str, Any]) -> None:
         reconcile_fresh(ctx, KIND, server, _restore_locked)
 
 
+def _retry_locked(ctx: Context, body: dict[str, Any]) -> None:
+    """See finetunejob._retry_locked."""
+    if refused(body):
+        _reconcile_locked(ctx, body)
+
+
 def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
     """See finetunejob._restore_locked: a refused spec is not built again by its children's
     events."""
@@ -517,12 +538,16 @@ def _restore_locked(ctx: Context, body: dict[str, Any]) -> None:
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=CHILD_SELECTOR)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
-def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     """A child or a pod changed (skipping the initial listing: resume covers it)."""
     if _event(event).get("type") is None:
         return
     ctx = context(memo, kwargs)
-    parent = _parent(ctx, _object(event))
+    await blocking(ctx, lambda: _on_child(ctx, _object(event)))
+
+
+def _on_child(ctx: Context, obj: dict[str, Any]) -> None:
+    parent = _parent(ctx, obj)
     if (
         parent is not None
         and not parent["metadata"].get("deletionTimestamp")
@@ -532,14 +557,18 @@ def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def modelserver_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+async def modelserver_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     """A ModelServer is gone: it leaves the per-phase gauge. One listed again after a broken
     watch is reconciled (Context.relisted)."""
     body = _object(event)
     ctx = context(memo, kwargs)
     if ctx.relisted(KIND, _event(event)):
-        with later():
-            reconcile_fresh(ctx, KIND, body, _restore_locked)
+
+        def again() -> None:
+            with later():
+                reconcile_fresh(ctx, KIND, body, _restore_locked)
+
+        await blocking(ctx, again)
         return
     if body and _event(event).get("type") == "DELETED":
         meta = body["metadata"]
@@ -547,9 +576,10 @@ def modelserver_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> N
 
 
 @kopf.on.event(GROUP, VERSION, FTJ_PLURAL)
-def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+async def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     """A FineTuneJob appeared, changed phase or went away: the ModelServers that follow it (from
-    the index) may have a new model to roll out, or keep serving the last one while it trains."""
+    the index) may have a new model to roll out, or keep serving the last one while it trains.
+    A job that no server follows (most) is answered on the event loop."""
     kind = _event(event).get("type")
     if kind is None:
         return
@@ -557,7 +587,14 @@ def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> N
     job = _object(event)
     meta = job.get("metadata") or {}
     namespace, job_name = str(meta.get("namespace")), str(meta.get("name"))
-    for name in ctx.indexes.servers_following(namespace, job_name):
+    if followers := ctx.indexes.servers_following(namespace, job_name):
+        await blocking(ctx, lambda: _job_changed(ctx, job, str(kind), namespace, followers))
+
+
+def _job_changed(
+    ctx: Context, job: dict[str, Any], kind: str, namespace: str, followers: list[str]
+) -> None:
+    for name in followers:
         server = ctx.kube.get(API_VERSION, KIND, name, namespace)
         if server is None or _already_saw(server, job, kind):
             continue

@@ -157,6 +157,16 @@ class ServedModel(ApiModel):
         pattern=SOURCE_PATTERN,
         max_length=1024,
     )
+    revision: str | None = Field(
+        default=None,
+        description="Which content of `source` to serve, and the key of its rollouts: for "
+        "hf:// the hub revision (a commit sha, branch or tag; the same as hf://org/name@revision); "
+        "for pvc:// and s3:// a label of yours for what the path holds now (an S3 object "
+        "version, a date, a checksum). A new value rolls out the source again at the same URI: "
+        "the operator cannot see new files behind an unchanged URI.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+        max_length=128,
+    )
     name: str | None = Field(
         default=None,
         description="Model name in Triton (the /v2/models/<name> path); the resource's name when "
@@ -175,7 +185,18 @@ class ServedModel(ApiModel):
                     "rule": "has(self.fineTuneJobRef) != has(self.source)",
                     "message": "exactly one of spec.model.fineTuneJobRef and spec.model.source "
                     "must be set",
-                }
+                },
+                {
+                    "rule": "!has(self.revision) || has(self.source)",
+                    "message": "spec.model.revision applies to spec.model.source only: a "
+                    "FineTuneJob's runs are revisions of their own",
+                },
+                {
+                    "rule": "!has(self.revision) || !has(self.source) || "
+                    "!(self.source.startsWith('hf://') && self.source.contains('@'))",
+                    "message": "spec.model.revision and an @revision in spec.model.source "
+                    "cannot both be set",
+                },
             ]
         }
     }
