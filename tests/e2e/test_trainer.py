@@ -172,16 +172,22 @@ def tiny_gpt2(
     return folder
 
 
+def intent_pairs(path: Path, rows: int = 160) -> Path:
+    """The first `rows` utterances as prompts, their intent's name as the answer (JSON lines)."""
+    lines = DATASET.read_text(encoding="utf-8").splitlines()[:rows]
+    pairs = [json.loads(line) for line in lines]
+    path.write_text(
+        "".join(json.dumps({"prompt": r["text"], "answer": r["label"]}) + "\n" for r in pairs),
+        encoding="utf-8",
+    )
+    return path
+
+
 def causal_config(
     trainer: TrainerHarness, tmp_path: Path, spec: dict[str, Any], width: int = 32
 ) -> Path:
     """Intent names as responses to the utterances: a prompt/response causal-LM task."""
-    rows = [json.loads(line) for line in DATASET.read_text(encoding="utf-8").splitlines()[:160]]
-    dataset = tmp_path / "pairs.jsonl"
-    dataset.write_text(
-        "".join(json.dumps({"prompt": r["text"], "answer": r["label"]}) + "\n" for r in rows),
-        encoding="utf-8",
-    )
+    dataset = intent_pairs(tmp_path / "pairs.jsonl")
     base = {
         "task": "causal-lm",
         "dataset": {"textField": "prompt", "labelField": "answer"},
