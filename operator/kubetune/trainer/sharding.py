@@ -10,12 +10,15 @@ worth having; CPU autocast still applies inside the blocks when the precision as
 Checkpoints are sharded too (`torch.distributed.checkpoint`: every rank writes its own shards of
 the model and optimizer), and the export gathers the full weights once, on rank 0.
 
-`auto` needs to know whether the model fits one device. The memory planner answers that before
-any GPU is held; here, with the model loaded, `FitsOneDevice` gets the measured parameter counts.
+`auto` needs to know whether the model fits one device. The memory planner answers that from the
+model's config.json, as the pre-flight pod did before any GPU was held (`planner_fits`: the same
+arithmetic, so the trainer shards exactly when the plan said one device does not fit); a config
+the planner cannot read falls back to `estimate_fits_one_device` on the measured counts.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kubetune import planner
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec, Method, Precision, Sharding
 from kubetune.trainer.distributed import DistContext
 from kubetune.trainer.errors import ConfigError
@@ -47,6 +51,42 @@ def estimate_fits_one_device(
     return needed <= 0.8 * device_bytes
 
 
+def planner_fits(model_dir: Path, num_labels: int) -> FitsOneDevice:
+    """The memory planner's verdict for an unsharded copy (sharding degree 1), from the model's
+    config.json: what the pre-flight check compared with the GPU's memory before scheduling."""
+
+    def fits(spec: FineTuneJobSpec, parameters: int, trainable: int, device_bytes: int) -> bool:
+        try:
+            config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+            shape = planner.shape_from_config(config)
+        except (OSError, ValueError):  # PlanError is a ValueError: an architecture it lacks
+            return estimate_fits_one_device(spec, parameters, trainable, device_bytes)
+        setup = planner.setup_from_spec(
+            spec,
+            num_labels=num_labels,
+            sharding_degree=1,
+            activation_checkpointing=spec.hyperparameters.activation_checkpointing,
+        )
+        return planner.check(shape, setup, device_bytes).fits is True
+
+    return fits
+
+
+def auto_shards(
+    spec: FineTuneJobSpec,
+    world_size: int,
+    device_bytes: int | None,
+    parameters: int,
+    trainable: int,
+    fits: FitsOneDevice,
+) -> bool:
+    """`sharding: auto`: FSDP when there are several processes, each on a GPU of
+    `device_bytes`, and `fits` says an unsharded copy does not fit one of them."""
+    if world_size < 2 or device_bytes is None or spec.hyperparameters.precision == Precision.FP16:
+        return False
+    return not fits(spec, parameters, trainable, device_bytes)
+
+
 def use_fsdp(
     spec: FineTuneJobSpec,
     ctx: DistContext,
@@ -65,16 +105,12 @@ def use_fsdp(
         return False
     if sharding == Sharding.FSDP:
         return True  # also over one process (it then shards nothing, but runs FSDP's path)
-    if (
-        not ctx.distributed
-        or ctx.device.type != "cuda"
-        or spec.hyperparameters.precision == Precision.FP16
-    ):
-        return False
+    memory = None
+    if ctx.distributed and ctx.device.type == "cuda":
+        memory = torch.cuda.get_device_properties(ctx.device).total_memory
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    memory = torch.cuda.get_device_properties(ctx.device).total_memory
-    return not fits(spec, total, trainable, memory)
+    return auto_shards(spec, ctx.world_size, memory, total, trainable, fits)
 
 
 def block_classes(model: torch.nn.Module) -> set[str]:
