@@ -69,6 +69,8 @@ class ImageSpec:
     # Paths of the repository the Dockerfile COPYs (the build context is the repository root,
     # as for `docker build -f images/NAME/Dockerfile .`); none: the image's own folder.
     inputs: tuple[str, ...] = ()
+    # The Dockerfile in the image's folder: a local variant of an upstream one, say.
+    dockerfile: str = "Dockerfile"
 
     @property
     def folder(self) -> Path:
@@ -79,7 +81,7 @@ class ImageSpec:
         if not self.inputs:
             found = [(str(p.relative_to(self.folder)), p) for p in self.folder.rglob("*")]
         else:
-            found = [("Dockerfile", self.folder / "Dockerfile")]
+            found = [(self.dockerfile, self.folder / self.dockerfile)]
             for item in self.inputs:
                 path = REPO / item
                 paths = [path] if path.is_file() else list(path.rglob("*"))
@@ -199,7 +201,7 @@ def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Ima
                 f"--volume={host_ca_bundle()}:/etc/ssl/certs/ca-certificates.crt:ro",
                 f"--tag={ref}",
                 *(f"--build-arg={k}={v}" for k, v in sorted(spec.build_args.items())),
-                f"--file={context / 'Dockerfile'}",
+                f"--file={context / spec.dockerfile}",
                 str(context),
             ]
             _run(argv, f"building image {spec.name}", stream=True)
@@ -294,8 +296,24 @@ def ml_image() -> Image:
     return build(spec)
 
 
+def triton_image() -> Image:
+    """The local ModelServer image (images/triton/local.Dockerfile): the nvidia-pytriton wheel's
+    tritonserver on the ML base. Upstream builds use images/triton/Dockerfile on NVIDIA's image."""
+    base = ml_image()
+    spec = ImageSpec(
+        "triton",
+        {"BASE_IMAGE": base.ref},
+        extra_key=base.ref,
+        inputs=PACKAGE_INPUTS,
+        dockerfile="local.Dockerfile",
+    )
+    return build(spec)
+
+
 def kubetune_image(name: str) -> Image:
-    """images/NAME (operator, trainer, triton) built on the local Debian base."""
+    """images/NAME (operator, trainer) built on the local Debian base; triton: triton_image()."""
+    if name == "triton":
+        return triton_image()
     base = base_image()
     spec = ImageSpec(name, {"BASE_IMAGE": base.ref}, extra_key=base.ref, inputs=PACKAGE_INPUTS)
     return build(spec)
