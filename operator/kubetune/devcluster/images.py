@@ -294,8 +294,13 @@ def ml_image() -> Image:
     return build(spec)
 
 
+# The images that run torch: built on the ML base, so they share its layers on a node.
+ML_IMAGES = ("trainer", "triton")
+
+
 def kubetune_image(name: str) -> Image:
-    """images/NAME (operator, trainer, triton) built on the local Debian base."""
-    base = base_image()
+    """images/NAME (operator, trainer, triton) built on the local Debian base, or for the images
+    of ML_IMAGES on the ML base (ml_image)."""
+    base = ml_image() if name in ML_IMAGES else base_image()
     spec = ImageSpec(name, {"BASE_IMAGE": base.ref}, extra_key=base.ref, inputs=PACKAGE_INPUTS)
     return build(spec)
