@@ -193,6 +193,9 @@ def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Ima
                 "bud",
                 "--isolation=chroot",
                 "--layers",
+                # A failed step's working container goes too (by default buildah
+                # keeps it: gigabytes of half-installed packages for the ML images).
+                "--force-rm",
                 # Builds reach the package registries as the host does: through its network and
                 # its CA bundle (mounted for the build only, never written into an image).
                 "--network=host",
