@@ -195,6 +195,9 @@ def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Ima
                 "bud",
                 "--isolation=chroot",
                 "--layers",
+                # A failed step's working container goes too (by default buildah
+                # keeps it: gigabytes of half-installed packages for the ML images).
+                "--force-rm",
                 # Builds reach the package registries as the host does: through its network and
                 # its CA bundle (mounted for the build only, never written into an image).
                 "--network=host",
@@ -310,10 +313,15 @@ def triton_image() -> Image:
     return build(spec)
 
 
+# The images that run torch: built on the ML base, so they share its layers on a node.
+ML_IMAGES = ("trainer", "triton")
+
+
 def kubetune_image(name: str) -> Image:
-    """images/NAME (operator, trainer) built on the local Debian base; triton: triton_image()."""
+    """images/NAME (operator, trainer) built on the local Debian base, or for the images of
+    ML_IMAGES on the ML base (ml_image); triton is triton_image()."""
     if name == "triton":
         return triton_image()
-    base = base_image()
+    base = ml_image() if name in ML_IMAGES else base_image()
     spec = ImageSpec(name, {"BASE_IMAGE": base.ref}, extra_key=base.ref, inputs=PACKAGE_INPUTS)
     return build(spec)
