@@ -71,6 +71,8 @@ class ImageSpec:
     inputs: tuple[str, ...] = ()
     # The Dockerfile in the image's folder: a local variant of an upstream one, say.
     dockerfile: str = "Dockerfile"
+    # Folders of `inputs` left out of the context (and so of the key).
+    exclude: tuple[str, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -85,9 +87,18 @@ class ImageSpec:
             for item in self.inputs:
                 path = REPO / item
                 paths = [path] if path.is_file() else list(path.rglob("*"))
-                found += [(str(p.relative_to(REPO)), p) for p in paths]
+                found += [
+                    (str(p.relative_to(REPO)), p)
+                    for p in paths
+                    if not any(p.is_relative_to(REPO / x) for x in self.exclude)
+                ]
         return sorted(
-            (name, p) for name, p in found if p.is_file() and "__pycache__" not in p.parts
+            (name, p)
+            for name, p in found
+            # Not sources: bytecode, and the metadata an editable install (hack/cli.sh) leaves.
+            if p.is_file()
+            and "__pycache__" not in p.parts
+            and not any(part.endswith(".egg-info") for part in p.parts)
         )
 
 
@@ -283,7 +294,16 @@ def base_image() -> Image:
     return build(ImageSpec("base", extra_key=SUITE), bootstrap)
 
 
-PACKAGE_INPUTS = ("pyproject.toml", "README.md", "operator")
+# What the images that install kubetune COPY. pyproject.toml names README.md as the package's
+# readme: the images get a one-line one (package_readme), so editing the README rebuilds nothing.
+PACKAGE_INPUTS = ("pyproject.toml", "operator")
+# The local cluster's code (`kubetune dev ...`) runs on the host, never in a pod: left out of the
+# images, so working on the node or the demo rebuilds none of them.
+PACKAGE_EXCLUDE = ("operator/kubetune/devcluster",)
+
+
+def package_readme(context: Path) -> None:
+    (context / "README.md").write_text("kubetune: see the project's README.\n", encoding="utf-8")
 
 
 def ml_image() -> Image:
@@ -308,9 +328,10 @@ def triton_image() -> Image:
         {"BASE_IMAGE": base.ref},
         extra_key=base.ref,
         inputs=PACKAGE_INPUTS,
+        exclude=PACKAGE_EXCLUDE,
         dockerfile="local.Dockerfile",
     )
-    return build(spec)
+    return build(spec, package_readme)
 
 
 # The images that run torch: built on the ML base, so they share its layers on a node.
@@ -323,5 +344,11 @@ def kubetune_image(name: str) -> Image:
     if name == "triton":
         return triton_image()
     base = ml_image() if name in ML_IMAGES else base_image()
-    spec = ImageSpec(name, {"BASE_IMAGE": base.ref}, extra_key=base.ref, inputs=PACKAGE_INPUTS)
-    return build(spec)
+    spec = ImageSpec(
+        name,
+        {"BASE_IMAGE": base.ref},
+        extra_key=base.ref,
+        inputs=PACKAGE_INPUTS,
+        exclude=PACKAGE_EXCLUDE,
+    )
+    return build(spec, package_readme)
