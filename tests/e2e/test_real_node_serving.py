@@ -217,9 +217,15 @@ def test_a_server_whose_model_cannot_load_never_becomes_ready(
     )
     [status] = pod.status.container_statuses
     assert not status.ready and not is_ready(pod)
-    # FallbackToLogsOnError: the termination message is the end of Triton's log, with its reason.
+    assert status.last_state.terminated.exit_code != 0
+    # FallbackToLogsOnError: the termination message is the end of Triton's log (the kubelet
+    # keeps its last 2 KB: Triton's closing tables leave room for its last line only)...
     message = status.last_state.terminated.message or ""
-    assert "broken" in message, message
+    assert "failed to load all models" in message, message
+    # ...and the previous run's log says which model and why.
+    log = core.read_namespaced_pod_log(pod.metadata.name, ns, container="triton", previous=True)
+    reasons = [line for line in log.splitlines() if "failed to load" in line and "broken" in line]
+    assert reasons, log[-3000:]
 
 
 def container_pids(cluster: LocalCluster, container_id: str) -> list[int]:
