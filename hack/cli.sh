@@ -18,5 +18,9 @@ exec 9>"$venv/.cli.lock"
 flock 9
 installed && exit 0
 echo "kubetune: installing the kubetune command into $venv (editable, no dependencies)" >&2
-"$venv/bin/pip" install --quiet --no-deps --editable "$here" >&2
+# Its output (setuptools' deprecation notices) only when it fails.
+if ! out=$("$venv/bin/pip" install --quiet --no-deps --editable "$here" 2>&1); then
+  echo "$out" >&2
+  exit 1
+fi
 installed
