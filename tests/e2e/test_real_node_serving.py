@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +28,6 @@ from kubetune.api.v1alpha1.modelserver import ModelServer, SmokeTestSpec
 from kubetune.builders.common import Owner, Settings
 from kubetune.builders.serving import ResolvedModel, build_deployment
 from kubetune.devcluster import node
-from kubetune.devcluster.binaries import kubectl_path
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.demo import PLACEMENT, minilm_checkpoint
 from kubetune.devcluster.images import triton_image
@@ -129,12 +126,6 @@ def ns(served: LocalCluster) -> Iterator[str]:
     core.delete_namespace(name)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_two_replicas_answer_on_their_own_pod_ips_and_through_port_forward(
     served: LocalCluster, ns: str
 ) -> None:
@@ -156,30 +147,9 @@ def test_two_replicas_answer_on_their_own_pod_ips_and_through_port_forward(
         assert result.ok, result.message
         assert result.label
     # kubectl port-forward, served by the real kubelet (through containerd's stream server).
-    local = free_port()
-    forward = subprocess.Popen(
-        [
-            str(kubectl_path()),
-            f"--kubeconfig={served.kubeconfig}",
-            "-n",
-            ns,
-            "port-forward",
-            f"pod/{pods[0].metadata.name}",
-            f"{local}:{PORT}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert forward.stdout is not None
-        line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8000" once bound
-        assert "Forwarding from" in line, line
+    with served.port_forward(f"pod/{pods[0].metadata.name}", PORT, ns) as local:
         result = smoke_test(f"127.0.0.1:{local}", "intents", "I was charged twice")
-        assert result.ok, result.message
-    finally:
-        forward.terminate()
-        forward.wait(timeout=30)
+    assert result.ok, result.message
 
 
 def test_a_gated_pod_is_ready_only_once_its_smoke_test_opened_the_gate(

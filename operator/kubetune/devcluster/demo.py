@@ -16,7 +16,6 @@ import copy
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -170,40 +169,19 @@ def follow_training(
     raise SystemExit(f"the FineTuneJob did not finish in {timeout:.0f}s")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def ask(cluster: LocalCluster, service: str, questions: list[str], model: str) -> None:
     """Triton's HTTP API through `kubectl port-forward service/NAME` (the kubelet serves it)."""
     import numpy as np
     import tritonclient.http as httpclient
 
-    port = free_port()
-    argv = [str(kubectl_path()), f"--kubeconfig={cluster.kubeconfig}", "port-forward"]
-    print(f"kubectl port-forward service/{service} {port}:8000")
-    forward = subprocess.Popen(
-        [*argv, f"service/{service}", f"{port}:8000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert forward.stdout is not None
-        line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8000" once bound
-        if "Forwarding from" not in line:
-            raise SystemExit(f"kubectl port-forward failed: {line}{forward.stdout.read()}")
+    with cluster.port_forward(f"service/{service}", 8000) as port:
+        print(f"kubectl port-forward service/{service} {port}:8000")
         triton = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
         text = httpclient.InferInput("TEXT", [len(questions), 1], "BYTES")
         text.set_data_from_numpy(np.array([[q.encode()] for q in questions], dtype=object))
         result = triton.infer(model, [text], outputs=[httpclient.InferRequestedOutput("LABEL")])
-        for question, label in zip(questions, result.as_numpy("LABEL").reshape(-1), strict=True):
-            print(f"  {label.decode():<16} <- {question!r}")
-    finally:
-        forward.terminate()
-        forward.wait(timeout=30)
+    for question, label in zip(questions, result.as_numpy("LABEL").reshape(-1), strict=True):
+        print(f"  {label.decode():<16} <- {question!r}")
 
 
 def main() -> int:
