@@ -304,6 +304,12 @@ ML_IMAGES = ("trainer", "triton")
 def kubetune_image(name: str) -> Image:
     """images/NAME (operator, trainer, triton) built on the local Debian base, or for the images
     of ML_IMAGES on the ML base (ml_image)."""
-    base = ml_image() if name in ML_IMAGES else base_image()
-    spec = ImageSpec(name, {"BASE_IMAGE": base.ref}, extra_key=base.ref, inputs=PACKAGE_INPUTS)
+    if name in ML_IMAGES:
+        # DEPS=base: the ML base has every dependency, kubetune is installed alone.
+        base, args = ml_image(), {"DEPS": "base"}
+    else:
+        base, args = base_image(), {}
+    spec = ImageSpec(
+        name, {"BASE_IMAGE": base.ref, **args}, extra_key=base.ref, inputs=PACKAGE_INPUTS
+    )
     return build(spec)
