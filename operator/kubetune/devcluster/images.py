@@ -343,10 +343,14 @@ def kubetune_image(name: str) -> Image:
     ML_IMAGES on the ML base (ml_image); triton is triton_image()."""
     if name == "triton":
         return triton_image()
-    base = ml_image() if name in ML_IMAGES else base_image()
+    if name in ML_IMAGES:
+        # DEPS=base: the ML base has every dependency, kubetune is installed alone.
+        base, args = ml_image(), {"DEPS": "base"}
+    else:
+        base, args = base_image(), {}
     spec = ImageSpec(
         name,
-        {"BASE_IMAGE": base.ref},
+        {"BASE_IMAGE": base.ref, **args},
         extra_key=base.ref,
         inputs=PACKAGE_INPUTS,
         exclude=PACKAGE_EXCLUDE,
