@@ -26,7 +26,7 @@ from kubernetes import client, config
 
 from kubetune.devcluster.binaries import binaries_dir, kubectl_path
 from kubetune.devcluster.cluster import LocalCluster
-from kubetune.devcluster.images import kubetune_image, triton_image
+from kubetune.devcluster.images import kubetune_image
 from kubetune.devcluster.node import NODE_LABEL
 from kubetune.kube import Kube
 
@@ -93,10 +93,11 @@ def install_operator(cluster: LocalCluster) -> None:
     one operator replica on the real node; the images keep the chart's default names."""
     say("building kubetune's images with buildah (cached by their inputs) and loading them")
     started = time.monotonic()
-    images = [kubetune_image("operator"), kubetune_image("trainer"), triton_image()]
-    cluster.load_images(*images)
-    for image in images:
-        print(f"{image.published_ref}  ({image.ref})")
+    # Each one loaded as soon as it is built: the node holds it from then on.
+    for name in ("operator", "trainer", "triton"):
+        image = kubetune_image(name)
+        cluster.load_images(image)
+        print(f"{image.published_ref}  ({image.ref}) loaded")
     print(f"images ready in {time.monotonic() - started:.0f}s")
     say(f"helm install kubetune charts/kubetune --namespace {SYSTEM} (on the real node)")
     helm(
