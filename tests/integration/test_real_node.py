@@ -360,9 +360,9 @@ def test_the_generated_training_pod_gives_the_trainer_what_it_needs_under_its_se
     """The Job the operator generates (builders.training), applied as it is, on the real
     runtime: read-only root, uid 1000, its volumes and env. The container's process is a probe
     of what torchrun and the trainer need from the pod (a temporary folder under TMPDIR, HF_HOME,
-    the termination log) run in the Debian base image: the trainer image (torch with its CUDA
-    libraries, about 7 GB) does not fit the shared disk of this machine next to the other
-    work, so the probe stands in for the trainer process, not for anything of the pod."""
+    the termination log) run in the Debian base image, a quick check of the pod alone; the
+    trainer itself runs in the trainer image (7 GB: minutes to load into a cluster) in
+    tests/e2e/test_real_node_training.py."""
     api = config.new_client_from_config(str(real_cluster.kubeconfig))
     real_cluster.kubectl("-n", ns, "apply", "-f", str(REPO / "examples" / "pvcs.yaml"))
     ftj = FineTuneJob.model_validate(
