@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 from tests.cluster_fixtures import Resources
-from tests.e2e.real_node_claims import DATASET, MODEL, minilm_claims
+from tests.real_node import DATASET, MODEL, minilm_claims
 from tests.waiting import wait_for
 
 from kubetune.devcluster.binaries import binaries_dir
