@@ -33,7 +33,10 @@ TRAIN = "intents-train"
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with running_cluster(f"ro-{os.getpid()}", real_node=True) as cluster:
-        cluster.load_images(kubetune_image("operator"), kubetune_image("trainer"))
+        # Each loaded as soon as it is built: an archive is kept until another version of the
+        # same image is built on this machine (by another run).
+        cluster.load_images(kubetune_image("operator"))
+        cluster.load_images(kubetune_image("trainer"))
         home = tmp_path_factory.mktemp("helm")
         env = {
             "PATH": "/usr/bin:/bin",

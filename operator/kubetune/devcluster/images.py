@@ -228,8 +228,20 @@ def build(
                 partial = archive.with_suffix(".partial")
                 partial.unlink(missing_ok=True)
                 _say(f"exporting image {spec.name} to {archive.name}")
+                # The blob cache keeps each layer's compressed form: the next export of an image
+                # on the same base (a code change) copies the base's layers instead of
+                # compressing gigabytes again.
+                blobs = cache_root() / "buildah" / "blob-cache"
+                blobs.mkdir(parents=True, exist_ok=True)
                 _run(
-                    ["buildah", *_storage_args(), "push", ref, f"oci-archive:{partial}:{ref}"],
+                    [
+                        "buildah",
+                        *_storage_args(),
+                        "push",
+                        f"--blob-cache={blobs}",
+                        ref,
+                        f"oci-archive:{partial}:{ref}",
+                    ],
                     f"exporting image {spec.name}",
                 )
                 partial.rename(archive)
@@ -238,11 +250,23 @@ def build(
     return Image(spec.name, ref, archive)
 
 
+def _being_loaded(archive: Path) -> bool:
+    """True while a node loads the archive (node.import_image holds a shared lock on it)."""
+    try:
+        with archive.open("rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:
+        return False
+    return False
+
+
 def _prune(name: str, archive: Path, ref: str) -> None:
     """Older builds of the same image are of no further use: their archives and their layers in
     buildah's storage go (images are large; the disk is shared)."""
     for old in archive.parent.glob(f"{name}-*.tar"):
-        if old != archive:
+        if old != archive and not _being_loaded(old):
             old.unlink(missing_ok=True)
     listed = _run(
         ["buildah", *_storage_args(), "images", "--format", "{{.Name}}:{{.Tag}}"],
