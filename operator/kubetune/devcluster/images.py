@@ -228,20 +228,8 @@ def build(
                 partial = archive.with_suffix(".partial")
                 partial.unlink(missing_ok=True)
                 _say(f"exporting image {spec.name} to {archive.name}")
-                # The blob cache keeps each layer's compressed form: the next export of an image
-                # on the same base (a code change) copies the base's layers instead of
-                # compressing gigabytes again.
-                blobs = cache_root() / "buildah" / "blob-cache"
-                blobs.mkdir(parents=True, exist_ok=True)
                 _run(
-                    [
-                        "buildah",
-                        *_storage_args(),
-                        "push",
-                        f"--blob-cache={blobs}",
-                        ref,
-                        f"oci-archive:{partial}:{ref}",
-                    ],
+                    ["buildah", *_storage_args(), "push", ref, f"oci-archive:{partial}:{ref}"],
                     f"exporting image {spec.name}",
                 )
                 partial.rename(archive)
