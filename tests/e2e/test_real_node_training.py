@@ -31,7 +31,9 @@ from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.demo import PLACEMENT
 from kubetune.devcluster.images import kubetune_image
 
-pytestmark = pytest.mark.cluster
+# The first test's fixtures load the trainer image (7 GB) into a new cluster's containerd
+# (about 4.5 minutes here) and may rebuild it after a code change: beyond pytest's 900 s default.
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 NAMESPACE = "team"
 TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 TRAIN_TIMEOUT = 900  # seconds: a few hundred MiniLM steps on a shared two-core machine
