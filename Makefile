@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint typecheck unit crds bench cluster-up cluster-down venv kubeconfig binaries tools prereqs cli
+.PHONY: help demo test lint typecheck unit crds bench cluster-up cluster-down venv kubeconfig binaries tools prereqs cli images
 
 help:
 	@echo "make demo   - start the local cluster and run the main job"
@@ -32,7 +32,7 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-test: lint typecheck prereqs binaries tools cli
+test: lint typecheck prereqs binaries tools cli images
 	PATH="$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 # Debian packages for the local node and the image builds (containerd, runc, CNI plugins, buildah,
@@ -52,6 +52,10 @@ tools:
 # The `kubetune` command in the venv's bin/ (the project installed there, editable).
 cli:
 	@hack/cli.sh $(VENV)
+# The images the real-node tests run, built with buildah before pytest starts (the ML base is
+# about 20 minutes cold, longer than one test may take; later runs find them in the cache).
+images: prereqs
+	@$(PY) -c "from kubetune.devcluster.images import kubetune_image; [kubetune_image(n) for n in ('operator', 'trainer', 'triton')]"
 
 unit:
 	PATH="$(VENV)/bin:$$PATH" $(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 from tests.cluster_fixtures import Resources
-from tests.e2e.real_node_claims import DATASET, MODEL, minilm_claims
+from tests.real_node import DATASET, MODEL, minilm_claims
 from tests.waiting import wait_for
 
 from kubetune.devcluster.binaries import binaries_dir
@@ -23,7 +23,9 @@ from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.demo import PLACEMENT
 from kubetune.devcluster.images import kubetune_image
 
-pytestmark = pytest.mark.cluster
+# The first test's fixtures load the trainer image (7 GB) into a new cluster's containerd
+# (about 4.5 minutes here) and may rebuild it after a code change: beyond pytest's 900 s default.
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
 SYSTEM = "kubetune-system"
@@ -33,7 +35,10 @@ TRAIN = "intents-train"
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with running_cluster(f"ro-{os.getpid()}", real_node=True) as cluster:
-        cluster.load_images(kubetune_image("operator"), kubetune_image("trainer"))
+        # Each loaded as soon as it is built: an archive is kept until another version of the
+        # same image is built on this machine (by another run).
+        cluster.load_images(kubetune_image("operator"))
+        cluster.load_images(kubetune_image("trainer"))
         home = tmp_path_factory.mktemp("helm")
         env = {
             "PATH": "/usr/bin:/bin",

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 from tests.cluster_fixtures import OperatorProcess, Resources
-from tests.e2e.real_node_claims import DATASET, MODEL, minilm_claims
+from tests.e2e.conftest import parse_events
+from tests.real_node import DATASET, MODEL, minilm_claims, wait_pod_and_container_gone
 from tests.waiting import wait_for
 
 from kubetune.crdgen import all_crds
@@ -31,7 +31,9 @@ from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.demo import PLACEMENT
 from kubetune.devcluster.images import kubetune_image
 
-pytestmark = pytest.mark.cluster
+# The first test's fixtures load the trainer image (7 GB) into a new cluster's containerd
+# (about 4.5 minutes here) and may rebuild it after a code change: beyond pytest's 900 s default.
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 NAMESPACE = "team"
 TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 TRAIN_TIMEOUT = 900  # seconds: a few hundred MiniLM steps on a shared two-core machine
@@ -145,15 +147,8 @@ def diagnose(cluster: LocalCluster, name: str) -> str:
 
 
 def events_of(log: str) -> list[dict[str, Any]]:
-    """The trainer's JSON lines in a pod's log (torchrun and libraries print other lines)."""
-    found = []
-    for line in log.splitlines():
-        if line.startswith("{"):
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                continue
-    return [e for e in found if "event" in e]
+    """The trainer's events in a pod's log (torchrun and libraries print other lines)."""
+    return [e for e in parse_events(log) if "event" in e]
 
 
 def container_spec(cluster: LocalCluster, pod: Any) -> dict[str, Any]:
@@ -224,20 +219,12 @@ def test_the_deleted_jobs_containers_are_gone(
     assert container_id in node.ctr(paths, "containers", "list", "-q").stdout.split()
     api = config.new_client_from_config(str(trainer_cluster.kubeconfig))
     Resources(api, NAMESPACE).delete("finetunejobs", "single")
-    core = client.CoreV1Api(api)
-
-    def pod_gone() -> bool:
-        try:
-            core.read_namespaced_pod(one_pod["pod"].metadata.name, NAMESPACE)
-        except ApiException as err:
-            return err.status == 404
-        return False
-
-    wait_for(pod_gone, timeout=120, what="the training pod to be deleted")
-    wait_for(
-        lambda: container_id not in node.ctr(paths, "containers", "list", "-q").stdout.split(),
-        timeout=60,
-        what="containerd to remove the trainer's container",
+    wait_pod_and_container_gone(
+        trainer_cluster,
+        client.CoreV1Api(api),
+        NAMESPACE,
+        one_pod["pod"].metadata.name,
+        container_id,
     )
 
 

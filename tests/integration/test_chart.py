@@ -462,7 +462,12 @@ def _owner(
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": kind,
-        "metadata": {"name": "rbac", "namespace": ns, "uid": real["metadata"]["uid"], "generation": 1},
+        "metadata": {
+            "name": "rbac",
+            "namespace": ns,
+            "uid": real["metadata"]["uid"],
+            "generation": 1,
+        },
         "spec": spec,
     }
 

@@ -190,19 +190,37 @@ def held(image: Image) -> Iterator[Path]:
         yield image.archive
 
 
-def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Image:
+def _in_storage(ref: str) -> bool:
+    done = subprocess.run(
+        ["buildah", *_storage_args(), "inspect", "--type", "image", ref],
+        check=False,
+        capture_output=True,
+        env=_buildah_env(),
+    )
+    return done.returncode == 0
+
+
+def build(
+    spec: ImageSpec, prepare: Callable[[Path], None] | None = None, export: bool = True
+) -> Image:
     """The image of `spec`, built with `buildah bud` when its key is not in the cache yet.
 
     `prepare` writes artifacts made on the host into a copy of the context before the build (the
-    pause binary): the key covers their sources, which are files of the context.
+    pause binary): the key covers their sources, which are files of the context. `export`
+    False: the image is a base that only other builds use (no node loads it), kept in buildah's
+    storage alone, with no archive (an export of the ML base takes minutes and gigabytes).
     """
     key = _hash_inputs(spec)
     ref = f"{REGISTRY}/{spec.name}:{key}"
     archive = cache_root() / "images" / f"{spec.name}-{key}.tar"
-    if archive.exists():
+
+    def built() -> bool:
+        return archive.exists() or (not export and _in_storage(ref))
+
+    if built():
         return Image(spec.name, ref, archive)
     with _lock(spec.name):
-        if archive.exists():
+        if built():
             return Image(spec.name, ref, archive)
         _say(f"building image {spec.name} ({ref}) with buildah")
         started = time.monotonic()
@@ -232,23 +250,37 @@ def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Ima
                 str(context),
             ]
             _run(argv, f"building image {spec.name}", stream=True)
-            partial = archive.with_suffix(".partial")
-            partial.unlink(missing_ok=True)
-            _run(
-                ["buildah", *_storage_args(), "push", ref, f"oci-archive:{partial}:{ref}"],
-                f"exporting image {spec.name}",
-            )
-            partial.rename(archive)
+            if export:
+                partial = archive.with_suffix(".partial")
+                partial.unlink(missing_ok=True)
+                _say(f"exporting image {spec.name} to {archive.name}")
+                _run(
+                    ["buildah", *_storage_args(), "push", ref, f"oci-archive:{partial}:{ref}"],
+                    f"exporting image {spec.name}",
+                )
+                partial.rename(archive)
         _prune(spec.name, archive, ref)
         _say(f"image {spec.name} built in {time.monotonic() - started:.0f}s")
     return Image(spec.name, ref, archive)
+
+
+def _being_loaded(archive: Path) -> bool:
+    """True while a node loads the archive (node.import_image holds a shared lock on it)."""
+    try:
+        with archive.open("rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:
+        return False
+    return False
 
 
 def _prune(name: str, archive: Path, ref: str) -> None:
     """Older builds of the same image are of no further use: their archives and their layers in
     buildah's storage go (images are large; the disk is shared)."""
     for old in archive.parent.glob(f"{name}-*.tar"):
-        if old != archive:
+        if old != archive and not _being_loaded(old):
             old.unlink(missing_ok=True)
     listed = _run(
         ["buildah", *_storage_args(), "images", "--format", "{{.Name}}:{{.Tag}}"],
@@ -321,7 +353,8 @@ def package_readme(context: Path) -> None:
 
 def ml_image() -> Image:
     """images/ml: the local base of the trainer and Triton images (the ML stack, no kubetune code),
-    keyed by requirements.lock only, so code changes never rebuild it."""
+    keyed by requirements.lock only, so code changes never rebuild it. Not exported: they are
+    built FROM it in buildah's storage, and their archives carry its layers to the nodes."""
     base = base_image()
     spec = ImageSpec(
         "ml",
@@ -329,7 +362,7 @@ def ml_image() -> Image:
         extra_key=base.ref,
         inputs=("requirements.lock",),
     )
-    return build(spec)
+    return build(spec, export=False)
 
 
 def triton_image() -> Image:
