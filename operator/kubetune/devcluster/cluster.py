@@ -29,7 +29,7 @@ import yaml
 from kubetune.cache import cache_root
 from kubetune.devcluster import node
 from kubetune.devcluster.binaries import Binaries, ensure_binaries
-from kubetune.devcluster.images import Image, held, pause_image
+from kubetune.devcluster.images import Image, pause_image
 from kubetune.devcluster.pki import CertPair, Pki
 
 SERVICE_CIDR = "10.96.0.0/16"
@@ -647,8 +647,7 @@ class LocalCluster:
             raise ClusterError(f"cluster {self.name!r} has no real node to load images into")
         paths = node.NodePaths(self.dir / "node")
         for image in images:
-            with held(image) as archive:
-                node.import_image(paths, holder.pid, archive)
+            node.import_image(paths, holder.pid, image.archive)
             if image.published_ref:
                 node.tag_image(paths, image.ref, image.published_ref)
 

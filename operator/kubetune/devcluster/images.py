@@ -177,19 +177,6 @@ def _lock(name: str) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def held(image: Image) -> Iterator[Path]:
-    """The image's archive, kept while the block reads it: a build of another key of the same
-    image (another clone's) prunes older archives, under the same lock."""
-    with _lock(image.name):
-        if not image.archive.exists():
-            raise ImageError(
-                f"{image.archive.name} was removed by a build of another {image.name} image "
-                "(another clone's) before it was loaded: run again"
-            )
-        yield image.archive
-
-
 def _in_storage(ref: str) -> bool:
     done = subprocess.run(
         ["buildah", *_storage_args(), "inspect", "--type", "image", ref],
