@@ -27,6 +27,7 @@ from kubetune.devcluster import node
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.demo import PLACEMENT
 from kubetune.devcluster.images import base_image
+from tests.real_node import wait_pod_and_container_gone
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -283,20 +284,7 @@ def test_a_deleted_pods_container_is_gone(
     paths = node.NodePaths(real_cluster.dir / "node")
     assert container_id in node.ctr(paths, "containers", "list", "-q").stdout.split()
     core.delete_namespaced_pod("sleeper", ns, grace_period_seconds=1)
-
-    def gone() -> bool:
-        try:
-            core.read_namespaced_pod("sleeper", ns)
-        except ApiException as err:
-            return err.status == 404
-        return False
-
-    wait_for(gone, timeout=60, what="the pod to be deleted")
-    wait_for(
-        lambda: container_id not in node.ctr(paths, "containers", "list", "-q").stdout.split(),
-        timeout=60,
-        what="containerd to remove the container",
-    )
+    wait_pod_and_container_gone(real_cluster, core, ns, "sleeper", container_id)
 
 
 def test_examples_claims_bind_to_the_default_storage_class_and_pods_write_to_them(
@@ -360,9 +348,9 @@ def test_the_generated_training_pod_gives_the_trainer_what_it_needs_under_its_se
     """The Job the operator generates (builders.training), applied as it is, on the real
     runtime: read-only root, uid 1000, its volumes and env. The container's process is a probe
     of what torchrun and the trainer need from the pod (a temporary folder under TMPDIR, HF_HOME,
-    the termination log) run in the Debian base image: the trainer image (torch with its CUDA
-    libraries, about 7 GB) does not fit the shared disk of this machine next to the other
-    work, so the probe stands in for the trainer process, not for anything of the pod."""
+    the termination log) run in the Debian base image, a quick check of the pod alone; the
+    trainer itself runs in the trainer image (7 GB: minutes to load into a cluster) in
+    tests/e2e/test_real_node_training.py."""
     api = config.new_client_from_config(str(real_cluster.kubeconfig))
     real_cluster.kubectl("-n", ns, "apply", "-f", str(REPO / "examples" / "pvcs.yaml"))
     ftj = FineTuneJob.model_validate(

@@ -657,6 +657,37 @@ class LocalCluster:
             raise ClusterError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
+    @contextlib.contextmanager
+    def port_forward(self, target: str, port: int, namespace: str = "default") -> Iterator[int]:
+        """`kubectl port-forward TARGET LOCAL:PORT` (the real node's kubelet serves it) for the
+        block; yields LOCAL, a free port of this machine's loopback, once kubectl listens."""
+        from kubetune.devcluster.binaries import kubectl_path
+
+        local = _free_port()
+        forward = subprocess.Popen(
+            [
+                str(kubectl_path()),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--namespace={namespace}",
+                "port-forward",
+                target,
+                f"{local}:{port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert forward.stdout is not None
+            line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:LOCAL -> PORT"
+            if "Forwarding from" not in line:
+                forward.terminate()
+                raise ClusterError(f"kubectl port-forward {target}: {line}{forward.stdout.read()}")
+            yield local
+        finally:
+            forward.terminate()
+            forward.wait(timeout=30)
+
     def load_images(self, *images: Image) -> None:
         """Import built images into the real node's containerd (pods use `imagePullPolicy:
         Never` or `IfNotPresent`: no registry is reachable)."""

@@ -69,6 +69,10 @@ class ImageSpec:
     # Paths of the repository the Dockerfile COPYs (the build context is the repository root,
     # as for `docker build -f images/NAME/Dockerfile .`); none: the image's own folder.
     inputs: tuple[str, ...] = ()
+    # The Dockerfile in the image's folder: a local variant of an upstream one, say.
+    dockerfile: str = "Dockerfile"
+    # Folders of `inputs` left out of the context (and so of the key).
+    exclude: tuple[str, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -79,13 +83,22 @@ class ImageSpec:
         if not self.inputs:
             found = [(str(p.relative_to(self.folder)), p) for p in self.folder.rglob("*")]
         else:
-            found = [("Dockerfile", self.folder / "Dockerfile")]
+            found = [(self.dockerfile, self.folder / self.dockerfile)]
             for item in self.inputs:
                 path = REPO / item
                 paths = [path] if path.is_file() else list(path.rglob("*"))
-                found += [(str(p.relative_to(REPO)), p) for p in paths]
+                found += [
+                    (str(p.relative_to(REPO)), p)
+                    for p in paths
+                    if not any(p.is_relative_to(REPO / x) for x in self.exclude)
+                ]
         return sorted(
-            (name, p) for name, p in found if p.is_file() and "__pycache__" not in p.parts
+            (name, p)
+            for name, p in found
+            # Not sources: bytecode, and the metadata an editable install (hack/cli.sh) leaves.
+            if p.is_file()
+            and "__pycache__" not in p.parts
+            and not any(part.endswith(".egg-info") for part in p.parts)
         )
 
 
@@ -164,19 +177,37 @@ def _lock(name: str) -> Iterator[None]:
         yield
 
 
-def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Image:
+def _in_storage(ref: str) -> bool:
+    done = subprocess.run(
+        ["buildah", *_storage_args(), "inspect", "--type", "image", ref],
+        check=False,
+        capture_output=True,
+        env=_buildah_env(),
+    )
+    return done.returncode == 0
+
+
+def build(
+    spec: ImageSpec, prepare: Callable[[Path], None] | None = None, export: bool = True
+) -> Image:
     """The image of `spec`, built with `buildah bud` when its key is not in the cache yet.
 
     `prepare` writes artifacts made on the host into a copy of the context before the build (the
-    pause binary): the key covers their sources, which are files of the context.
+    pause binary): the key covers their sources, which are files of the context. `export`
+    False: the image is a base that only other builds use (no node loads it), kept in buildah's
+    storage alone, with no archive (an export of the ML base takes minutes and gigabytes).
     """
     key = _hash_inputs(spec)
     ref = f"{REGISTRY}/{spec.name}:{key}"
     archive = cache_root() / "images" / f"{spec.name}-{key}.tar"
-    if archive.exists():
+
+    def built() -> bool:
+        return archive.exists() or (not export and _in_storage(ref))
+
+    if built():
         return Image(spec.name, ref, archive)
     with _lock(spec.name):
-        if archive.exists():
+        if built():
             return Image(spec.name, ref, archive)
         _say(f"building image {spec.name} ({ref}) with buildah")
         started = time.monotonic()
@@ -193,33 +224,50 @@ def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Ima
                 "bud",
                 "--isolation=chroot",
                 "--layers",
+                # A failed step's working container goes too (by default buildah
+                # keeps it: gigabytes of half-installed packages for the ML images).
+                "--force-rm",
                 # Builds reach the package registries as the host does: through its network and
                 # its CA bundle (mounted for the build only, never written into an image).
                 "--network=host",
                 f"--volume={host_ca_bundle()}:/etc/ssl/certs/ca-certificates.crt:ro",
                 f"--tag={ref}",
                 *(f"--build-arg={k}={v}" for k, v in sorted(spec.build_args.items())),
-                f"--file={context / 'Dockerfile'}",
+                f"--file={context / spec.dockerfile}",
                 str(context),
             ]
             _run(argv, f"building image {spec.name}", stream=True)
-            partial = archive.with_suffix(".partial")
-            partial.unlink(missing_ok=True)
-            _run(
-                ["buildah", *_storage_args(), "push", ref, f"oci-archive:{partial}:{ref}"],
-                f"exporting image {spec.name}",
-            )
-            partial.rename(archive)
+            if export:
+                partial = archive.with_suffix(".partial")
+                partial.unlink(missing_ok=True)
+                _say(f"exporting image {spec.name} to {archive.name}")
+                _run(
+                    ["buildah", *_storage_args(), "push", ref, f"oci-archive:{partial}:{ref}"],
+                    f"exporting image {spec.name}",
+                )
+                partial.rename(archive)
         _prune(spec.name, archive, ref)
         _say(f"image {spec.name} built in {time.monotonic() - started:.0f}s")
     return Image(spec.name, ref, archive)
+
+
+def _being_loaded(archive: Path) -> bool:
+    """True while a node loads the archive (node.import_image holds a shared lock on it)."""
+    try:
+        with archive.open("rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:
+        return False
+    return False
 
 
 def _prune(name: str, archive: Path, ref: str) -> None:
     """Older builds of the same image are of no further use: their archives and their layers in
     buildah's storage go (images are large; the disk is shared)."""
     for old in archive.parent.glob(f"{name}-*.tar"):
-        if old != archive:
+        if old != archive and not _being_loaded(old):
             old.unlink(missing_ok=True)
     listed = _run(
         ["buildah", *_storage_args(), "images", "--format", "{{.Name}}:{{.Tag}}"],
@@ -278,12 +326,22 @@ def base_image() -> Image:
     return build(ImageSpec("base", extra_key=SUITE), bootstrap)
 
 
-PACKAGE_INPUTS = ("pyproject.toml", "README.md", "operator")
+# What the images that install kubetune COPY. pyproject.toml names README.md as the package's
+# readme: the images get a one-line one (package_readme), so editing the README rebuilds nothing.
+PACKAGE_INPUTS = ("pyproject.toml", "operator")
+# The local cluster's code (`kubetune dev ...`) runs on the host, never in a pod: left out of the
+# images, so working on the node or the demo rebuilds none of them.
+PACKAGE_EXCLUDE = ("operator/kubetune/devcluster",)
+
+
+def package_readme(context: Path) -> None:
+    (context / "README.md").write_text("kubetune: see the project's README.\n", encoding="utf-8")
 
 
 def ml_image() -> Image:
     """images/ml: the local base of the trainer and Triton images (the ML stack, no kubetune code),
-    keyed by requirements.lock only, so code changes never rebuild it."""
+    keyed by requirements.lock only, so code changes never rebuild it. Not exported: they are
+    built FROM it in buildah's storage, and their archives carry its layers to the nodes."""
     base = base_image()
     spec = ImageSpec(
         "ml",
@@ -291,11 +349,43 @@ def ml_image() -> Image:
         extra_key=base.ref,
         inputs=("requirements.lock",),
     )
-    return build(spec)
+    return build(spec, export=False)
+
+
+def triton_image() -> Image:
+    """The local ModelServer image (images/triton/local.Dockerfile): the nvidia-pytriton wheel's
+    tritonserver on the ML base. Upstream builds use images/triton/Dockerfile on NVIDIA's image."""
+    base = ml_image()
+    spec = ImageSpec(
+        "triton",
+        {"BASE_IMAGE": base.ref},
+        extra_key=base.ref,
+        inputs=PACKAGE_INPUTS,
+        exclude=PACKAGE_EXCLUDE,
+        dockerfile="local.Dockerfile",
+    )
+    return build(spec, package_readme)
+
+
+# The images that run torch: built on the ML base, so they share its layers on a node.
+ML_IMAGES = ("trainer", "triton")
 
 
 def kubetune_image(name: str) -> Image:
-    """images/NAME (operator, trainer, triton) built on the local Debian base."""
-    base = base_image()
-    spec = ImageSpec(name, {"BASE_IMAGE": base.ref}, extra_key=base.ref, inputs=PACKAGE_INPUTS)
-    return build(spec)
+    """images/NAME (operator, trainer) built on the local Debian base, or for the images of
+    ML_IMAGES on the ML base (ml_image); triton is triton_image()."""
+    if name == "triton":
+        return triton_image()
+    if name in ML_IMAGES:
+        # DEPS=base: the ML base has every dependency, kubetune is installed alone.
+        base, args = ml_image(), {"DEPS": "base"}
+    else:
+        base, args = base_image(), {}
+    spec = ImageSpec(
+        name,
+        {"BASE_IMAGE": base.ref, **args},
+        extra_key=base.ref,
+        inputs=PACKAGE_INPUTS,
+        exclude=PACKAGE_EXCLUDE,
+    )
+    return build(spec, package_readme)

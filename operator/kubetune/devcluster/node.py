@@ -27,6 +27,7 @@ kubelet's root, pod logs, CNI configuration and IPAM state.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -595,23 +596,32 @@ def tag_image(paths: NodePaths, ref: str, alias: str) -> None:
 
 def import_image(paths: NodePaths, holder_pid: int, archive: Path) -> None:
     """Loads an OCI archive into the node's containerd (inside its mount namespace: the
-    snapshotter's mounts must land there)."""
-    done = subprocess.run(
-        in_namespace(
-            holder_pid,
-            [
-                "ctr",
-                f"--address={paths.containerd_socket}",
-                "--namespace=k8s.io",
-                "images",
-                "import",
-                str(archive),
-            ],
-        ),
-        check=False,
-        capture_output=True,
-        text=True,
-    )
+    snapshotter's mounts must land there). ctr reads it from our open file, under a shared lock:
+    a build of another version on this machine (another test run) does not remove an archive
+    that is being loaded (images._prune skips locked archives)."""
+    try:
+        handle = archive.open("rb")
+    except FileNotFoundError as err:
+        raise NodeError(f"loading {archive.name} into containerd: it is gone ({err})") from err
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        done = subprocess.run(
+            in_namespace(
+                holder_pid,
+                [
+                    "ctr",
+                    f"--address={paths.containerd_socket}",
+                    "--namespace=k8s.io",
+                    "images",
+                    "import",
+                    "-",
+                ],
+            ),
+            stdin=handle,
+            check=False,
+            capture_output=True,
+            text=True,
+        )
     if done.returncode != 0:
         raise NodeError(f"loading {archive.name} into containerd: {done.stderr.strip()}")
 

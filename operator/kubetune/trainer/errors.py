@@ -139,7 +139,9 @@ def write_termination_message(reason: Reason, message: str, path: Path | None = 
 def write_termination_text(body: str, path: Path | None = None) -> bool:
     """Writes `body` as the termination message (see write_termination_message)."""
     target = path or termination_log_path()
-    if not os.access(target.parent, os.W_OK):
+    # In a pod the kubelet bind-mounts the file itself, writable, into a folder of the read-only
+    # root: the file's own access decides there, the folder's only when there is no file yet.
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
         return False
     try:
         target.write_text(body + "\n", encoding="utf-8")
