@@ -497,10 +497,13 @@ def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
     """The trainer reported progress: keep the printer column in step (one cheap patch)."""
     body = _object(event)
     status = body.get("status") or {}
-    if body and _event(event).get("type") == "DELETED":
+    if body:  # every change of every job, the trainer's progress included: the per-job series
         meta = body["metadata"]
-        metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
-        return
+        gone = _event(event).get("type") == "DELETED"
+        metrics.record_job(meta["namespace"], meta["name"], None if gone else status)
+        if gone:
+            metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
+            return
     if not body or status.get("phase") != Phase.RUNNING.value:
         return
     text = progress_text(status.get("progress") or {})
