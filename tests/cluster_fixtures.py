@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,13 @@ from tests.waiting import wait_for
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 class OperatorProcess:
     """Start, stop and restart the operator; its log is kept for failing tests to show."""
 
@@ -29,6 +37,9 @@ class OperatorProcess:
         self.cluster = cluster
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        # Its Prometheus metrics (`kubetune run --metrics-port`), what the chart's metrics
+        # Service fronts: tests scrape them with the real Prometheus.
+        self.metrics_port = _free_port()
 
     def start(self) -> None:
         env = {
@@ -38,7 +49,7 @@ class OperatorProcess:
         }
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kubetune", "run"],
+                [sys.executable, "-m", "kubetune", "run", f"--metrics-port={self.metrics_port}"],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -397,7 +397,9 @@ def build_hpa(ms: ModelServer, owner: Owner, model: ResolvedModel) -> dict[str, 
             "behavior": {
                 # Model servers are slow to start: scale up promptly, scale down carefully.
                 "scaleUp": {"stabilizationWindowSeconds": 0},
-                "scaleDown": {"stabilizationWindowSeconds": 300},
+                "scaleDown": {
+                    "stabilizationWindowSeconds": auto.scale_down_stabilization_seconds
+                },
             },
         },
     }

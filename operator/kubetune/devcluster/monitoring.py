@@ -91,7 +91,8 @@ def start_prometheus(
     """Prometheus scraping `scrape_configs`, as a component of `cluster`. A `kubernetes_sd_configs`
     entry without `kubeconfig_file` gets the cluster's."""
     binary = str(ensure_tool(PROMETHEUS))
-    folder = cluster.dir / "prometheus"
+    port = _free_port()
+    folder = cluster.dir / f"prometheus-{port}"  # one cluster may have several
     folder.mkdir(parents=True, exist_ok=True)
     configs = json.loads(json.dumps(scrape_configs))
     for job in configs:
@@ -103,9 +104,8 @@ def start_prometheus(
     }
     config_file = folder / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    port = _free_port()
     cluster.add_component(
-        "prometheus",
+        f"prometheus-{port}",
         [
             binary,
             f"--config.file={config_file}",
