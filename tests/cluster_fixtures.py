@@ -23,7 +23,7 @@ from tests.waiting import wait_for
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -39,7 +39,7 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         # Its Prometheus metrics (`kubetune run --metrics-port`), what the chart's metrics
         # Service fronts: tests scrape them with the real Prometheus.
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
 
     def start(self) -> None:
         env = {

@@ -66,6 +66,30 @@ class PublishedTool:
 
 
 @dataclass(frozen=True)
+class RequiredTool(PublishedTool):
+    """A published command built as a requirement of a throwaway module (in its cache folder)
+    instead of `go install PACKAGE@VERSION`: for modules whose version list the proxy refuses
+    (403), which `go install` reads for deprecation notices. The throwaway module requires the
+    tool's module alone, so the build list is the one the tool's own go.mod pins."""
+
+    def build(self, out: Path, env: dict[str, str]) -> list[str]:
+        (out.parent / "go.mod").write_text(
+            f"module kubetune.local/build/{self.name}\n\ngo 1.26\n\n"
+            f"require {self.module} {self.version}\n"
+        )
+        return [
+            "go",
+            "build",
+            "-v",
+            "-mod=mod",
+            *self.flags,
+            "-o",
+            str(out / self.built_name),
+            self.package,
+        ]
+
+
+@dataclass(frozen=True)
 class HelperTool:
     """A main package of hack/gotools, built with that module's go.mod and go.sum."""
 
@@ -107,8 +131,8 @@ PROMETHEUS = PublishedTool(
     flags=("-ldflags", "-X github.com/prometheus/common/version.Version=3.16.0"),
 )
 # The custom metrics API server the documented HPA rules run in (kubernetes-sigs/prometheus-adapter;
-# v0.12.0 is the latest release the module proxy serves).
-PROMETHEUS_ADAPTER = PublishedTool(
+# v0.12.0 is the latest release the module proxy serves; its version list is refused).
+PROMETHEUS_ADAPTER = RequiredTool(
     "prometheus-adapter", "sigs.k8s.io/prometheus-adapter", "cmd/adapter", "v0.12.0"
 )
 KSTATUS = HelperTool("kstatus")
