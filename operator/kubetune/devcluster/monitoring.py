@@ -227,16 +227,12 @@ def start_adapter(
 
 def pods_metric(cluster: LocalCluster, namespace: str, metric: str) -> dict[str, str]:
     """`GET /apis/custom.metrics.k8s.io/v1beta2/namespaces/NS/pods/*/METRIC`, what the HPA
-    controller reads: pod name -> value (a Kubernetes quantity), {} when it has none."""
-    from kubernetes import client
-    from kubernetes import config as kube_config
-
-    api = kube_config.new_client_from_config(str(cluster.kubeconfig))
+    controller reads: pod name -> value (a Kubernetes quantity), {} when it has none yet."""
     path = f"/apis/{CUSTOM_METRICS_GROUP}/v1beta2/namespaces/{namespace}/pods/*/{metric}"
     try:
-        data = api.call_api(path, "GET", response_type="object", _return_http_data_only=True)
-    except client.ApiException as err:
-        if err.status == 404:
+        data = json.loads(cluster.kubectl("get", "--raw", path))
+    except ClusterError as err:
+        if "NotFound" in str(err) or "not find" in str(err):
             return {}
         raise
     return {item["describedObject"]["name"]: str(item["value"]) for item in data.get("items", [])}
