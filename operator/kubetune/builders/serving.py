@@ -397,9 +397,7 @@ def build_hpa(ms: ModelServer, owner: Owner, model: ResolvedModel) -> dict[str, 
             "behavior": {
                 # Model servers are slow to start: scale up promptly, scale down carefully.
                 "scaleUp": {"stabilizationWindowSeconds": 0},
-                "scaleDown": {
-                    "stabilizationWindowSeconds": auto.scale_down_stabilization_seconds
-                },
+                "scaleDown": {"stabilizationWindowSeconds": auto.scale_down_stabilization_seconds},
             },
         },
     }
