@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint typecheck unit crds bench cluster-up cluster-down venv kubeconfig binaries tools prereqs
+.PHONY: help demo test lint typecheck unit crds bench cluster-up cluster-down venv kubeconfig binaries tools prereqs cli
 
 help:
 	@echo "make demo   - start the local cluster and run the main job"
@@ -21,7 +21,7 @@ help:
 venv:
 	@echo $(VENV)
 
-demo: prereqs
+demo: prereqs cli
 	@PATH="$(VENV)/bin:$$PATH" $(PY) -m kubetune.devcluster.demo
 
 lint:
@@ -32,7 +32,7 @@ lint:
 typecheck:
 	$(VENV)/bin/mypy
 
-test: lint typecheck prereqs binaries tools
+test: lint typecheck prereqs binaries tools cli
 	PATH="$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 # Debian packages for the local node and the image builds (containerd, runc, CNI plugins, buildah,
@@ -48,6 +48,10 @@ binaries:
 # Security admission), built from the Go module proxy once per version (it shows its steps).
 tools:
 	@$(PY) -m kubetune.devcluster.gotools >/dev/null
+
+# The `kubetune` command in the venv's bin/ (the project installed there, editable).
+cli:
+	@hack/cli.sh $(VENV)
 
 unit:
 	PATH="$(VENV)/bin:$$PATH" $(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -1,22 +1,24 @@
-"""The ModelServer's pods as the operator generates them (builders.serving), on the real node:
-the fetch init container (`python -m kubetune.serving.fetch`, in kubetune's operator image, which
-carries the package) writes the Triton model repository from a claim, the kubelet runs the
-generated startup, readiness and liveness probes, and each replica has its own pod IP.
+"""The ModelServer's pods as the operator generates them (builders.serving), on the real node, in
+kubetune's local Triton image (images/triton/local.Dockerfile: the nvidia-pytriton wheel's
+tritonserver on the ML base): the fetch init container (`python -m kubetune.serving.fetch`)
+writes the Triton model repository from a claim, Triton loads kubetune's python-backend model and
+answers, the kubelet runs the generated startup, readiness and liveness probes under the
+generated securityContext (uid 1000, read-only root), and each replica has its own pod IP.
 
-The Triton container's process is a stand-in HTTP server on Triton's health endpoints (in the
-Debian base image) that serves what the fetcher wrote: kubetune's Triton image (torch, about
-7 GB) does not fit this machine's shared disk next to the other work. Everything of the pod —
-its securityContext, volumes, probes, ports — is the generated one.
+The smoke-test readiness gate is opened here by the operator's own code (serving.gate: the smoke
+test of that pod's IP, then the verdict's status patch), as the operator does; no operator runs
+in these clusters.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import textwrap
-import urllib.request
+import signal
+import socket
+import subprocess
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +26,36 @@ import pytest
 from kubernetes import client, config
 from tests.waiting import wait_for
 
-from kubetune.api.v1alpha1.modelserver import ModelServer
+from kubetune.api.v1alpha1.modelserver import ModelServer, SmokeTestSpec
 from kubetune.builders.common import Owner, Settings
-from kubetune.builders.serving import MODEL_REPOSITORY, ResolvedModel, build_deployment
+from kubetune.builders.serving import ResolvedModel, build_deployment
+from kubetune.devcluster import node
+from kubetune.devcluster.binaries import kubectl_path
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.demo import PLACEMENT, minilm_checkpoint
-from kubetune.devcluster.images import base_image, kubetune_image
+from kubetune.devcluster.images import triton_image
+from kubetune.serving.gate import gate_verdict, smoke_test_pod
+from kubetune.serving.smoketest import smoke_test
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 PORT = 8000
-
-STAND_IN = """
-    import http.server, json, os, sys
-    mode = sys.argv[1]  # ready | never-ready | unhealthy (ready, but its liveness fails)
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            live = mode != "unhealthy"
-            ok = (live and self.path == "/v2/health/live") or (
-                mode != "never-ready" and self.path == "/v2/health/ready"
-            )
-            body = json.dumps({"models": sorted(os.listdir("MODEL_REPOSITORY"))}).encode()
-            self.send_response(200 if ok else 503)
-            self.end_headers()
-            self.wfile.write(body)
-    http.server.ThreadingHTTPServer(("", PORT), Health).serve_forever()
-""".replace("MODEL_REPOSITORY", MODEL_REPOSITORY).replace("PORT", str(PORT))
+# Triton imports torch and transformers from a read-only root on a busy machine.
+START_TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def served() -> Iterator[LocalCluster]:
     with running_cluster(f"rs-{os.getpid()}", real_node=True) as cluster:
-        cluster.load_images(base_image(), kubetune_image("operator"))
+        cluster.load_images(triton_image())
         yield cluster
 
 
-def deployment(cluster: LocalCluster, ns: str, name: str, replicas: int, mode: str) -> Any:
-    """The generated Deployment of a ModelServer serving `pvc://models/minilm`, applied."""
+def deployment(
+    cluster: LocalCluster, ns: str, name: str, replicas: int, source: str, gate: bool = False
+) -> Any:
+    """The generated Deployment of a ModelServer serving `source`, applied as the operator
+    would (its default images: the local node has the Triton image under that name)."""
     api = config.new_client_from_config(str(cluster.kubeconfig))
     ms = ModelServer.model_validate(
         {
@@ -68,31 +63,28 @@ def deployment(cluster: LocalCluster, ns: str, name: str, replicas: int, mode: s
             "kind": "ModelServer",
             "metadata": {"name": name, "namespace": ns},
             "spec": {
-                "model": {"source": "pvc://models/minilm"},
+                "model": {"source": source},
                 "replicas": replicas,
                 "resources": {"gpus": 0, **PLACEMENT},
                 "service": {"httpPort": PORT},
-                "triton": {"image": base_image().ref},
             },
         }
     )
     owner = Owner("kubetune.io/v1alpha1", "ModelServer", name, ns, "0" * 8)
-    model = ResolvedModel(uri="pvc://models/minilm", revision="r1")
-    # No operator runs here to open the smoke-test readiness gate (the stand-in serves no model;
-    # tests/integration/test_smoke_gate.py covers the gate): the pods are built without it.
-    settings = Settings(fetcher_image="ghcr.io/kubetune/operator:0.1.0", smoke_test_gate=False)
-    manifest = build_deployment(ms, owner, model, settings, spare_gpus=0)
+    model = ResolvedModel(uri=source, revision="r1")
+    manifest = build_deployment(ms, owner, model, Settings(smoke_test_gate=gate), spare_gpus=0)
     manifest["metadata"].pop("ownerReferences", None)  # no ModelServer object exists here
-    [triton] = manifest["spec"]["template"]["spec"]["containers"]
-    assert triton["command"] == ["tritonserver"]
-    triton.update(command=["python3", "-c", textwrap.dedent(STAND_IN), mode], args=[])
     return client.AppsV1Api(api).create_namespaced_deployment(ns, manifest)
+
+
+def is_ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
 def server_pod(
     core: client.CoreV1Api, ns: str, test: Callable[[Any], Any], timeout: float, what: str
 ) -> Any:
-    """The (only) server pod, once `test` holds for its container's status."""
+    """The (only) server pod, once `test` holds for its Triton container's status."""
 
     def probe() -> Any:
         pods = core.list_namespaced_pod(ns).items
@@ -100,6 +92,13 @@ def server_pod(
         return pods[0] if statuses and test(statuses[0]) else None
 
     return wait_for(probe, timeout=timeout, what=what)
+
+
+def pod_logs(cluster: LocalCluster, ns: str) -> str:
+    try:
+        return cluster.kubectl("-n", ns, "logs", "--all-containers", "--tail=40", "-l", "app")
+    except Exception as err:  # a diagnostic only
+        return str(err)
 
 
 @pytest.fixture
@@ -122,66 +121,132 @@ def ns(served: LocalCluster) -> Iterator[str]:
     )
     folder = Path(core.read_persistent_volume(pvc.spec.volume_name).spec.host_path.path)
     shutil.copytree(minilm_checkpoint(), folder / "minilm")
+    # A checkpoint whose weights are not a safetensors file: the model cannot load.
+    shutil.copytree(minilm_checkpoint(), folder / "broken")
+    for weights in (folder / "broken").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
     yield name
     core.delete_namespace(name)
 
 
-def test_two_replicas_fetch_the_model_and_answer_on_their_own_pod_ips(
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_two_replicas_answer_on_their_own_pod_ips_and_through_port_forward(
     served: LocalCluster, ns: str
 ) -> None:
     core = client.CoreV1Api(config.new_client_from_config(str(served.kubeconfig)))
-    deployment(served, ns, "intents", replicas=2, mode="ready")
+    deployment(served, ns, "intents", replicas=2, source="pvc://models/minilm")
 
     def ready_pods() -> list[Any]:
-        pods = core.list_namespaced_pod(ns).items
-        ready = [
-            p
-            for p in pods
-            if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-        ]
+        ready = [p for p in core.list_namespaced_pod(ns).items if is_ready(p)]
         return ready if len(ready) == 2 else []
 
-    pods = wait_for(ready_pods, timeout=300, what="two Ready replicas")
+    try:
+        pods = wait_for(ready_pods, timeout=START_TIMEOUT, what="two Ready replicas")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{pod_logs(served, ns)}") from err
     ips = {p.status.pod_ip for p in pods}
     assert len(ips) == 2
-    for ip in ips:  # the host reaches pod IPs on the cluster's bridge
-        with urllib.request.urlopen(f"http://{ip}:{PORT}/v2/health/ready", timeout=5) as resp:
-            assert json.loads(resp.read())["models"] == ["intents"]
+    for ip in ips:  # the host reaches pod IPs on the cluster's bridge; both listen on 8000
+        result = smoke_test(f"{ip}:{PORT}", "intents", "where is my parcel")
+        assert result.ok, result.message
+        assert result.label
+    # kubectl port-forward, served by the real kubelet (through containerd's stream server).
+    local = free_port()
+    forward = subprocess.Popen(
+        [
+            str(kubectl_path()),
+            f"--kubeconfig={served.kubeconfig}",
+            "-n",
+            ns,
+            "port-forward",
+            f"pod/{pods[0].metadata.name}",
+            f"{local}:{PORT}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert forward.stdout is not None
+        line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8000" once bound
+        assert "Forwarding from" in line, line
+        result = smoke_test(f"127.0.0.1:{local}", "intents", "I was charged twice")
+        assert result.ok, result.message
+    finally:
+        forward.terminate()
+        forward.wait(timeout=30)
 
 
-def test_a_server_that_never_becomes_ready_is_not_ready_and_not_restarted(
+def test_a_gated_pod_is_ready_only_once_its_smoke_test_opened_the_gate(
+    served: LocalCluster, ns: str
+) -> None:
+    api = config.new_client_from_config(str(served.kubeconfig))
+    core = client.CoreV1Api(api)
+    deployment(served, ns, "gated", replicas=1, source="pvc://models/minilm", gate=True)
+    # Triton's own readiness (the model loaded): the container is ready...
+    pod = server_pod(core, ns, lambda c: c.ready, START_TIMEOUT, "Triton's readiness probe")
+    # ...but the pod is not, while the smoke-test condition is missing.
+    pod = core.read_namespaced_pod(pod.metadata.name, ns)
+    assert not is_ready(pod)
+    raw = api.sanitize_for_serialization(pod)
+    result = smoke_test_pod(raw, "gated", SmokeTestSpec(), PORT)
+    assert result.ok, result.message
+    verdict = gate_verdict(raw, result)
+    assert verdict is not None
+    core.patch_namespaced_pod_status(pod.metadata.name, ns, verdict.patch(datetime.now(UTC)))
+    wait_for(
+        lambda: is_ready(core.read_namespaced_pod(pod.metadata.name, ns)),
+        timeout=60,
+        what="the kubelet to report the pod Ready once the gate is open",
+    )
+
+
+def test_a_server_whose_model_cannot_load_never_becomes_ready(
     served: LocalCluster, ns: str
 ) -> None:
     core = client.CoreV1Api(config.new_client_from_config(str(served.kubeconfig)))
-    deployment(served, ns, "stuck", replicas=1, mode="never-ready")
-    pod = server_pod(core, ns, lambda c: c.state.running, 300, "the server to run")
-    name = pod.metadata.name
-    # The kubelet's startup probe asks /v2/health/ready every 5 s and gets 503: wait for a few
-    # of its answers in the kubelet's events, then the pod must still be unready.
-    wait_for(
-        lambda: [
-            e
-            for e in core.list_namespaced_event(
-                ns, field_selector=f"involvedObject.name={name}"
-            ).items
-            if e.reason == "Unhealthy" and (e.count or 1) >= 3
-        ],
-        timeout=120,
-        what="the startup probe to fail three times",
+    deployment(served, ns, "broken", replicas=1, source="pvc://models/broken")
+    # Triton fails to load the model and exits (exit-on-error); the kubelet restarts it.
+    pod = server_pod(
+        core, ns, lambda c: c.last_state.terminated, START_TIMEOUT, "Triton to exit once"
     )
-    current = core.read_namespaced_pod(name, ns)
-    assert not any(c.type == "Ready" and c.status == "True" for c in current.status.conditions)
-    assert current.status.container_statuses[0].restart_count == 0  # within its startup budget
+    [status] = pod.status.container_statuses
+    assert not status.ready and not is_ready(pod)
+    # FallbackToLogsOnError: the termination message is the end of Triton's log, with its reason.
+    message = status.last_state.terminated.message or ""
+    assert "broken" in message, message
 
 
-def test_a_failing_liveness_probe_restarts_the_server(served: LocalCluster, ns: str) -> None:
+def container_pids(cluster: LocalCluster, container_id: str) -> list[int]:
+    """The processes of one container, from its cgroup under the cluster's own cgroup tree."""
+    root = node.CGROUP_ROOT / "pids" / node.cgroup_name(cluster.name)
+    [folder] = [p for p in root.rglob(container_id) if p.is_dir()]
+    return [int(pid) for pid in (folder / "cgroup.procs").read_text().split()]
+
+
+def test_a_hung_server_fails_its_liveness_probe_and_is_restarted(
+    served: LocalCluster, ns: str
+) -> None:
+    """The fault: Triton stops answering (SIGSTOP to its processes, from the host), as a
+    deadlocked server would. A real fault on demand, not a stand-in."""
     core = client.CoreV1Api(config.new_client_from_config(str(served.kubeconfig)))
-    deployment(served, ns, "unhealthy", replicas=1, mode="unhealthy")
-    # Six failed liveness probes 10 s apart, then the kubelet restarts it.
+    deployment(served, ns, "hung", replicas=1, source="pvc://models/minilm")
+    pod = server_pod(core, ns, lambda c: c.ready, START_TIMEOUT, "Triton to be ready")
+    [status] = pod.status.container_statuses
+    assert status.restart_count == 0
+    for pid in container_pids(served, status.container_id.split("://")[1]):
+        os.kill(pid, signal.SIGSTOP)
+    # Six failed liveness probes 10 s apart, then the kubelet kills it and starts it again.
     restarted = server_pod(
-        core, ns, lambda c: c.restart_count >= 1, 400, "the kubelet to restart the server"
+        core, ns, lambda c: c.restart_count >= 1, 600, "the kubelet to restart the server"
     )
     events = core.list_namespaced_event(
         ns, field_selector=f"involvedObject.name={restarted.metadata.name}"
     ).items
     assert any("Liveness probe failed" in (e.message or "") for e in events)
+    server_pod(core, ns, lambda c: c.ready, START_TIMEOUT, "the restarted Triton to be ready")

@@ -78,7 +78,8 @@ def build_preflight_job(
         {"name": TrainerEnv.CONFIG, "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": TrainerEnv.TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
-        {"name": "TMPDIR", "value": f"{SCRATCH}/tmp"},
+        # The scratch emptyDir itself: nothing creates a subfolder under the read-only root.
+        {"name": "TMPDIR", "value": SCRATCH},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         # the model's and the dataset's credentials; the output is not its business
         *(e for e in _secret_env(spec) if not e["name"].startswith(credential_env(OUTPUT, ""))),

@@ -69,6 +69,10 @@ class ImageSpec:
     # Paths of the repository the Dockerfile COPYs (the build context is the repository root,
     # as for `docker build -f images/NAME/Dockerfile .`); none: the image's own folder.
     inputs: tuple[str, ...] = ()
+    # The Dockerfile in the image's folder: a local variant of an upstream one, say.
+    dockerfile: str = "Dockerfile"
+    # Folders of `inputs` left out of the context (and so of the key).
+    exclude: tuple[str, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -79,13 +83,22 @@ class ImageSpec:
         if not self.inputs:
             found = [(str(p.relative_to(self.folder)), p) for p in self.folder.rglob("*")]
         else:
-            found = [("Dockerfile", self.folder / "Dockerfile")]
+            found = [(self.dockerfile, self.folder / self.dockerfile)]
             for item in self.inputs:
                 path = REPO / item
                 paths = [path] if path.is_file() else list(path.rglob("*"))
-                found += [(str(p.relative_to(REPO)), p) for p in paths]
+                found += [
+                    (str(p.relative_to(REPO)), p)
+                    for p in paths
+                    if not any(p.is_relative_to(REPO / x) for x in self.exclude)
+                ]
         return sorted(
-            (name, p) for name, p in found if p.is_file() and "__pycache__" not in p.parts
+            (name, p)
+            for name, p in found
+            # Not sources: bytecode, and the metadata an editable install (hack/cli.sh) leaves.
+            if p.is_file()
+            and "__pycache__" not in p.parts
+            and not any(part.endswith(".egg-info") for part in p.parts)
         )
 
 
@@ -193,13 +206,16 @@ def build(spec: ImageSpec, prepare: Callable[[Path], None] | None = None) -> Ima
                 "bud",
                 "--isolation=chroot",
                 "--layers",
+                # A failed step's working container goes too (by default buildah
+                # keeps it: gigabytes of half-installed packages for the ML images).
+                "--force-rm",
                 # Builds reach the package registries as the host does: through its network and
                 # its CA bundle (mounted for the build only, never written into an image).
                 "--network=host",
                 f"--volume={host_ca_bundle()}:/etc/ssl/certs/ca-certificates.crt:ro",
                 f"--tag={ref}",
                 *(f"--build-arg={k}={v}" for k, v in sorted(spec.build_args.items())),
-                f"--file={context / 'Dockerfile'}",
+                f"--file={context / spec.dockerfile}",
                 str(context),
             ]
             _run(argv, f"building image {spec.name}", stream=True)
@@ -228,7 +244,13 @@ def _prune(name: str, archive: Path, ref: str) -> None:
     stale = [r for r in listed.split() if r.startswith(f"{REGISTRY}/{name}:") and r != ref]
     if stale:
         _run(["buildah", *_storage_args(), "rmi", *stale], f"removing old {name} images")
-    _run(["buildah", *_storage_args(), "rmi", "--prune"], "pruning buildah's unused layers")
+    try:
+        _run(["buildah", *_storage_args(), "rmi", "--prune"], "pruning buildah's unused layers")
+    except ImageError as err:
+        # Another image's build (its own lock) is using intermediate layers right now: those are
+        # not unused; what this prune could not remove goes with the next one.
+        if "image is in use by a container" not in str(err):
+            raise
 
 
 def pause_image() -> Image:
@@ -272,7 +294,16 @@ def base_image() -> Image:
     return build(ImageSpec("base", extra_key=SUITE), bootstrap)
 
 
-PACKAGE_INPUTS = ("pyproject.toml", "README.md", "operator")
+# What the images that install kubetune COPY. pyproject.toml names README.md as the package's
+# readme: the images get a one-line one (package_readme), so editing the README rebuilds nothing.
+PACKAGE_INPUTS = ("pyproject.toml", "operator")
+# The local cluster's code (`kubetune dev ...`) runs on the host, never in a pod: left out of the
+# images, so working on the node or the demo rebuilds none of them.
+PACKAGE_EXCLUDE = ("operator/kubetune/devcluster",)
+
+
+def package_readme(context: Path) -> None:
+    (context / "README.md").write_text("kubetune: see the project's README.\n", encoding="utf-8")
 
 
 def ml_image() -> Image:
@@ -288,8 +319,36 @@ def ml_image() -> Image:
     return build(spec)
 
 
+def triton_image() -> Image:
+    """The local ModelServer image (images/triton/local.Dockerfile): the nvidia-pytriton wheel's
+    tritonserver on the ML base. Upstream builds use images/triton/Dockerfile on NVIDIA's image."""
+    base = ml_image()
+    spec = ImageSpec(
+        "triton",
+        {"BASE_IMAGE": base.ref},
+        extra_key=base.ref,
+        inputs=PACKAGE_INPUTS,
+        exclude=PACKAGE_EXCLUDE,
+        dockerfile="local.Dockerfile",
+    )
+    return build(spec, package_readme)
+
+
+# The images that run torch: built on the ML base, so they share its layers on a node.
+ML_IMAGES = ("trainer", "triton")
+
+
 def kubetune_image(name: str) -> Image:
-    """images/NAME (operator, trainer, triton) built on the local Debian base."""
-    base = base_image()
-    spec = ImageSpec(name, {"BASE_IMAGE": base.ref}, extra_key=base.ref, inputs=PACKAGE_INPUTS)
-    return build(spec)
+    """images/NAME (operator, trainer) built on the local Debian base, or for the images of
+    ML_IMAGES on the ML base (ml_image); triton is triton_image()."""
+    if name == "triton":
+        return triton_image()
+    base = ml_image() if name in ML_IMAGES else base_image()
+    spec = ImageSpec(
+        name,
+        {"BASE_IMAGE": base.ref},
+        extra_key=base.ref,
+        inputs=PACKAGE_INPUTS,
+        exclude=PACKAGE_EXCLUDE,
+    )
+    return build(spec, package_readme)
