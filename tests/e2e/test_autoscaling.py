@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,14 +179,17 @@ def test_queue_time_from_perf_analyzer_scales_the_model_server_out_and_back(
         stdout=(tmp_path / "perf_analyzer.log").open("w"),
         stderr=subprocess.STDOUT,
     )
+    started = time.monotonic()
     try:
         wait_for(
             lambda: _replicas(api, ns, "intents") == 2,
             timeout=300,
             what="the HPA to add a replica under load",
         )
+        scaled_out = time.monotonic() - started
         loaded = _hpa(api, ns, "intents")
         assert loaded.status.desired_replicas == 2
+        under_load = loaded.status.current_metrics[0].pods.current.average_value
         assert load.poll() is None, (tmp_path / "perf_analyzer.log").read_text()
     finally:
         load.send_signal(signal.SIGINT)
@@ -200,9 +204,15 @@ def test_queue_time_from_perf_analyzer_scales_the_model_server_out_and_back(
 
     # No load: the rate over the adapter rule's minute falls to 0, and after the scale-down window
     # the HPA goes back to one replica.
+    stopped = time.monotonic()
     wait_for(
         lambda: _replicas(api, ns, "intents") == 1,
         timeout=300,
         what="the HPA to remove the replica once the load is gone",
     )
     assert pods_metric(loop_cluster, ns, METRIC).get(pod) == "0"
+    print(
+        f"\nqueue time under load {under_load} us/request (target {TARGET_US}); "
+        f"load -> 2 replicas {scaled_out:.0f}s; load stopped -> 1 replica "
+        f"{time.monotonic() - stopped:.0f}s (rule's 1m rate window + 10s stabilization)"
+    )
