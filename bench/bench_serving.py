@@ -184,27 +184,38 @@ def main() -> None:
         peers(args)
 
 
+def batching_repositories(
+    checkpoint: Path, work: Path, args: argparse.Namespace
+) -> list[tuple[str, Path]]:
+    """kubetune's generated model repositories of `checkpoint`, dynamic batching off and on."""
+    out = []
+    for name, enabled in (("batching off", False), ("batching on", True)):
+        triton = TritonSpec.model_validate(
+            {
+                "maxBatchSize": args.max_batch_size,
+                "dynamicBatching": {
+                    "enabled": enabled,
+                    "maxQueueDelayMicroseconds": args.max_queue_delay_us,
+                },
+            }
+        )
+        repository = work / name.replace(" ", "-")
+        write_model_repository(
+            checkpoint, repository, MODEL_NAME, "sequence-classification", triton
+        )
+        out.append((name, repository))
+    return out
+
+
 def classification(args: argparse.Namespace) -> None:
     texts = [json.loads(line)["text"] for line in DATASET.read_text().splitlines()]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-serving-") as work:
         checkpoint = args.model_dir or stand_in_checkpoint(Path(work) / "checkpoint")
-        runs = []
-        for name, enabled in (("batching off", False), ("batching on", True)):
-            triton = TritonSpec.model_validate(
-                {
-                    "maxBatchSize": args.max_batch_size,
-                    "dynamicBatching": {
-                        "enabled": enabled,
-                        "maxQueueDelayMicroseconds": args.max_queue_delay_us,
-                    },
-                }
-            )
-            repository = Path(work) / name.replace(" ", "-")
-            write_model_repository(
-                checkpoint, repository, MODEL_NAME, "sequence-classification", triton
-            )
-            runs.append(measure(name, repository, texts, args.clients, args.seconds))
+        runs = [
+            measure(name, repository, texts, args.clients, args.seconds)
+            for name, repository in batching_repositories(checkpoint, Path(work), args)
+        ]
 
     print(
         f"\nTriton python backend, {args.clients} concurrent clients, {args.seconds:.0f}s each, "
@@ -366,20 +377,7 @@ def peers(args: argparse.Namespace) -> None:
         checkpoint = args.model_dir or stand_in_checkpoint(work / "checkpoint")
         data = perfanalyzer.text_input(work, texts)
         results: list[Level] = []
-        for name, enabled in (("batching off", False), ("batching on", True)):
-            triton = TritonSpec.model_validate(
-                {
-                    "maxBatchSize": args.max_batch_size,
-                    "dynamicBatching": {
-                        "enabled": enabled,
-                        "maxQueueDelayMicroseconds": args.max_queue_delay_us,
-                    },
-                }
-            )
-            repository = work / name.replace(" ", "-")
-            write_model_repository(
-                checkpoint, repository, MODEL_NAME, "sequence-classification", triton
-            )
+        for name, repository in batching_repositories(checkpoint, work, args):
             results += perf_analyzer_levels(name, repository, data, levels, args.window_ms, work)
         results += pipeline_levels(checkpoint, texts, levels, args.window_ms / 1000 * 2)
     peer = {r.concurrency: r for r in results if r.name == "transformers pipeline"}
