@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client, config
+from kubernetes.utils import parse_quantity
 from tests.cluster_fixtures import OperatorProcess, free_port
 from tests.waiting import wait_for
 
@@ -248,7 +249,7 @@ def test_queue_time_from_perf_analyzer_scales_the_model_server_out_and_back(
     )
     assert pods_metric(loop_cluster, ns, METRIC).get(pod) == "0"
     print(
-        f"\nqueue time under load {under_load} us/request (target {TARGET_US}); "
-        f"load -> 2 replicas {scaled_out:.0f}s; load stopped -> 1 replica "
-        f"{time.monotonic() - stopped:.0f}s (rule's 1m rate window + 10s stabilization)"
+        f"\nqueue time under load {parse_quantity(under_load) / 1000:.0f} ms/request (target "
+        f"{TARGET_US / 1000:.0f} ms); load -> 2 replicas in {scaled_out:.0f} s; load stopped -> "
+        f"1 replica in {time.monotonic() - stopped:.0f} s"
     )
