@@ -2,8 +2,10 @@
 
 Two sorts, both cached outside the repository and keyed by what they are built from:
 
-- published commands, pinned here by module version (`go install PACKAGE@VERSION`): kube-score
-  and kubeconform;
+- published commands, pinned here by module version (`go install PACKAGE@VERSION`, or a build as
+  the requirement of a throwaway module where the proxy refuses the version list): kube-score,
+  kubeconform, Prometheus and prometheus-adapter (the monitoring stack of the autoscaling test,
+  `devcluster.monitoring`);
 - small mains of the repository's own (`hack/gotools/<name>`) around libraries that ship no
   command for offline objects: `kstatus` (sigs.k8s.io/cli-utils' status.Compute, how Flux and kpt
   read health) and `podsecurity` (k8s.io/pod-security-admission's evaluator, what the API
