@@ -44,8 +44,9 @@ prereqs:
 binaries:
 	@$(PY) -c "from kubetune.devcluster.binaries import ensure_binaries; ensure_binaries()"
 
-# The third-party checkers the tests judge kubetune with (kube-score, kubeconform, kstatus, Pod
-# Security admission), built from the Go module proxy once per version (it shows its steps).
+# The third-party Go tools the tests use (kube-score, kubeconform, kstatus, Pod Security admission,
+# Prometheus, prometheus-adapter), built from the Go module proxy once per version (it shows its
+# steps).
 tools:
 	@$(PY) -m kubetune.devcluster.gotools >/dev/null
 

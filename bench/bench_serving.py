@@ -30,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +162,9 @@ def measure(name: str, repository: Path, texts: list[str], clients: int, seconds
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--run", choices=["classification", "generation", "all"], default="all")
+    parser.add_argument(
+        "--run", choices=["classification", "generation", "peers", "all"], default="all"
+    )
     parser.add_argument("--model-dir", type=Path, help="a sequence-classification checkpoint")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -170,11 +173,38 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--generation-seconds", type=float, default=15.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--window-ms", type=int, default=4000)
     args = parser.parse_args()
     if args.run in ("classification", "all"):
         classification(args)
     if args.run in ("generation", "all"):
         generation(args)
+    if args.run in ("peers", "all"):
+        peers(args)
+
+
+def batching_repositories(
+    checkpoint: Path, work: Path, args: argparse.Namespace
+) -> list[tuple[str, Path]]:
+    """kubetune's generated model repositories of `checkpoint`, dynamic batching off and on."""
+    out = []
+    for name, enabled in (("batching off", False), ("batching on", True)):
+        triton = TritonSpec.model_validate(
+            {
+                "maxBatchSize": args.max_batch_size,
+                "dynamicBatching": {
+                    "enabled": enabled,
+                    "maxQueueDelayMicroseconds": args.max_queue_delay_us,
+                },
+            }
+        )
+        repository = work / name.replace(" ", "-")
+        write_model_repository(
+            checkpoint, repository, MODEL_NAME, "sequence-classification", triton
+        )
+        out.append((name, repository))
+    return out
 
 
 def classification(args: argparse.Namespace) -> None:
@@ -182,22 +212,10 @@ def classification(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-serving-") as work:
         checkpoint = args.model_dir or stand_in_checkpoint(Path(work) / "checkpoint")
-        runs = []
-        for name, enabled in (("batching off", False), ("batching on", True)):
-            triton = TritonSpec.model_validate(
-                {
-                    "maxBatchSize": args.max_batch_size,
-                    "dynamicBatching": {
-                        "enabled": enabled,
-                        "maxQueueDelayMicroseconds": args.max_queue_delay_us,
-                    },
-                }
-            )
-            repository = Path(work) / name.replace(" ", "-")
-            write_model_repository(
-                checkpoint, repository, MODEL_NAME, "sequence-classification", triton
-            )
-            runs.append(measure(name, repository, texts, args.clients, args.seconds))
+        runs = [
+            measure(name, repository, texts, args.clients, args.seconds)
+            for name, repository in batching_repositories(checkpoint, Path(work), args)
+        ]
 
     print(
         f"\nTriton python backend, {args.clients} concurrent clients, {args.seconds:.0f}s each, "
@@ -223,6 +241,165 @@ def classification(args: argparse.Namespace) -> None:
         f"p99 x{on.percentile(99) / off.percentile(99):.2f}, "
         f"median latency x{statistics.median(on.latencies) / statistics.median(off.latencies):.2f}"
     )
+
+
+# --- peers: NVIDIA's perf_analyzer on kubetune's repository, against a transformers pipeline -----
+
+
+@dataclass
+class Level:
+    """One configuration at one concurrency: requests/s and latencies (ms)."""
+
+    name: str
+    concurrency: int
+    rps: float
+    p50: float
+    p99: float
+    queue_ms: float | None = None  # Triton's server-side queue time per request
+
+
+def perf_analyzer_levels(
+    name: str, repository: Path, data: Path, levels: list[int], window_ms: int, work: Path
+) -> list[Level]:
+    """perf_analyzer at each concurrency against the real tritonserver serving `repository`:
+    its own stable-window measurement, its CSV (latencies and server queue in microseconds)."""
+    import csv
+    import subprocess
+
+    from kubetune.devcluster import perfanalyzer
+
+    out = []
+    with running_triton(repository) as server:
+        for concurrency in levels:
+            report = work / f"{name.replace(' ', '-')}-{concurrency}.csv"
+            done = subprocess.run(
+                perfanalyzer.command(
+                    MODEL_NAME,
+                    server.http_url,
+                    data,
+                    concurrency,
+                    f"--measurement-interval={window_ms}",
+                    "--max-trials=5",
+                    # The machine is shared: take 3 windows whatever their spread (printed).
+                    "--stability-percentage=1000",
+                    "-f",
+                    str(report),
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise SystemExit(f"perf_analyzer failed:\n{done.stdout}\n{done.stderr}")
+            (row,) = csv.DictReader(report.read_text().splitlines())
+            out.append(
+                Level(
+                    name,
+                    concurrency,
+                    float(row["Inferences/Second"]),
+                    float(row["p50 latency"]) / 1000,
+                    float(row["p99 latency"]) / 1000,
+                    float(row["Server Queue"]) / 1000,
+                )
+            )
+    return out
+
+
+def closed_loop(
+    call: Callable[[str], object], texts: list[str], concurrency: int, seconds: float
+) -> tuple[list[float], float]:
+    """`concurrency` threads calling `call` back to back for `seconds`: latencies (s), wall time."""
+    import threading
+
+    latencies: list[float] = []  # list.append is atomic: no lock
+    deadline = time.perf_counter() + seconds
+
+    def client(offset: int) -> None:
+        i = offset
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            call(texts[i % len(texts)])
+            latencies.append(time.perf_counter() - started)
+            i += concurrency
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, time.perf_counter() - started
+
+
+def pipeline_levels(
+    checkpoint: Path, texts: list[str], levels: list[int], seconds: float
+) -> list[Level]:
+    """The peer with no server: one transformers text-classification pipeline called once per
+    request, from `concurrency` closed-loop threads (torch releases the GIL in its kernels)."""
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(checkpoint), device="cpu")
+    classify(texts[0])  # load and warm
+    out = []
+    for concurrency in levels:
+        latencies, elapsed = closed_loop(classify, texts, concurrency, seconds)
+        ms = np.array(latencies) * 1000
+        out.append(
+            Level(
+                "transformers pipeline",
+                concurrency,
+                len(latencies) / elapsed,
+                float(np.percentile(ms, 50)),
+                float(np.percentile(ms, 99)),
+            )
+        )
+    return out
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def peers(args: argparse.Namespace) -> None:
+    """One table: perf_analyzer at each concurrency on kubetune's generated repository with
+    dynamic batching off and on, and the per-request transformers pipeline, same checkpoint,
+    same run."""
+    from kubetune.devcluster import perfanalyzer
+
+    texts = [json.loads(line)["text"] for line in DATASET.read_text().splitlines()]
+    load_before = os.getloadavg()
+    levels = list(args.concurrency)
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-peers-") as folder:
+        work = Path(folder)
+        checkpoint = args.model_dir or stand_in_checkpoint(work / "checkpoint")
+        data = perfanalyzer.text_input(work, texts)
+        results: list[Level] = []
+        for name, repository in batching_repositories(checkpoint, work, args):
+            results += perf_analyzer_levels(name, repository, data, levels, args.window_ms, work)
+        results += pipeline_levels(checkpoint, texts, levels, args.window_ms / 1000 * 2)
+    peer = {r.concurrency: r for r in results if r.name == "transformers pipeline"}
+    print(
+        f"\nServing peers, same checkpoint (MiniLM-L6 classifier), same run; CPU: {cpu_model()}, "
+        f"{os.cpu_count()} CPUs, load average before {' '.join(f'{x:.2f}' for x in load_before)}"
+    )
+    print(
+        "Triton: perf_analyzer (tritonclient 2.50.0), HTTP, one text per request, max batch "
+        f"{args.max_batch_size}, queue delay {args.max_queue_delay_us}us, windows of "
+        f"{args.window_ms} ms; pipeline: transformers text-classification called per request"
+    )
+    print(
+        f"{'':24}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'queue ms':>10}"
+        f"{'x pipeline':>11}"
+    )
+    for r in results:
+        queue = f"{r.queue_ms:10.1f}" if r.queue_ms is not None else f"{'':>10}"
+        print(
+            f"{r.name:24}{r.concurrency:8d}{r.rps:9.1f}{r.p50:9.1f}{r.p99:9.1f}{queue}"
+            f"{r.rps / peer[r.concurrency].rps:11.2f}"
+        )
 
 
 # --- generation: the python backend against the vLLM backend ------------------------------------

@@ -10,8 +10,9 @@
 #   mmdebstrap                     the local Debian bookworm base image
 #   gcc, libc6-dev                 the pause container (a static C binary)
 #   ipset                          kube-router's network-policy controller (the enforcement test)
+#   libb64-0d                      perf_analyzer's base64 library (hack/perf-analyzer.sh: Triton load)
 set -euo pipefail
-want=(containerd runc containernetworking-plugins iptables buildah mmdebstrap gcc libc6-dev ipset)
+want=(containerd runc containernetworking-plugins iptables buildah mmdebstrap gcc libc6-dev ipset libb64-0d)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$pkg")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +65,13 @@ def chart_rbac_kubeconfig(
     return path
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 class OperatorProcess:
     """Start, stop and restart the operator; its log is kept for failing tests to show.
 
@@ -84,6 +92,9 @@ class OperatorProcess:
         self.args = args
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        # Its Prometheus metrics (`kubetune run --metrics-port`), what the chart's metrics
+        # Service fronts: tests scrape them with the real Prometheus.
+        self.metrics_port = free_port()
 
     def start(self) -> None:
         env = {
@@ -95,7 +106,14 @@ class OperatorProcess:
         started = len(self.log.read_bytes()) if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kubetune", "run", *self.args],
+                [
+                    sys.executable,
+                    "-m",
+                    "kubetune",
+                    "run",
+                    f"--metrics-port={self.metrics_port}",
+                    *self.args,
+                ],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -130,6 +130,7 @@ def test_defaults_render_the_operator_with_the_app_version_images(helm: Helm) ->
         "PodDisruptionBudget",
         "Role",
         "RoleBinding",
+        "Service",
         "ServiceAccount",
     ]
     container = operator_container(docs)
@@ -205,6 +206,45 @@ def test_the_rendered_command_is_what_kubetune_run_accepts(
     args = build_parser().parse_args(container["args"])
     assert args.command == "run"
     assert args.namespace == namespaces
+
+
+def test_the_metrics_service_selects_the_operator_and_a_service_monitor_is_opt_in(
+    helm: Helm,
+) -> None:
+    docs = helm.template()
+    (service,) = find(docs, "Service")
+    (deployment,) = find(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["metadata"]["name"] == "kt-kubetune-metrics"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    container_ports = {p["name"]: p["containerPort"] for p in operator_container(docs)["ports"]}
+    assert (port["name"], port["targetPort"]) == ("metrics", "metrics")
+    assert container_ports["metrics"] == 9090
+    assert find(docs, "ServiceMonitor") == []
+
+    docs = helm.template(
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.serviceMonitor.interval=15s",
+        "metrics.serviceMonitor.labels.release=kube-prometheus-stack",
+    )
+    (monitor,) = find(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # It selects the metrics Service (and nothing else the chart makes), by the Service's port.
+    selected = [
+        d
+        for d in docs
+        if d["kind"] == "Service"
+        and monitor["spec"]["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()
+    ]
+    assert selected == find(docs, "Service")
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    ]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["kubetune-system"]}
+
+    assert find(helm.template("metrics.enabled=false"), "Service") == []
 
 
 def test_the_cluster_role_grants_nothing_on_secrets_and_no_escalation(helm: Helm) -> None:

@@ -81,6 +81,12 @@ ACCEPTED = {
         "No CPU limit on purpose (values.yaml): the start-up burst, the first list of every "
         "watched kind, is not throttled; the CPU request and the memory limit are set."
     ),
+    "pod-probes Deployment kt-kubetune -": (
+        "The only Service selecting the operator is its metrics Service, which carries no "
+        "traffic but Prometheus' scrapes, and those should reach every replica, the standbys "
+        "too: a readiness probe would gate nothing. The liveness probe restarts a replica whose "
+        "kopf health fails."
+    ),
     "pod-networkpolicy Deployment kt-kubetune -": (
         "The operator only dials out (the API server, whose address differs per cluster) and "
         "serves its probes and metrics; the chart leaves policies to the cluster."

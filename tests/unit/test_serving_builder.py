@@ -147,6 +147,21 @@ def test_autoscaling_metric_by_runtime(metric: str, model: ResolvedModel, name: 
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == name
 
 
+def test_scale_down_waits_the_given_window_and_scale_up_none() -> None:
+    default = build_hpa(ms(autoscaling={"maxReplicas": 3, "target": 100}), OWNER, CLASSIFIER)
+    short = build_hpa(
+        ms(autoscaling={"maxReplicas": 3, "target": 100, "scaleDownStabilizationSeconds": 15}),
+        OWNER,
+        CLASSIFIER,
+    )
+    assert default is not None and short is not None
+    assert default["spec"]["behavior"]["scaleDown"] == {"stabilizationWindowSeconds": 300}
+    assert short["spec"]["behavior"] == {
+        "scaleUp": {"stabilizationWindowSeconds": 0},
+        "scaleDown": {"stabilizationWindowSeconds": 15},
+    }
+
+
 def test_the_readiness_gate_unless_turned_off_or_no_smoke_test() -> None:
     gated = deployment(ms(), CAUSAL)["spec"]["template"]["spec"]
     assert gated["readinessGates"] == [{"conditionType": SMOKE_TEST_CONDITION}]

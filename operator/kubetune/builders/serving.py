@@ -42,7 +42,8 @@ REVISION_ANNOTATION = "kubetune.io/model-revision"
 DRAIN_SECONDS = 15
 STARTUP_BUDGET_SECONDS = 900
 PODS_METRICS = {
-    # Served by prometheus-adapter from Triton's own counters (rules in docs/serving.md).
+    # Served by prometheus-adapter from Triton's own counters (the rules ship in
+    # examples/monitoring/prometheus-adapter-values.yaml; tests/unit/test_monitoring.py).
     AutoscalingMetric.QUEUE_TIME: "triton_queue_time_per_request_us",
     AutoscalingMetric.PENDING_REQUESTS: "nv_inference_pending_request_count",
     AutoscalingMetric.REQUESTS_PER_SECOND: "triton_requests_per_second",
@@ -398,7 +399,7 @@ def build_hpa(ms: ModelServer, owner: Owner, model: ResolvedModel) -> dict[str, 
             "behavior": {
                 # Model servers are slow to start: scale up promptly, scale down carefully.
                 "scaleUp": {"stabilizationWindowSeconds": 0},
-                "scaleDown": {"stabilizationWindowSeconds": 300},
+                "scaleDown": {"stabilizationWindowSeconds": auto.scale_down_stabilization_seconds},
             },
         },
     }

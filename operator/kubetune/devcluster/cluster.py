@@ -271,6 +271,10 @@ class LocalCluster:
             "apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"
         )
         kubeconfig("admin", admin, self.kubeconfig)
+        # The aggregation layer (custom.metrics.k8s.io from prometheus-adapter, metrics-server):
+        # the API server proxies to an extension API server with this client certificate and
+        # the user in X-Remote-* headers, which the extension trusts from this CN and CA alone.
+        front_proxy = pki.issue("front-proxy-client", "front-proxy-client")
         cm_kc = kubeconfig(
             "kube-controller-manager",
             pki.issue("controller-manager", "system:kube-controller-manager"),
@@ -326,6 +330,13 @@ class LocalCluster:
                 f"--kubelet-client-certificate={kubelet_client.cert}",
                 f"--kubelet-client-key={kubelet_client.key}",
                 "--authorization-mode=Node,RBAC",
+                f"--requestheader-client-ca-file={pki.ca.cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={front_proxy.cert}",
+                f"--proxy-client-key-file={front_proxy.key}",
                 "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement",
                 "--allow-privileged=true",
                 "--profiling=false",

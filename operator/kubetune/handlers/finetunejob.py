@@ -573,12 +573,14 @@ async def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -
 
         await blocking(ctx, again)
         return
-    if body and _event(event).get("type") == "DELETED":
+    if body:  # every change of every job, the trainer's progress included: the per-job series
         meta = body["metadata"]
-        metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
-        ctx = context(memo, kwargs)
-        ctx.watch("heartbeat", meta["namespace"], meta["name"], False, 0, lambda *_: None)
-        return
+        gone = _event(event).get("type") == "DELETED"
+        metrics.record_job(meta["namespace"], meta["name"], None if gone else status)
+        if gone:
+            metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
+            ctx.watch("heartbeat", meta["namespace"], meta["name"], False, 0, lambda *_: None)
+            return
     if not body or status.get("phase") != Phase.RUNNING.value:
         return
     text = progress_text(status.get("progress") or {})

@@ -274,6 +274,14 @@ class AutoscalingSpec(ApiModel):
     target: int = Field(
         description="Target value per replica, in the metric's unit.", ge=1, le=100000000
     )
+    scale_down_stabilization_seconds: int = Field(
+        default=300,
+        description="How long the load must stay low before replicas are removed (the HPA's "
+        "scaleDown stabilization window): model servers are slow to start, so a short dip "
+        "should not cost a replica. Scale-up is immediate.",
+        ge=0,
+        le=3600,
+    )
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": {
