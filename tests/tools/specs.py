@@ -350,7 +350,7 @@ _OTHER_TYPES: dict[str, st.SearchStrategy[Any]] = {
         _TEXT.filter(
             lambda s: not re.fullmatch(r"\s*[-+0-9.eE_]+\s*|\s*(inf|nan|infinity)\s*", s, re.I)
         ),
-        st.lists(st.floats(allow_nan=False), max_size=2),
+        st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=2),
         st.just({"a": 1}),
     ),
     "string": st.one_of(
