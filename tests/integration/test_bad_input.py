@@ -113,7 +113,7 @@ def _as_pod(template: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("kind", sorted(PLURALS))
 def test_every_spec_the_api_server_accepts_builds_children_it_accepts(
-    kind: str, api_client: client.ApiClient, namespace: str
+    kind: str, api_client: client.ApiClient, namespace: str, crds: None
 ) -> None:
     core = client.CoreV1Api(api_client)
     core.patch_namespace(namespace, {"metadata": {"labels": RESTRICTED}})
