@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob, ModelServer
-from kubetune.api.v1alpha1.base import LABEL_VALUE_PATTERN, QUALIFIED_NAME_PATTERN
+from kubetune.api.v1alpha1.base import LABEL_VALUE_PATTERN, QUALIFIED_NAME_PATTERN, QUANTITY_PATTERN
 from kubetune.api.v1alpha1.finetunejob import FineTuneJobSpec
 from kubetune.api.v1alpha1.modelserver import ModelServerSpec
 from kubetune.builders import serving, training
@@ -412,6 +412,10 @@ def _breakers(site: Site) -> list[tuple[str, st.SearchStrategy[Any]]]:
         if "pattern" in s:
             pattern = re.compile(s["pattern"])
             out.append(("not matching the pattern", _TEXT.filter(lambda v: not pattern.search(v))))
+            if s["pattern"] == QUANTITY_PATTERN:
+                # Kubernetes' own grammar takes these; the API server spins on them (base.py).
+                huge = st.sampled_from(["1e2147483647", "70e203368790117", "+.27E2792766099"])
+                out.append(("a quantity with a huge exponent", huge))
     if kind == "array" and "maxItems" in s:
         n = s["maxItems"]
         item = {"integer": 8, "string": "query"}.get(s["items"].get("type", ""), {})

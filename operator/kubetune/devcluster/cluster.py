@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -73,14 +74,27 @@ def _free_port() -> int:
         return port
 
 
-def _alive(pid: int, binary: str) -> bool:
-    """True when `pid` runs `binary` (guards against a recycled pid)."""
+def _start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), None when there is no such process. With
+    pid_max at 32768 a long test run reuses pids: a pid with another start time is someone else."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _alive(pid: int, binary: str, started: int | None = None) -> bool:
+    """True when `pid` runs `binary` and, when known, started at `started` (a recycled pid that
+    runs the same binary, such as another cluster's kube-apiserver, is not this component)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return False
-    status = Path(f"/proc/{pid}/stat").read_text().split()
-    return binary.encode() in cmdline and status[2] != "Z"
+    if started is not None and int(stat[19]) != started:
+        return False
+    return binary.encode() in cmdline and stat[0] != "Z"
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -96,6 +110,10 @@ class ComponentState:
     pid: int
     binary: str
     log: str
+    started: int | None = None  # _start_ticks at spawn (states written before it have none)
+
+    def alive(self) -> bool:
+        return _alive(self.pid, self.binary, self.started)
 
 
 class LocalCluster:
@@ -118,6 +136,8 @@ class LocalCluster:
         self.state_file = self.dir / "state.json"
         self.kubeconfig = self.dir / "kubeconfig"
         self.logs = self.dir / "logs"
+        # The processes this object started (how one that died ended: exit code or signal).
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
     # -- state ------------------------------------------------------------------------------
 
@@ -133,7 +153,7 @@ class LocalCluster:
         return [ComponentState(**c) for c in state.get("components", [])]
 
     def dead_components(self) -> list[ComponentState]:
-        return [c for c in self.components() if not _alive(c.pid, c.binary)]
+        return [c for c in self.components() if not c.alive()]
 
     def is_running(self) -> bool:
         comps = self.components()
@@ -154,9 +174,9 @@ class LocalCluster:
             "components": {
                 c.name: {
                     "pid": c.pid,
-                    "alive": _alive(c.pid, c.binary),
+                    "alive": c.alive(),
                     "log": c.log,
-                    **({} if _alive(c.pid, c.binary) else {"logTail": _tail(Path(c.log))}),
+                    **({} if c.alive() else {"logTail": _tail(Path(c.log))}),
                 }
                 for c in comps
             },
@@ -192,14 +212,14 @@ class LocalCluster:
         comps = self.components()
         self._stop_local_pods()
         for comp in reversed(comps):
-            if _alive(comp.pid, comp.binary):
+            if comp.alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(comp.pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for comp in comps:
-            while _alive(comp.pid, comp.binary) and time.monotonic() < deadline:
+            while comp.alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(comp.pid, comp.binary):
+            if comp.alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(comp.pid, signal.SIGKILL)
             # Reap our own children (when this process started them) so no zombie is left.
@@ -209,17 +229,19 @@ class LocalCluster:
         # this also cleans up after a run that died before it wrote its state).
         node.teardown(self.name, self.dir / "node")
         if self.dir.exists():
-            import shutil
-
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def _stop_local_pods(self) -> None:
         pids = self.dir / "local-node" / "pids"
         if not pids.exists():
             return
-        for line in pids.read_text().split():
+        for line in pids.read_text().splitlines():
+            pid, _, started = line.partition(" ")
+            # A pod's process that ended long ago left its pid to someone else: only the same
+            # process (same start time) is killed.
             with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
-                os.killpg(int(line), signal.SIGKILL)
+                if _start_ticks(int(pid)) == int(started):
+                    os.killpg(int(pid), signal.SIGKILL)
 
     def ensure_local_node(self, timeout: float = 60.0) -> None:
         """Start the local node on a running cluster that lacks one."""
@@ -407,7 +429,13 @@ class LocalCluster:
         pid = self._spawn(argv, log, env)
         state = self._state() or {}
         state.setdefault("components", []).append(
-            {"name": name, "pid": pid, "binary": marker, "log": str(log)}
+            {
+                "name": name,
+                "pid": pid,
+                "binary": marker,
+                "log": str(log),
+                "started": _start_ticks(pid),
+            }
         )
         # How to start it again (restart_component); the environment is only named when it
         # is not this process's, and then it is not kept (it may hold anything).
@@ -425,6 +453,7 @@ class LocalCluster:
                 cwd=self.dir,
                 env=env,
             )
+        self._procs[proc.pid] = proc
         return proc.pid
 
     # -- faults on demand (the tests' chaos) -------------------------------------------------
@@ -451,19 +480,20 @@ class LocalCluster:
         argv = ((self._state() or {}).get("argv") or {}).get(name)
         if not argv:
             raise ClusterError(f"{name} cannot be restarted: its command line was not kept")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(comp.pid, signal.SIGKILL)
-            os.killpg(comp.pid, signal.SIGCONT)
+        if comp.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(comp.pid, signal.SIGKILL)
+                os.killpg(comp.pid, signal.SIGCONT)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(comp.pid, 0)
         deadline = time.monotonic() + timeout
-        while _alive(comp.pid, comp.binary) and time.monotonic() < deadline:
+        while comp.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         pid = self._spawn(argv, Path(comp.log), None)
         state = self._state() or {}
         for item in state.get("components", []):
             if item["name"] == name:
-                item["pid"] = pid
+                item["pid"], item["started"] = pid, _start_ticks(pid)
         self.state_file.write_text(json.dumps(state, indent=2))
         if name == "kube-apiserver":
             self._wait_until(self._ready, "kube-apiserver to be ready again", timeout)
@@ -723,11 +753,24 @@ class LocalCluster:
     def _check_components(self) -> None:
         dead = self.dead_components()
         if dead:
+            free = shutil.disk_usage(self.dir).free / 2**30
             raise ClusterError(
                 "\n".join(
-                    f"{c.name} exited; last lines of {c.log}:\n{_tail(Path(c.log))}" for c in dead
+                    f"{c.name} {self._ending(c.pid)} ({free:.1f} GiB free on its disk); "
+                    f"last lines of {c.log}:\n{_tail(Path(c.log))}"
+                    for c in dead
                 )
             )
+
+    def _ending(self, pid: int) -> str:
+        """How a process this object started ended ("exited with 2", "was killed by SIGKILL")."""
+        proc = self._procs.get(pid)
+        code = None if proc is None else proc.poll()
+        if code is None:
+            return "exited"
+        if code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with {code}"
 
     def _ssl_context(self, pki: Pki, client: CertPair) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(pki.ca.cert))

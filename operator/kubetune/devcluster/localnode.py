@@ -374,7 +374,10 @@ class PodRunner(threading.Thread):
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
             )
         with (self.node.workdir / "pids").open("a") as pids:
-            pids.write(f"{item.proc.pid}\n")  # `cluster down` stops these even if this node dies
+            started = Path(f"/proc/{item.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+            pids.write(
+                f"{item.proc.pid} {started}\n"
+            )  # `cluster down` stops these even if this node dies
         if "terminated" in item.state:
             item.last_state = item.state
         item.state = {"running": {"startedAt": _now()}}

@@ -16,8 +16,11 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # Kubernetes quantities ("500m", "4Gi", "2"): kept as strings, checked by the API server's pattern.
 # The grammar of resource.Quantity (a number, then a binary or decimal suffix or an exponent),
 # without a sign: a negative request or size is refused by the pods' validation anyway, and a
-# looser pattern let "1.2.3" through the CRD to fail only when the Job was created.
-QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+# looser pattern let "1.2.3" through the CRD to fail only when the Job was created. The exponent
+# has at most two digits: Kubernetes caps every quantity at 2^63-1 anyway, and the API server (as
+# of v1.36) spins until its request deadline on an exponent as large as "1e2147483647" in a Pod
+# or Deployment (every retry of the operator would hang a server thread for a minute).
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]{1,2})?$"
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
 DNS1123_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # What Kubernetes takes as a label value, and as a label key or other qualified name (an optional
