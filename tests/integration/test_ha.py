@@ -18,19 +18,21 @@ from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.volumes import ensure_claim
 from kubetune.operator_main import LEASE_SECONDS, RETRY_SECONDS
+from tests.cluster_fixtures import chart_rbac_kubeconfig
 from tests.integration.test_finetunejob import finetunejob
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 NS = "ha"
-LEASE = "kube-system/kubetune-ha"
+SYSTEM = "kubetune-system"  # the chart's release namespace: its leader-election Role is there
+LEASE = f"{SYSTEM}/kubetune-ha"
 TAKEOVER_LIMIT_SECONDS = 25  # the issue's bound for the standby to act
 
 
-def _replica(cluster: LocalCluster, log: Path) -> subprocess.Popen[bytes]:
+def _replica(kubeconfig: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
-        "KUBECONFIG": str(cluster.kubeconfig),
+        "KUBECONFIG": str(kubeconfig),
         "PYTHONPATH": str(REPO / "operator"),
     }
     with log.open("ab") as out:
@@ -44,6 +46,8 @@ def _replica(cluster: LocalCluster, log: Path) -> subprocess.Popen[bytes]:
 
 @pytest.fixture(scope="module")
 def ha_cluster() -> Iterator[LocalCluster]:
+    """The cluster, and (as its kubeconfig) the chart's ServiceAccount with two replicas'
+    RBAC: the replicas hold what the chart grants and nothing more."""
     with running_cluster(f"pytest-ha-{os.getpid()}") as cluster:
         api = config.new_client_from_config(str(cluster.kubeconfig))
         for crd in all_crds().values():
@@ -66,17 +70,19 @@ def test_one_replica_acts_and_the_standby_takes_over_after_kill_9(
     ha_cluster: LocalCluster, tmp_path: Path
 ) -> None:
     api = config.new_client_from_config(str(ha_cluster.kubeconfig))
+    # The replicas run as the chart's ServiceAccount, rendered with replicas=2.
+    chart = chart_rbac_kubeconfig(api, ha_cluster.kubeconfig, tmp_path, SYSTEM, replicas=2)
     custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
     coord = client.CoordinationV1Api(api)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    first = _replica(ha_cluster, logs[0])
+    first = _replica(chart, logs[0])
     replicas = [first]
     try:
         wait_for(lambda: b"leading: holding the lease" in logs[0].read_bytes(), 60, "a leader")
         wait_for(lambda: b"Initial authentication" in logs[0].read_bytes(), 60, "kopf running")
         leader = _holder(coord)
         assert leader and leader.endswith(f"-{first.pid}")
-        second = _replica(ha_cluster, logs[1])
+        second = _replica(chart, logs[1])
         replicas.append(second)
         wait_for(lambda: b"standing by for the lease" in logs[1].read_bytes(), 60, "a standby")
 
@@ -118,6 +124,10 @@ def test_one_replica_acts_and_the_standby_takes_over_after_kill_9(
             .items
         )
         assert sorted(m.metadata.name for m in maps) == ["one-config", "two-config"]
+        # Neither replica was refused anything: a 403 names the ServiceAccount.
+        for log in logs:
+            lines = log.read_text(errors="replace").splitlines()
+            assert [line for line in lines if '"system:serviceaccount:' in line] == []
     finally:
         for proc in replicas:
             if proc.poll() is None:
