@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
+from kubernetes import client, config
 
 from kubetune.crdgen import all_crds
-from kubetune.devcluster.cluster import LocalCluster
+from kubetune.devcluster.cluster import LocalCluster, running_cluster
+from kubetune.devcluster.images import base_image, kubetune_image
 from kubetune.devcluster.volumes import ensure_claim
 from kubetune.kube import Kube
+from tests.real_node import bound_claims
 from tests.tools.helm import Helm
 from tests.waiting import wait_for
 
@@ -289,3 +291,101 @@ class Resources:
 @pytest.fixture
 def resources(api_client: client.ApiClient, namespace: str, operator: OperatorProcess) -> Resources:
     return Resources(api_client, namespace)
+
+
+class RealNode:
+    """The session's cluster with a real node (kubelet, containerd, runc, CNI, CoreDNS, the
+    local-path provisioner). Every test that runs pods in kubetune's images shares it, so each
+    image is imported into its containerd once per session (the trainer and Triton images also
+    share their 7 GB ML layer: the second import finds it there)."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.api = config.new_client_from_config(str(cluster.kubeconfig))
+        self._loaded: set[str] = set()
+
+    def load(self, *names: str) -> None:
+        """Import kubetune's images ("trainer", "triton", "operator", or "base") if not yet."""
+        for name in names:
+            if name in self._loaded:
+                continue
+            started = time.monotonic()
+            self.cluster.load_images(base_image() if name == "base" else kubetune_image(name))
+            print(f"\n{name} image loaded into the real node in {time.monotonic() - started:.0f}s")
+            self._loaded.add(name)
+
+    def namespace(self, name: str) -> str:
+        """A namespace of a test's own, with Pod Security "restricted" enforced (the generated
+        pods must pass it to be created)."""
+        client.CoreV1Api(self.api).create_namespace(
+            {
+                "metadata": {
+                    "name": name,
+                    "labels": {"pod-security.kubernetes.io/enforce": "restricted"},
+                }
+            }
+        )
+        return name
+
+    def delete_namespace(self, name: str) -> None:
+        """Deleted, and waited for: its pods give back the node's CPU, memory and GPU before the
+        next test asks for them."""
+        core = client.CoreV1Api(self.api)
+        core.delete_namespace(name)
+
+        def gone() -> bool:
+            try:
+                core.read_namespace(name)
+            except client.ApiException as err:
+                return err.status == 404
+            return False
+
+        wait_for(gone, timeout=180, what=f"namespace {name} to be deleted")
+
+
+@pytest.fixture(scope="session")
+def real_node() -> Iterator[RealNode]:
+    with running_cluster(f"pytest-real-{os.getpid()}", real_node=True) as cluster:
+        install_crds(config.new_client_from_config(str(cluster.kubeconfig)))
+        yield RealNode(cluster)
+
+
+@pytest.fixture(scope="session")
+def real_operator(
+    real_node: RealNode, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The operator on the real-node cluster, as the chart's ServiceAccount (like `operator`)."""
+    folder = tmp_path_factory.mktemp("real-operator")
+    log = folder / "operator.log"
+    kubeconfig = chart_rbac_kubeconfig(real_node.api, real_node.cluster.kubeconfig, folder)
+    proc = OperatorProcess(real_node.cluster, log, kubeconfig)
+    proc.start()
+    yield proc
+    proc.stop()
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-5000:]
+    denied = [line for line in text.splitlines() if '"system:serviceaccount:' in line]
+    assert denied == [], "\n".join(denied[:20])
+
+
+@pytest.fixture
+def real_namespace(real_node: RealNode, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace of the test's own on the real-node cluster."""
+    name = f"r-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{os.urandom(3).hex()}"
+    name = "".join(ch for ch in name if ch.isalnum() or ch == "-")
+    yield real_node.namespace(name)
+    real_node.delete_namespace(name)
+
+
+@pytest.fixture
+def real_volumes(real_node: RealNode, real_namespace: str) -> dict[str, Path]:
+    """examples/pvcs.yaml's `models` and `datasets` claims in the test's real-node namespace,
+    bound by the default StorageClass: the (empty) folders of this machine behind them."""
+    return bound_claims(real_node.cluster, real_namespace)
+
+
+@pytest.fixture
+def real_resources(
+    real_node: RealNode, real_namespace: str, real_operator: OperatorProcess
+) -> Resources:
+    return Resources(real_node.api, real_namespace)

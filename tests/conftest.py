@@ -16,9 +16,10 @@ pytest_plugins = ["tests.cluster_fixtures"]
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
-    """A fresh local cluster (real etcd, apiserver, controller-manager, scheduler, kwok) with
-    its local node, which really runs the pods that tolerate it."""
-    with running_cluster(f"pytest-{os.getpid()}", local_node=True) as local:
+    """A fresh local cluster (real etcd, apiserver, controller-manager, scheduler) whose nodes
+    kwok simulates: the control plane's behaviour at any scale. The tests whose pods really run
+    use the session's real-node cluster (`real_node`, tests/cluster_fixtures.py)."""
+    with running_cluster(f"pytest-{os.getpid()}") as local:
         yield local
 
 

@@ -18,10 +18,10 @@ MODEL = "pvc://models/base/minilm"
 DATASET = "pvc://datasets/intents.jsonl"
 
 
-def minilm_claims(cluster: LocalCluster, namespace: str) -> dict[str, Path]:
-    """examples/pvcs.yaml, bound by the default StorageClass, with the shipped MiniLM checkpoint
-    and dataset copied into the volumes' folders (the node is this machine; `kubectl cp` through
-    a pod would do the same): the `models` and `datasets` folders, holding MODEL and DATASET."""
+def bound_claims(cluster: LocalCluster, namespace: str) -> dict[str, Path]:
+    """examples/pvcs.yaml applied in `namespace` and bound by the default StorageClass: the
+    folders of this machine behind the `models` and `datasets` claims (the node is this
+    machine; `kubectl cp` through a pod would fill them the same way)."""
     core = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
     cluster.kubectl("-n", namespace, "apply", "-f", str(REPO / "examples" / "pvcs.yaml"))
     folders = {}
@@ -37,6 +37,13 @@ def minilm_claims(cluster: LocalCluster, namespace: str) -> dict[str, Path]:
         )
         volume = core.read_persistent_volume(bound.spec.volume_name)
         folders[claim] = Path(volume.spec.host_path.path)
+    return folders
+
+
+def minilm_claims(cluster: LocalCluster, namespace: str) -> dict[str, Path]:
+    """bound_claims, with the shipped MiniLM checkpoint and dataset copied into the volumes'
+    folders: the `models` and `datasets` folders, holding MODEL and DATASET."""
+    folders = bound_claims(cluster, namespace)
     shutil.copytree(minilm_checkpoint(), folders["models"] / "base" / "minilm")
     shutil.copy(
         REPO / "examples" / "data" / "support-intents.jsonl",

@@ -6,21 +6,17 @@ the API server's aggregation layer; the HPA the operator generated is run by the
 kube-controller-manager. NVIDIA's perf_analyzer loads the server: Triton's queue time rises, the
 HPA adds a replica; the load stops, queue time falls to 0, the HPA removes it again.
 
-Twice: on the real node (kubelet, containerd, kubetune's local Triton image, each pod on its own
-address, no GPU asked so the added replica runs too) and on the process-based local node (the
-nvidia-pytriton wheel's tritonserver as a process; the node advertises one GPU and each replica
-asks for one, so the added replica stays Pending: the scaling is what the HPA and the Deployment
-say, and the pending pod, which has no metrics, counts as the target value on the way down).
+On the real node (kubelet, containerd, kubetune's local Triton image, each pod on its own address,
+no GPU asked so the added replica runs too): the session's real-node cluster, with the operator as
+the chart's ServiceAccount.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +24,12 @@ import pytest
 import yaml
 from kubernetes import client, config
 from kubernetes.utils import parse_quantity
-from tests.cluster_fixtures import OperatorProcess, free_port
+from tests.cluster_fixtures import OperatorProcess, RealNode
 from tests.waiting import wait_for
 
-from kubetune.crdgen import all_crds
 from kubetune.devcluster import perfanalyzer
-from kubetune.devcluster.cluster import LocalCluster, running_cluster
+from kubetune.devcluster.cluster import LocalCluster
 from kubetune.devcluster.demo import PLACEMENT, minilm_checkpoint
-from kubetune.devcluster.images import triton_image
 from kubetune.devcluster.monitoring import (
     Prometheus,
     adapter_config,
@@ -43,7 +37,6 @@ from kubetune.devcluster.monitoring import (
     start_adapter,
     start_prometheus,
 )
-from kubetune.devcluster.volumes import ensure_claim
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -52,38 +45,12 @@ METRIC = "triton_queue_time_per_request_us"
 TARGET_US = 5000  # 5 ms of queueing per request: idle is 0, 16 clients on 2 cores far above
 
 
-# The real node runs kubetune's local Triton image, which a change to the package rebuilds
-# (minutes, 3.6 GB): add "real-node" here where that image is built for this tree.
-@pytest.fixture(scope="module", params=["local-node"])
-def loop_cluster(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalCluster]:
-    """A cluster of this module's own (its aggregated API and Prometheus are not the session's),
-    with the CRDs and the operator (a process on this machine, as in the integration tier), and
-    a node that runs the ModelServer's pods for real: the real node (kubelet, containerd, each
-    pod its own address, kubetune's local Triton image) or the process-based local node."""
-    real = request.param == "real-node"
-    with running_cluster(f"hpa-{os.getpid()}", local_node=not real, real_node=real) as cluster:
-        if real:
-            cluster.load_images(triton_image())
-        api = config.new_client_from_config(str(cluster.kubeconfig))
-        ext = client.ApiextensionsV1Api(api)
-        for crd in all_crds().values():
-            ext.create_custom_resource_definition(crd)
-        for crd in all_crds().values():
-            wait_for(
-                lambda n=crd["metadata"]["name"]: any(
-                    c.type == "Established" and c.status == "True"
-                    for c in ext.read_custom_resource_definition(n).status.conditions or []
-                ),
-                what="the CRDs to be established",
-            )
-        operator = OperatorProcess(cluster, tmp_path_factory.mktemp("op") / "operator.log")
-        operator.start()
-        try:
-            yield cluster
-        finally:
-            operator.stop()
+@pytest.fixture(scope="module")
+def loop_cluster(real_node: RealNode, real_operator: OperatorProcess) -> LocalCluster:
+    """The session's real-node cluster with the Triton image loaded. Prometheus and the adapter
+    (an aggregated API) are this module's additions to it."""
+    real_node.load("triton")
+    return real_node.cluster
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +64,9 @@ def prometheus(loop_cluster: LocalCluster) -> Prometheus:
 
 
 def _models_claim(cluster: LocalCluster, api: client.ApiClient, ns: str) -> Path:
-    """The `models` claim of `ns`, bound; the folder of this machine behind it."""
+    """The `models` claim of `ns`, bound by the real node's default StorageClass (a folder the
+    pods' uid can read); the folder of this machine behind it."""
     core = client.CoreV1Api(api)
-    if not cluster.real_node:
-        folder = cluster.dir / "volumes" / ns / "models"
-        ensure_claim(api, ns, "models", folder)
-        return folder
-    # The real node's default StorageClass provisions a folder the pods' uid can read.
     cluster.kubectl("-n", ns, "apply", "-f", str(REPO / "examples" / "pvcs.yaml"))
     claim = wait_for(
         lambda: (
@@ -126,22 +89,14 @@ def _replicas(api: client.ApiClient, namespace: str, name: str) -> int:
 
 
 def test_queue_time_from_perf_analyzer_scales_the_model_server_out_and_back(
-    loop_cluster: LocalCluster, prometheus: Prometheus, tmp_path: Path
+    loop_cluster: LocalCluster, prometheus: Prometheus, real_namespace: str, tmp_path: Path
 ) -> None:
     api = config.new_client_from_config(str(loop_cluster.kubeconfig))
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    ns = "serving"
-    core.create_namespace({"metadata": {"name": ns}})
+    ns = real_namespace
     models = _models_claim(loop_cluster, api, ns)
     shutil.copytree(minilm_checkpoint(), models / "minilm")
-    if loop_cluster.real_node:
-        # Each pod has its own address; both replicas run (no GPU asked, so none is short).
-        ports, gpus = {}, 0
-    else:
-        # The local node's pods share this machine's ports, and its one GPU: the added replica
-        # stays Pending there (on a GPU cluster it lands on another node).
-        ports = {"httpPort": free_port(), "grpcPort": free_port(), "metricsPort": free_port()}
-        gpus = 1
+    # Each pod has its own address; both replicas run (no GPU asked, so none is short).
     custom.create_namespaced_custom_object(
         "kubetune.io",
         "v1alpha1",
@@ -153,7 +108,7 @@ def test_queue_time_from_perf_analyzer_scales_the_model_server_out_and_back(
             "metadata": {"name": "intents"},
             "spec": {
                 "model": {"source": "pvc://models/minilm", "name": "intents"},
-                "resources": {"gpus": gpus, **PLACEMENT},
+                "resources": {"gpus": 0, **PLACEMENT},
                 "triton": {"maxBatchSize": 16},
                 "autoscaling": {
                     "minReplicas": 1,
@@ -163,7 +118,6 @@ def test_queue_time_from_perf_analyzer_scales_the_model_server_out_and_back(
                     "scaleDownStabilizationSeconds": 10,
                 },
                 "rollout": {"smokeTest": {"enabled": False}},
-                "service": ports,
             },
         },
     )
@@ -204,7 +158,7 @@ def test_queue_time_from_perf_analyzer_scales_the_model_server_out_and_back(
     load = subprocess.Popen(
         perfanalyzer.command(
             "intents",
-            f"{address}:{ports.get('httpPort', 8000)}",
+            f"{address}:8000",
             data,
             16,
             # One measurement window that never ends: the load lasts until it is stopped.

@@ -1,12 +1,12 @@
-"""The whole loop through the operator, for real: a FineTuneJob trains MiniLM in a pod on the
-local node (torchrun, the real trainer, progress through the API server with the pod's own
-credential), a ModelServer serves the result with the real Triton server, the operator's smoke test
-asks it, and a model that answers wrongly is rolled back."""
+"""The whole loop through the operator, for real, on the session's real-node cluster: a FineTuneJob
+trains MiniLM in a pod of kubetune's trainer image (torchrun, the real trainer, progress through
+the API server with the pod's own credential), a ModelServer serves the result in kubetune's local
+Triton image, the operator's smoke test asks it, and a model that answers wrongly is rolled back.
+The operator runs as the chart's ServiceAccount; the claims come from the default StorageClass."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,41 +14,58 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from kubernetes import client
-from tests.cluster_fixtures import Resources
+from tests.cluster_fixtures import OperatorProcess, RealNode, Resources
+from tests.real_node import minilm_claims
 from tests.waiting import wait_for
 
 from kubetune.devcluster.cluster import LocalCluster
-from kubetune.devcluster.demo import PLACEMENT, minilm_checkpoint
+from kubetune.devcluster.demo import PLACEMENT
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[2]
 BILLING = "I was charged twice for my order"
-PORT = 18400
+SERVER = "kubetune.io/modelserver=intents"
 
 
 def _diagnose(resources: Resources, cluster: LocalCluster) -> str:
-    """What a person would look at: the ModelServer's status and the local node's pod logs."""
-    parts = [json.dumps(resources.get("modelservers", "intents").get("status"), indent=1)]
-    for log in sorted(
-        (cluster.dir / "local-node" / "pods").glob(f"{resources.namespace}_*/logs/*.log")
-    ):
-        parts.append(
-            f"--- {log.parent.parent.name}/{log.name}\n" + log.read_text(errors="replace")[-3000:]
+    """What a person would look at: the ModelServer's status and its pods' logs."""
+    status = json.dumps(resources.get("modelservers", "intents").get("status"), indent=1)
+    try:
+        logs = cluster.kubectl(
+            "-n", resources.namespace, "logs", "--all-containers", "--tail=60", "-l", SERVER
         )
-    return "\n".join(parts)
+    except Exception as err:  # a diagnostic only
+        logs = str(err)
+    return f"{status}\n{logs}"
+
+
+def _address(api: client.ApiClient, namespace: str) -> str:
+    """The Triton HTTP endpoint of the ModelServer's ready pod (each pod has its own IP)."""
+    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=SERVER).items
+    ready = [
+        p
+        for p in pods
+        if not p.metadata.deletion_timestamp
+        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+    ]
+    assert len(ready) == 1, [p.metadata.name for p in pods]
+    return f"{ready[0].status.pod_ip}:8000"
+
+
+@pytest.fixture
+def loop(
+    real_node: RealNode, real_operator: OperatorProcess, real_namespace: str
+) -> tuple[Resources, dict[str, Path]]:
+    """The test's namespace with the claims of examples/pvcs.yaml holding MiniLM and the data."""
+    real_node.load("trainer", "triton")
+    folders = minilm_claims(real_node.cluster, real_namespace)
+    return Resources(real_node.api, real_namespace), folders
 
 
 def test_train_serve_smoke_test_and_roll_back(
-    resources: Resources,
-    api_client: client.ApiClient,
-    namespace: str,
-    volumes: dict[str, Path],
-    cluster: LocalCluster,
+    loop: tuple[Resources, dict[str, Path]], real_node: RealNode
 ) -> None:
-    shutil.copytree(minilm_checkpoint(), volumes["models"] / "base" / "minilm")
-    shutil.copy(
-        REPO / "examples" / "data" / "support-intents.jsonl", volumes["datasets"] / "intents.jsonl"
-    )
+    (resources, folders), cluster, api_client = loop, real_node.cluster, real_node.api
+    namespace = resources.namespace
     resources.create(
         "finetunejobs",
         {
@@ -87,7 +104,7 @@ def test_train_serve_smoke_test_and_roll_back(
     assert progress["lastHeartbeat"]
     assert status["output"]["metrics"]["accuracy"] >= 0.8  # 6 intents: chance is about 0.17
     assert status["lastCheckpoint"]["step"] >= 40
-    assert (volumes["models"] / "out" / "intents" / "triton-repository").is_dir()
+    assert (folders["models"] / "out" / "intents" / "triton-repository").is_dir()
 
     server: dict[str, Any] = {
         "apiVersion": "kubetune.io/v1alpha1",
@@ -98,8 +115,6 @@ def test_train_serve_smoke_test_and_roll_back(
             "resources": {"gpus": 1, **PLACEMENT},
             "replicas": 1,
             "rollout": {"smokeTest": {"text": BILLING, "expectedLabel": "billing"}},
-            # The local node's pods share this machine's ports: stay clear of a running demo.
-            "service": {"httpPort": PORT, "grpcPort": PORT + 1, "metricsPort": PORT + 2},
         },
     }
     resources.create("modelservers", server)
@@ -113,12 +128,11 @@ def test_train_serve_smoke_test_and_roll_back(
     assert ready["status"]["served"]["fineTuneJobUid"] == job["metadata"]["uid"]
     assert ready["status"]["served"]["checksum"].startswith("sha256:")
 
-    # A client in the cluster asks the served model (the local node's pods share this machine's
-    # network, so the pod's port is on loopback).
+    # A client asks the served model on its pod's IP (this machine routes to the pod network).
     text = httpclient.InferInput("TEXT", [2, 1], "BYTES")
     text.set_data_from_numpy(np.array([[BILLING.encode()], [b"where is my package"]], dtype=object))
     # Closed after use: an open keep-alive connection holds Triton's drain for its full timeout.
-    with httpclient.InferenceServerClient(f"127.0.0.1:{PORT}") as triton:
+    with httpclient.InferenceServerClient(_address(api_client, namespace)) as triton:
         labels = triton.infer("intents", [text]).as_numpy("LABEL").reshape(-1)
     assert [label.decode() for label in labels] == ["billing", "shipping"]
 
@@ -150,6 +164,6 @@ def test_train_serve_smoke_test_and_roll_back(
         300,
         "the rolled-back pod to be ready",
     )
-    with httpclient.InferenceServerClient(f"127.0.0.1:{PORT}") as triton:
+    with httpclient.InferenceServerClient(_address(api_client, namespace)) as triton:
         labels = triton.infer("intents", [text]).as_numpy("LABEL").reshape(-1)
     assert [label.decode() for label in labels] == ["billing", "shipping"]

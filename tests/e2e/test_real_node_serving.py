@@ -6,8 +6,9 @@ answers, the kubelet runs the generated startup, readiness and liveness probes u
 generated securityContext (uid 1000, read-only root), and each replica has its own pod IP.
 
 The smoke-test readiness gate is opened here by the operator's own code (serving.gate: the smoke
-test of that pod's IP, then the verdict's status patch), as the operator does; no operator runs
-in these clusters.
+test of that pod's IP, then the verdict's status patch), as the operator does. The cluster is the
+session's real-node cluster; the operator running there leaves these pods alone (no ModelServer
+owns them).
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from typing import Any
 
 import pytest
 from kubernetes import client, config
+from tests.cluster_fixtures import RealNode
 from tests.waiting import wait_for
 
 from kubetune.api.v1alpha1.modelserver import ModelServer, SmokeTestSpec
 from kubetune.builders.common import Owner, Settings
 from kubetune.builders.serving import ResolvedModel, build_deployment
 from kubetune.devcluster import node
-from kubetune.devcluster.cluster import LocalCluster, running_cluster
+from kubetune.devcluster.cluster import LocalCluster
 from kubetune.devcluster.demo import PLACEMENT, minilm_checkpoint
-from kubetune.devcluster.images import triton_image
 from kubetune.serving.gate import gate_verdict, smoke_test_pod
 from kubetune.serving.smoketest import smoke_test
 
@@ -42,10 +43,10 @@ START_TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[LocalCluster]:
-    with running_cluster(f"rs-{os.getpid()}", real_node=True) as cluster:
-        cluster.load_images(triton_image())
-        yield cluster
+def served(real_node: RealNode) -> LocalCluster:
+    """The session's real-node cluster with kubetune's local Triton image loaded."""
+    real_node.load("triton")
+    return real_node.cluster
 
 
 def deployment(

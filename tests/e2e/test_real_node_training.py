@@ -5,34 +5,31 @@ checkpoint and the dataset come from claims of the default StorageClass, the mod
 output claim. Two pods of one FineTuneJob (`nodes: 2`) rendezvous through the headless Service's
 DNS name over the pod network and train together with gloo.
 
-The operator runs on the host (a subprocess, as in the other e2e tests); the chart's install of
-the operator image has a test of its own (test_real_node_operator.py).
+The cluster is the session's real-node cluster (`real_node`, shared with the other tests that run
+kubetune's images); the operator runs on the host as the chart's ServiceAccount (`real_operator`).
+The chart's install of the operator image has a test of its own (test_real_node_operator.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client, config
-from tests.cluster_fixtures import OperatorProcess, Resources
+from tests.cluster_fixtures import OperatorProcess, RealNode, Resources
 from tests.e2e.conftest import parse_events
 from tests.real_node import DATASET, MODEL, minilm_claims, wait_pod_and_container_gone
 from tests.waiting import wait_for
 
-from kubetune.crdgen import all_crds
 from kubetune.devcluster import node
-from kubetune.devcluster.cluster import LocalCluster, running_cluster
+from kubetune.devcluster.cluster import LocalCluster
 from kubetune.devcluster.demo import PLACEMENT
-from kubetune.devcluster.images import kubetune_image
 
-# The first test's fixtures load the trainer image (7 GB) into a new cluster's containerd
-# (about 4.5 minutes here) and may rebuild it after a code change: beyond pytest's 900 s default.
+# The first test's fixtures may load the trainer image (7 GB) into the node's containerd (minutes
+# here): beyond pytest's 900 s default.
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 NAMESPACE = "team"
 TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
@@ -40,39 +37,14 @@ TRAIN_TIMEOUT = 900  # seconds: a few hundred MiniLM steps on a shared two-core 
 
 
 @pytest.fixture(scope="module")
-def trainer_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """A cluster with a real node, the trainer image loaded, the CRDs and the operator."""
-    with running_cluster(f"rt-{os.getpid()}", real_node=True) as cluster:
-        started = time.monotonic()
-        cluster.load_images(kubetune_image("trainer"))
-        print(f"trainer image loaded into the node in {time.monotonic() - started:.0f}s")
-        api = config.new_client_from_config(str(cluster.kubeconfig))
-        ext = client.ApiextensionsV1Api(api)
-        for crd in all_crds().values():
-            ext.create_custom_resource_definition(crd)
-        for crd in all_crds().values():
-            wait_for(
-                lambda n=crd["metadata"]["name"]: any(
-                    c.type == "Established" and c.status == "True"
-                    for c in ext.read_custom_resource_definition(n).status.conditions or []
-                ),
-                what="the CRDs to be established",
-            )
-        # Pod Security "restricted" enforced: the generated pods must pass it to be created.
-        client.CoreV1Api(api).create_namespace(
-            {
-                "metadata": {
-                    "name": NAMESPACE,
-                    "labels": {"pod-security.kubernetes.io/enforce": "restricted"},
-                }
-            }
-        )
-        operator = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
-        operator.start()
-        try:
-            yield cluster
-        finally:
-            operator.stop()
+def trainer_cluster(real_node: RealNode, real_operator: OperatorProcess) -> Iterator[LocalCluster]:
+    """The session's real-node cluster (CRDs, the operator as the chart's ServiceAccount) with
+    the trainer image loaded and this module's namespace, where Pod Security "restricted" is
+    enforced: the generated pods must pass it to be created."""
+    real_node.load("trainer")
+    real_node.namespace(NAMESPACE)
+    yield real_node.cluster
+    real_node.delete_namespace(NAMESPACE)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ fixing the cause is all it takes: no object is deleted or re-created by hand, th
 on by itself, driven by the event the fix makes.
 
 - a missing Secret: the operator reads no Secret (the chart grants it none); the training pod on
-  the local node waits in the kubelet's CreateContainerConfigError, the status says
-  MissingDependency and names the field; creating the Secret lets the kubelet start the pod.
-  Then every status, Event and ConfigMap of the namespace and the operator's log are scanned for
-  the Secret's values.
+  the real node (the session's real-node cluster) waits in the kubelet's
+  CreateContainerConfigError, the status says MissingDependency and names the field; creating the
+  Secret lets the kubelet start the pod. Then every status, Event and ConfigMap of the namespace
+  and the operator's log are scanned for the Secret's values.
 - a missing claim: MissingDependency naming the field; creating the claim (its watch event)
   builds the children.
 - a model that does not exist: the pre-flight pod's ModelNotFound; correcting spec.model.source
@@ -33,7 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetune.devcluster.cluster import LocalCluster
 from kubetune.devcluster.demo import PLACEMENT
 from kubetune.devcluster.volumes import ensure_claim
-from tests.cluster_fixtures import OperatorProcess, Resources
+from tests.cluster_fixtures import OperatorProcess, RealNode, Resources
 from tests.integration.test_chart import _token, _token_client
 from tests.integration.test_finetunejob import finetunejob
 from tests.integration.test_preflight import job as preflight_job
@@ -74,14 +74,17 @@ def _scan(
 
 
 def test_a_missing_secret_is_reported_from_the_pod_and_creating_it_starts_the_pod(
-    resources: Resources,
-    api_client: client.ApiClient,
-    namespace: str,
-    volumes: dict[str, Path],
-    operator: OperatorProcess,
+    real_node: RealNode,
+    real_resources: Resources,
+    real_namespace: str,
+    real_volumes: dict[str, Path],
+    real_operator: OperatorProcess,
 ) -> None:
-    """The training pod runs on the local node, whose kubelet resolves Secrets as the real one
-    does (a missing one: CreateContainerConfigError, tried again until it exists)."""
+    """The training pod runs on the real node, whose kubelet resolves Secrets (a missing one:
+    CreateContainerConfigError, tried again until it exists)."""
+    real_node.load("trainer")
+    resources, api_client, namespace = real_resources, real_node.api, real_namespace
+    operator = real_operator
     body = finetunejob(
         "creds",
         resources={"nodes": 1, "gpusPerNode": 1, **PLACEMENT},
@@ -149,9 +152,15 @@ def test_a_missing_claim_waits_and_its_creation_builds_the_children(
 
 
 def test_a_model_that_does_not_exist_is_refused_and_correcting_the_source_goes_on(
-    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: dict[str, Path]
+    real_node: RealNode,
+    real_resources: Resources,
+    real_namespace: str,
+    real_volumes: dict[str, Path],
 ) -> None:
-    stage_sources(volumes)
+    """The pre-flight pod runs in the trainer image on the real node."""
+    real_node.load("trainer")
+    resources, api_client, namespace = real_resources, real_node.api, real_namespace
+    stage_sources(real_volumes)
     body = preflight_job("typo", "80Gi", runPolicy={"suspend": True})
     body["spec"]["model"]["source"] = "pvc://models/minlm"  # a typo
     resources.create(FTJ, body)

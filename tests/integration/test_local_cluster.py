@@ -60,7 +60,6 @@ def test_kubectl_lists_gpu_nodes_with_capacity(cluster: LocalCluster) -> None:
         "gpu-node-2": "8",
         "gpu-node-3": "8",
         "cpu-node-0": "<none>",
-        "local-node-0": "1",
     }
 
 

@@ -1,6 +1,7 @@
-"""The pre-flight check through the operator on the local cluster: a real CPU pod on the local
-node runs `python -m kubetune.trainer preflight` on the job's volumes, and its verdict decides
-whether the training Job is created."""
+"""The pre-flight check through the operator on the session's real-node cluster: a CPU pod of
+kubetune's trainer image runs `python -m kubetune.trainer preflight` on the job's volumes (claims of
+the default StorageClass) under the generated securityContext, and its verdict decides whether the
+training Job is created."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from kubernetes import client
 
 from kubetune.devcluster.demo import PLACEMENT, minilm_checkpoint
-from tests.cluster_fixtures import Resources
+from tests.cluster_fixtures import RealNode, Resources
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,13 +60,15 @@ def validated(resources: Resources, name: str) -> dict[str, Any]:
 
 
 def test_a_job_whose_plan_does_not_fit_is_refused_with_no_job(
-    resources: Resources,
-    api_client: client.ApiClient,
-    namespace: str,
-    volumes: dict[str, Path],
+    real_node: RealNode,
+    real_resources: Resources,
+    real_namespace: str,
+    real_volumes: dict[str, Path],
 ) -> None:
-    stage_sources(volumes)
-    batch = client.BatchV1Api(api_client)
+    real_node.load("trainer")
+    resources, namespace = real_resources, real_namespace
+    stage_sources(real_volumes)
+    batch = client.BatchV1Api(real_node.api)
 
     resources.create("finetunejobs", job("too-big", "2Gi"))
     refused = validated(resources, "too-big")
@@ -98,17 +101,19 @@ def test_a_job_whose_plan_does_not_fit_is_refused_with_no_job(
 
 
 def test_an_unreachable_model_is_refused_before_any_gpu(
-    resources: Resources,
-    api_client: client.ApiClient,
-    namespace: str,
-    volumes: dict[str, Path],
+    real_node: RealNode,
+    real_resources: Resources,
+    real_namespace: str,
+    real_volumes: dict[str, Path],
 ) -> None:
-    (volumes["datasets"] / "intents.jsonl").write_text(
+    real_node.load("trainer")
+    resources, namespace = real_resources, real_namespace
+    (real_volumes["datasets"] / "intents.jsonl").write_text(
         json.dumps({"text": "hello", "label": "a"}) + "\n", encoding="utf-8"
     )
     resources.create("finetunejobs", job("no-model", "80Gi"))
     refused = validated(resources, "no-model")
     assert (refused["status"], refused["reason"]) == ("False", "ModelNotFound"), refused
     assert "/kubetune/pvc/models/minilm" in refused["message"]
-    jobs = client.BatchV1Api(api_client).list_namespaced_job(namespace).items
+    jobs = client.BatchV1Api(real_node.api).list_namespaced_job(namespace).items
     assert [j.metadata.name for j in jobs] == ["no-model-preflight"]

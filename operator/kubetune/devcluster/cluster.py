@@ -123,14 +123,10 @@ class LocalCluster:
         self,
         name: str = "kubetune",
         nodes: tuple[NodeSpec, ...] = DEFAULT_NODES,
-        local_node: bool = False,
         real_node: bool = False,
     ) -> None:
-        if local_node and real_node:
-            raise ValueError("local_node and real_node are two kinds of the same node: pick one")
         self.name = name
         self.nodes = nodes
-        self.local_node = local_node
         self.real_node = real_node
         self.dir = cache_root() / "clusters" / name
         self.state_file = self.dir / "state.json"
@@ -210,7 +206,6 @@ class LocalCluster:
     def down(self) -> None:
         """Stop every component and remove the cluster's folder. Leaves no process or port."""
         comps = self.components()
-        self._stop_local_pods()
         for comp in reversed(comps):
             if comp.alive():
                 with contextlib.suppress(ProcessLookupError):
@@ -230,23 +225,6 @@ class LocalCluster:
         node.teardown(self.name, self.dir / "node")
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _stop_local_pods(self) -> None:
-        pids = self.dir / "local-node" / "pids"
-        if not pids.exists():
-            return
-        for line in pids.read_text().splitlines():
-            pid, _, started = line.partition(" ")
-            # A pod's process that ended long ago left its pid to someone else: only the same
-            # process (same start time) is killed.
-            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
-                if _start_ticks(int(pid)) == int(started):
-                    os.killpg(int(pid), signal.SIGKILL)
-
-    def ensure_local_node(self, timeout: float = 60.0) -> None:
-        """Start the local node on a running cluster that lacks one."""
-        if not any(c.name == "local-node" for c in self.components()):
-            self._start_local_node(timeout)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -415,8 +393,6 @@ class LocalCluster:
         if net is not None:
             node.add_kubernetes_service(self.name, net, api_port)
         self._create_nodes(timeout)
-        if self.local_node:
-            self._start_local_node(timeout)
         if net is not None:
             self._start_real_node(bins, pki, net, server, timeout)
 
@@ -504,39 +480,6 @@ class LocalCluster:
         source_root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
         return {**os.environ, "PYTHONPATH": path, "KUBECONFIG": str(self.kubeconfig)}
-
-    def _start_local_node(self, timeout: float) -> None:
-        import sys
-
-        from kubernetes import client, config
-
-        marker = "kubetune.devcluster.localnode"
-        self.add_component(
-            "local-node",
-            [
-                sys.executable,
-                "-m",
-                marker,
-                f"--kubeconfig={self.kubeconfig}",
-                f"--workdir={self.dir / 'local-node'}",
-                "--name=local-node-0",
-            ],
-            marker=marker,
-            env=self.python_env(),
-        )
-        api: Any = client.CoreV1Api(config.new_client_from_config(str(self.kubeconfig)))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_components()
-            try:
-                node = api.read_node("local-node-0")
-            except Exception:
-                node = None
-            conds = {c.type: c.status for c in (node.status.conditions or [])} if node else {}
-            if conds.get("Ready") == "True":
-                return
-            time.sleep(0.2)
-        raise ClusterError(f"the local node did not become Ready in {timeout:.0f}s")
 
     def _claim_node_network(self) -> node.NodeNetwork:
         folder = self.dir / "node"
@@ -864,11 +807,9 @@ def _node_manifest(node: NodeSpec) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def running_cluster(
-    name: str, local_node: bool = False, real_node: bool = False
-) -> Iterator[LocalCluster]:
+def running_cluster(name: str, real_node: bool = False) -> Iterator[LocalCluster]:
     """A cluster for the duration of a `with` block (tests): started fresh, always stopped."""
-    cluster = LocalCluster(name, local_node=local_node, real_node=real_node)
+    cluster = LocalCluster(name, real_node=real_node)
     cluster.down()
     cluster.up()
     try:
