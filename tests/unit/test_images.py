@@ -9,6 +9,7 @@ fails here rather than in a registry build.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from kubetune.builders.common import NON_ROOT_UID
+from kubetune.devcluster import images
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = ("operator", "trainer", "triton")
@@ -120,3 +122,15 @@ def test_the_chart_runs_the_operator_as_the_images_uid() -> None:
     uid = int(dockerfile("operator").last("USER").partition(":")[0])
     assert values["podSecurityContext"]["runAsUser"] == uid
     assert values["podSecurityContext"]["runAsNonRoot"] is True
+
+
+def test_the_previous_version_of_an_image_is_kept_and_older_ones_are_stale(tmp_path: Path) -> None:
+    """Another run on this machine may still load the version before this build's."""
+    archives = [tmp_path / f"trainer-{key}.tar" for key in ("a", "b", "c", "d")]
+    for age, path in enumerate(archives):
+        path.write_bytes(b"")
+        os.utime(path, (1000.0 + age, 1000.0 + age))  # a oldest, d newest
+    built = tmp_path / "trainer-new.tar"
+    built.write_bytes(b"")
+    # d is kept (another run may load it); c, b and a go, newest first.
+    assert images.stale_archives(built, [*archives, built]) == archives[2::-1]

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,17 +263,46 @@ def _being_loaded(archive: Path) -> bool:
     return False
 
 
+# Versions of an image whose archives are kept: this build's and the one before it. Another run
+# on this machine (a test run of other code, `make demo` of a checkout) built the one before and
+# may not have loaded it into its cluster yet: images are loaded on first use.
+KEEP_VERSIONS = 2
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # pruned meanwhile by another run
+        return 0.0
+
+
+def stale_archives(archive: Path, found: Iterable[Path]) -> list[Path]:
+    """The archives of other versions of `archive`'s image beyond the newest KEEP_VERSIONS."""
+    others = sorted((p for p in found if p != archive), key=_mtime, reverse=True)
+    return others[KEEP_VERSIONS - 1 :]
+
+
 def _prune(name: str, archive: Path, ref: str) -> None:
     """Older builds of the same image are of no further use: their archives and their layers in
-    buildah's storage go (images are large; the disk is shared)."""
-    for old in archive.parent.glob(f"{name}-*.tar"):
-        if old != archive and not _being_loaded(old):
+    buildah's storage go (images are large; the disk is shared), all but the newest
+    KEEP_VERSIONS and any archive a node is loading."""
+    kept = {archive}
+    for old in stale_archives(archive, archive.parent.glob(f"{name}-*.tar")):
+        if not _being_loaded(old):
             old.unlink(missing_ok=True)
+        else:
+            kept.add(old)
+    kept |= set(archive.parent.glob(f"{name}-*.tar"))
+    keep_refs = {f"{REGISTRY}/{p.stem.replace(f'{name}-', f'{name}:', 1)}" for p in kept}
     listed = _run(
         ["buildah", *_storage_args(), "images", "--format", "{{.Name}}:{{.Tag}}"],
         "listing buildah's images",
     )
-    stale = [r for r in listed.split() if r.startswith(f"{REGISTRY}/{name}:") and r != ref]
+    stale = [
+        r
+        for r in listed.split()
+        if r.startswith(f"{REGISTRY}/{name}:") and r != ref and r not in keep_refs
+    ]
     if stale:
         _run(["buildah", *_storage_args(), "rmi", *stale], f"removing old {name} images")
     try:
