@@ -64,8 +64,12 @@ unit:
 crds:
 	$(PY) -m kubetune crds --out crds
 
+# Every benchmark prints its detail; then one table of their headline rows (bench/results.py).
 bench:
-	export PATH="$(VENV)/bin:$$PATH"; for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+	export PATH="$(VENV)/bin:$$PATH" PYTHONPATH="$(CURDIR)/operator:$(CURDIR)" \
+		KUBETUNE_BENCH_RESULTS="$$(mktemp)"; \
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done; \
+	$(PY) bench/results.py "$$KUBETUNE_BENCH_RESULTS"
 
 cluster-up: prereqs
 	$(PY) -m kubetune dev cluster up

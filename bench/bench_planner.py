@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+from bench.results import record
 from tests.unit.test_planner import CASES, measure_case
 
 MIB = 1024**2
@@ -29,6 +30,14 @@ def main() -> None:
             f"{kind:7} {method:6} {f'{batch} x {seq}':>11} {'yes' if checkpointing else 'no':>4} "
             f"{peak / MIB:>8.1f}Mi {estimate.peak / MIB:>8.1f}Mi {estimate.peak / peak - 1:>+7.1%} "
             f"{thumb / MIB:>9.1f}Mi {thumb / peak - 1:>+7.1%}"
+        )
+        record(
+            "planner",
+            f"peak memory, {kind} {method} {batch}x{seq}{' ckpt' if checkpointing else ''}",
+            estimate.peak / MIB,
+            peak / MIB,
+            "MiB",
+            "measured peak",
         )
 
 

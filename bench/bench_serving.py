@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_aio
+from bench.results import record
 
 from kubetune.api.v1alpha1.modelserver import TritonSpec
 from kubetune.serving.local import TritonServer, running_triton
@@ -400,6 +401,15 @@ def peers(args: argparse.Namespace) -> None:
             f"{r.name:24}{r.concurrency:8d}{r.rps:9.1f}{r.p50:9.1f}{r.p99:9.1f}{queue}"
             f"{r.rps / peer[r.concurrency].rps:11.2f}"
         )
+        if r.name != "transformers pipeline":
+            record(
+                "serving",
+                f"{r.name}, {r.concurrency} clients",
+                r.rps,
+                peer[r.concurrency].rps,
+                "req/s",
+                "transformers pipeline",
+            )
 
 
 # --- generation: the python backend against the vLLM backend ------------------------------------
@@ -562,6 +572,14 @@ def generation(args: argparse.Namespace) -> None:
             f"vllm/python at {count:2d} streams: tokens/s x"
             f"{vllm.tokens_per_second / python.tokens_per_second:.2f}, "
             f"TTFT p50 x{vllm.ttft_ms(50) / python.ttft_ms(50):.2f}"
+        )
+        record(
+            "generation",
+            f"vllm runtime, {count} streams",
+            vllm.tokens_per_second,
+            python.tokens_per_second,
+            "tokens/s",
+            "python runtime",
         )
 
 
