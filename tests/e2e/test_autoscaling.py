@@ -25,6 +25,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.utils import parse_quantity
 from tests.cluster_fixtures import OperatorProcess, RealNode
+from tests.real_node import bound_claims
 from tests.waiting import wait_for
 
 from kubetune.devcluster import perfanalyzer
@@ -63,23 +64,6 @@ def prometheus(loop_cluster: LocalCluster) -> Prometheus:
     return server
 
 
-def _models_claim(cluster: LocalCluster, api: client.ApiClient, ns: str) -> Path:
-    """The `models` claim of `ns`, bound by the real node's default StorageClass (a folder the
-    pods' uid can read); the folder of this machine behind it."""
-    core = client.CoreV1Api(api)
-    cluster.kubectl("-n", ns, "apply", "-f", str(REPO / "examples" / "pvcs.yaml"))
-    claim = wait_for(
-        lambda: (
-            (c := core.read_namespaced_persistent_volume_claim("models", ns)).spec.volume_name
-            and c.status.phase == "Bound"
-            and c
-        ),
-        timeout=60,
-        what="the models claim to be bound",
-    )
-    return Path(core.read_persistent_volume(claim.spec.volume_name).spec.host_path.path)
-
-
 def _hpa(api: client.ApiClient, namespace: str, name: str) -> Any:
     return client.AutoscalingV2Api(api).read_namespaced_horizontal_pod_autoscaler(name, namespace)
 
@@ -94,7 +78,7 @@ def test_queue_time_from_perf_analyzer_scales_the_model_server_out_and_back(
     api = config.new_client_from_config(str(loop_cluster.kubeconfig))
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     ns = real_namespace
-    models = _models_claim(loop_cluster, api, ns)
+    models = bound_claims(loop_cluster, ns)["models"]
     shutil.copytree(minilm_checkpoint(), models / "minilm")
     # Each pod has its own address; both replicas run (no GPU asked, so none is short).
     custom.create_namespaced_custom_object(

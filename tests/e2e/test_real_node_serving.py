@@ -18,12 +18,12 @@ import shutil
 import signal
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client, config
 from tests.cluster_fixtures import RealNode
+from tests.real_node import bound_claims
 from tests.waiting import wait_for
 
 from kubetune.api.v1alpha1.modelserver import ModelServer, SmokeTestSpec
@@ -36,7 +36,6 @@ from kubetune.serving.gate import gate_verdict, smoke_test_pod
 from kubetune.serving.smoketest import smoke_test
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[2]
 PORT = 8000
 # Triton imports torch and transformers from a read-only root on a busy machine.
 START_TIMEOUT = 600
@@ -100,31 +99,16 @@ def pod_logs(cluster: LocalCluster, ns: str) -> str:
 
 
 @pytest.fixture
-def ns(served: LocalCluster) -> Iterator[str]:
-    api = config.new_client_from_config(str(served.kubeconfig))
-    core = client.CoreV1Api(api)
-    name = f"serve-{os.urandom(3).hex()}"
-    core.create_namespace(
-        {"metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
-    )
-    served.kubectl("-n", name, "apply", "-f", str(REPO / "examples" / "pvcs.yaml"))
-    pvc = wait_for(
-        lambda: (
-            (c := core.read_namespaced_persistent_volume_claim("models", name)).spec.volume_name
-            and c.status.phase == "Bound"
-            and c
-        ),
-        timeout=60,
-        what="the models claim to be bound",
-    )
-    folder = Path(core.read_persistent_volume(pvc.spec.volume_name).spec.host_path.path)
+def ns(served: LocalCluster, real_node: RealNode) -> Iterator[str]:
+    name = real_node.namespace(f"serve-{os.urandom(3).hex()}")
+    folder = bound_claims(served, name)["models"]
     shutil.copytree(minilm_checkpoint(), folder / "minilm")
     # A checkpoint whose weights are not a safetensors file: the model cannot load.
     shutil.copytree(minilm_checkpoint(), folder / "broken")
     for weights in (folder / "broken").glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
     yield name
-    core.delete_namespace(name)
+    real_node.delete_namespace(name)
 
 
 def test_two_replicas_answer_on_their_own_pod_ips_and_through_port_forward(
