@@ -7,8 +7,10 @@ on one side cannot silently break the other.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from enum import IntEnum, StrEnum
+from pathlib import Path
 
 
 class TrainerExit(IntEnum):
@@ -69,3 +71,19 @@ class PreflightEnv(StrEnum):
 
 
 # --- issue 10 (pre-flight check): end
+
+
+def write_termination_file(target: Path, body: str) -> bool:
+    """Writes `body` where the kubelet reads a container's termination message; False (and
+    nothing raised) when the place is not writable, as outside a pod.
+
+    In a pod the kubelet bind-mounts the file itself, writable, into a folder of the read-only
+    root: the file's own access decides there, the folder's only when there is no file yet (a
+    check of the folder alone lost every message on a real kubelet)."""
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
+        return False
+    try:
+        target.write_text(body + "\n", encoding="utf-8")
+    except OSError:
+        return False
+    return True

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kubetune.api.contract import write_termination_file
 from kubetune.api.v1alpha1.modelserver import DynamicBatching, Runtime, TritonSpec, VllmSpec
 from kubetune.serving.repository import (
     HF_SUBDIR,
@@ -205,16 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FetchError, ValueError, OSError) as err:
         message = f"ModelFetchFailed: {err}"
         print(message, file=sys.stderr)
-        _write(term, message)
+        write_termination_file(term, message)
         return 2
-    _write(term, f"checksum: {checksum}")
+    write_termination_file(term, f"checksum: {checksum}")
     print(f"model {args.model_name!r} delivered to {args.dest} (checksum {checksum})")
     return 0
-
-
-def _write(path: Path, text: str) -> None:
-    if path.parent.is_dir() and os.access(path.parent, os.W_OK):
-        path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 
-from kubetune.api.contract import TrainerExit
+from kubetune.api.contract import TrainerExit, write_termination_file
 
 TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -138,13 +138,4 @@ def write_termination_message(reason: Reason, message: str, path: Path | None = 
 
 def write_termination_text(body: str, path: Path | None = None) -> bool:
     """Writes `body` as the termination message (see write_termination_message)."""
-    target = path or termination_log_path()
-    # In a pod the kubelet bind-mounts the file itself, writable, into a folder of the read-only
-    # root: the file's own access decides there, the folder's only when there is no file yet.
-    if not os.access(target if target.exists() else target.parent, os.W_OK):
-        return False
-    try:
-        target.write_text(body + "\n", encoding="utf-8")
-    except OSError:
-        return False
-    return True
+    return write_termination_file(path or termination_log_path(), body)
