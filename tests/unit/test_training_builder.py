@@ -148,6 +148,40 @@ def test_oom_killed_container_is_out_of_memory() -> None:
     assert "BackoffLimitExceeded" in seen.message
 
 
+def test_a_deadline_is_the_reason_even_after_the_stopped_trainer_says_preempted() -> None:
+    """Past activeDeadlineSeconds the Job controller stops the pod; the trainer checkpoints on
+    SIGTERM and exits saying "Preempted". The FineTuneJob failed for the deadline."""
+    stopped = {
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "state": {
+                        "terminated": {
+                            "exitCode": 1,
+                            "message": "Preempted: stopped by SIGTERM at step 9/100",
+                            "finishedAt": "t",
+                        }
+                    }
+                }
+            ],
+        }
+    }
+    late = _job(
+        conditions=[
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "DeadlineExceeded",
+                "message": "Job was active longer than specified deadline",
+            }
+        ]
+    )
+    seen = observe(ftj(), late, [stopped])
+    assert (seen.phase, seen.failure_reason) == (Phase.FAILED, "DeadlineExceeded")
+    assert seen.message == "Job was active longer than specified deadline"
+
+
 def test_child_names_stay_dns_labels() -> None:
     long = "a" * 70
     name = child_name(long, "train", limit=52)

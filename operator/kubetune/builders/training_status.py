@@ -22,6 +22,9 @@ KNOWN_FAILURE_REASONS = {
     "Preempted",
 }
 
+# The Job's failure reasons for which it ended the pods, not the pods the Job.
+JOB_STOPPED_PODS = {"DeadlineExceeded"}
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -187,8 +190,10 @@ def observe(
             },
         )
     if failed := _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
-        classified = _first_failure(pods)
         job_reason = str(failed.get("reason") or "Failed")
+        # Past its deadline the Job controller stops the pods itself: their exit (the trainer's
+        # SIGTERM checkpoint, "Preempted") follows the failure and must not stand for its cause.
+        classified = None if job_reason in JOB_STOPPED_PODS else _first_failure(pods)
         if classified is not None:
             reason, detail = classified
             message = f"{detail}; the job gave up: {job_reason}"
