@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -123,7 +124,19 @@ def _first_failure(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     if term.get("reason") == "OOMKilled":
         return "OutOfMemory", "the training container was killed for exceeding its memory limit"
     reason, message = classify_termination(str(term.get("message") or ""))
-    return reason, f"{message} (exit code {term.get('exitCode')})"
+    code = int(term.get("exitCode") or 0)
+    if reason == "TrainerFailed" and code > 128:
+        # Killed before the trainer could say why (kill -9, a crash): the termination message
+        # is then the log's tail (FallbackToLogsOnError), a progress line, not a cause.
+        message = f"the trainer was killed by {_signal_name(code - 128)}"
+    return reason, f"{message} (exit code {code})"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _parse_time(text: str) -> datetime:
