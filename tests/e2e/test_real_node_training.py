@@ -113,6 +113,11 @@ def train(cluster: LocalCluster, name: str, nodes: int, batch_size: int) -> dict
     api = config.new_client_from_config(str(cluster.kubeconfig))
     resources = Resources(api, NAMESPACE)
     resources.create("finetunejobs", finetunejob(name, nodes, batch_size))
+    return succeeded(cluster, resources, name)
+
+
+def succeeded(cluster: LocalCluster, resources: Resources, name: str) -> dict[str, Any]:
+    """The FineTuneJob once it has ended, which must be Succeeded."""
     try:
         job = wait_for(
             lambda: (
@@ -467,19 +472,9 @@ def test_a_killed_then_evicted_training_pod_resumes_in_the_same_job_from_its_che
         assert [e["step"] for e in log3.of("progress")] == list(range(stopped_at + 1, total + 1))
         [finished] = log3.of("finished")
         assert finished["step"] == finished["totalSteps"] == total
-
-        ftj = wait_for(
-            lambda: (
-                (o := resources.get("finetunejobs", name)).get("status", {}).get("phase")
-                in ("Succeeded", "Failed")
-                and o
-            ),
-            TRAIN_TIMEOUT,
-            f"FineTuneJob {name} to finish",
-        )
     except AssertionError as err:
         raise AssertionError(f"{err}\n{diagnose(trainer_cluster, name)}") from err
-    assert ftj["status"]["phase"] == "Succeeded", diagnose(trainer_cluster, name)
+    ftj = succeeded(trainer_cluster, resources, name)
     assert ftj["status"]["progress"]["step"] == ftj["status"]["progress"]["totalSteps"] == total
     job = batch.read_namespaced_job(f"{name}-train", NAMESPACE)
     assert job.metadata.uid == job_uid  # the same Job ran all three pods
