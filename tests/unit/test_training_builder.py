@@ -148,6 +148,66 @@ def test_oom_killed_container_is_out_of_memory() -> None:
     assert "BackoffLimitExceeded" in seen.message
 
 
+def test_a_killed_trainer_is_named_by_its_signal_not_by_its_last_log_line() -> None:
+    """kill -9: no trainer's message, the kubelet's fallback is the log's tail."""
+    killed = {
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "state": {
+                        "terminated": {
+                            "exitCode": 137,
+                            "reason": "Error",
+                            "message": 'nt": "progress", "step": 5, "totalSteps": 108}',
+                            "finishedAt": "t",
+                        }
+                    }
+                }
+            ],
+        }
+    }
+    running = {"status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}}
+    seen = observe(ftj(), _job(active=1, failed=1), [killed, running])
+    assert seen.phase == Phase.RUNNING and seen.restarts == 1
+    assert "TrainerFailed: the trainer was killed by SIGKILL (exit code 137)" in seen.message
+    assert "progress" not in seen.message
+
+
+def test_a_deadline_is_the_reason_even_after_the_stopped_trainer_says_preempted() -> None:
+    """Past activeDeadlineSeconds the Job controller stops the pod; the trainer checkpoints on
+    SIGTERM and exits saying "Preempted". The FineTuneJob failed for the deadline."""
+    stopped = {
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "state": {
+                        "terminated": {
+                            "exitCode": 1,
+                            "message": "Preempted: stopped by SIGTERM at step 9/100",
+                            "finishedAt": "t",
+                        }
+                    }
+                }
+            ],
+        }
+    }
+    late = _job(
+        conditions=[
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "DeadlineExceeded",
+                "message": "Job was active longer than specified deadline",
+            }
+        ]
+    )
+    seen = observe(ftj(), late, [stopped])
+    assert (seen.phase, seen.failure_reason) == (Phase.FAILED, "DeadlineExceeded")
+    assert seen.message == "Job was active longer than specified deadline"
+
+
 def test_child_names_stay_dns_labels() -> None:
     long = "a" * 70
     name = child_name(long, "train", limit=52)

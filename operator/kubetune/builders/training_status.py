@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +22,9 @@ KNOWN_FAILURE_REASONS = {
     "NcclTimeout",
     "Preempted",
 }
+
+# The Job's failure reasons for which it ended the pods, not the pods the Job.
+JOB_STOPPED_PODS = {"DeadlineExceeded"}
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,19 @@ def _first_failure(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     if term.get("reason") == "OOMKilled":
         return "OutOfMemory", "the training container was killed for exceeding its memory limit"
     reason, message = classify_termination(str(term.get("message") or ""))
-    return reason, f"{message} (exit code {term.get('exitCode')})"
+    code = int(term.get("exitCode") or 0)
+    if reason == "TrainerFailed" and code > 128:
+        # Killed before the trainer could say why (kill -9, a crash): the termination message
+        # is then the log's tail (FallbackToLogsOnError), a progress line, not a cause.
+        message = f"the trainer was killed by {_signal_name(code - 128)}"
+    return reason, f"{message} (exit code {code})"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _parse_time(text: str) -> datetime:
@@ -187,8 +203,10 @@ def observe(
             },
         )
     if failed := _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
-        classified = _first_failure(pods)
         job_reason = str(failed.get("reason") or "Failed")
+        # Past its deadline the Job controller stops the pods itself: their exit (the trainer's
+        # SIGTERM checkpoint, "Preempted") follows the failure and must not stand for its cause.
+        classified = None if job_reason in JOB_STOPPED_PODS else _first_failure(pods)
         if classified is not None:
             reason, detail = classified
             message = f"{detail}; the job gave up: {job_reason}"
