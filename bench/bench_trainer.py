@@ -162,6 +162,29 @@ def kubetune_run(
     return samples / result.wall_seconds, samples / cpu if cpu else float("nan"), accuracy
 
 
+def trainer_arguments(args: argparse.Namespace, method: str, out: Path, **overrides: Any) -> Any:
+    """Trainer's settings for the bench: its defaults but the shared hyperparameters, on the CPU,
+    no evaluation, checkpoints or logging while timed (`overrides` change any of them)."""
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": args.batch,
+        "num_train_epochs": args.epochs,
+        "learning_rate": args.lr(method),
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "logging_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,
+        "use_cpu": True,
+        "seed": args.seed,
+    }
+    return TrainingArguments(**{**settings, **overrides})
+
+
 def hf_run(
     args: argparse.Namespace, split: Split, method: str, grouped: bool, bf16: bool, out: Path
 ) -> tuple[float, float, float]:
@@ -172,7 +195,6 @@ def hf_run(
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainingArguments,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
@@ -188,22 +210,12 @@ def hf_run(
     )
     if method == "lora":
         model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16))
-    training_args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=args.batch,
-        num_train_epochs=args.epochs,
-        learning_rate=args.lr(method),
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
+    training_args = trainer_arguments(
+        args,
+        method,
+        out,
         train_sampling_strategy="group_by_length" if grouped else "random",
         bf16=bf16,
-        use_cpu=True,
-        seed=args.seed,
     )
     trainer = Trainer(
         model=model,

@@ -46,7 +46,6 @@ def main() -> None:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainingArguments,
     )
 
     from kubetune.trainer import loop as kloop
@@ -110,21 +109,8 @@ def main() -> None:
         def _get_train_sampler(self, *_args: Any, **_kwargs: Any) -> Any:
             return Planned()
 
-    training_args = TrainingArguments(
-        output_dir=str(work / "hf"),
-        per_device_train_batch_size=bench.batch,
-        num_train_epochs=1,
-        learning_rate=1e-4,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="steps",
-        logging_steps=1,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=args.seed,
+    training_args = bt.trainer_arguments(
+        bench, "full", work / "hf", logging_strategy="steps", logging_steps=1
     )
     trainer = PlannedTrainer(
         model=model,
