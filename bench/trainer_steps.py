@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,7 @@ def main() -> None:
     final = model.state_dict()
     worst = max((float((trained[k] - final[k]).abs().max()), k) for k in trained if k in final)
     print(f"largest weight difference after {len(ours)} steps: {worst[0]:.2e} ({worst[1]})")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
