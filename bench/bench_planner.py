@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import warnings
 
-from bench.results import record
 from tests.unit.test_planner import CASES, measure_case
+
+from results import record  # bench/results.py: run as a script, this folder is on sys.path
 
 MIB = 1024**2
 

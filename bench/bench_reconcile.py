@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.results import record
 from kubernetes import client, config, watch
 
 from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import running_cluster
 from kubetune.devcluster.volumes import ensure_claim
+from results import record  # bench/results.py: run as a script, this folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "bench"

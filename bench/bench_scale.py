@@ -1,6 +1,6 @@
 """The operator at scale, on the real local control plane: N FineTuneJobs applied in one burst.
 
-Prints, for N = 100 and 1,000 (or the counts given):
+Prints, for N = 100, 500 and 1,000 (or the counts given):
 
 - apply -> Job p50/p99, and the time until every training pod exists, against the floor: the
   same number of plain batch/v1 Jobs applied directly in the same run (the Job controller's own
@@ -46,6 +46,7 @@ from kubetune.crdgen import all_crds
 from kubetune.devcluster.cluster import running_cluster
 from kubetune.devcluster.gotools import TRAINING_OPERATOR, ensure_tool, module_dir
 from kubetune.devcluster.volumes import ensure_claim
+from results import record  # bench/results.py: run as a script, this folder is on sys.path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_reconcile import _ftj  # the same one-GPU FineTuneJob as the reconcile benchmark
@@ -665,12 +666,33 @@ def main() -> None:
     """The table is printed again after each N, so a long run shows what it has so far."""
     args = sys.argv[1:]
     peer = "--no-peer" not in args
-    counts = [int(a) for a in args if a.isdigit()] or [100, 1000]
+    counts = [int(a) for a in args if a.isdigit()] or [100, 500, 1000]
     rows: list[dict[str, Any]] = []
     for n in counts:
         rows += run(n, peer)
         _table(rows)
         sys.stdout.flush()
+    _record(rows)
+
+
+def _record(rows: list[dict[str, Any]]) -> None:
+    """make bench's table: kubetune beside the training operator at each N."""
+    for ours in (r for r in rows if r["who"] == "kubetune"):
+        peers = [r for r in rows if r["n"] == ours["n"] and r["who"].startswith("training-")]
+        for theirs in peers:
+            for what, key, unit in (
+                ("time until every pod exists", "all_pods", "s"),
+                ("operator memory per resource", "kib_per_resource", "KiB"),
+                ("API writes on a restart with nothing changed", "restart_writes", "writes"),
+            ):
+                record(
+                    "control plane",
+                    f"{what}, N={ours['n']}",
+                    float(ours[key]),
+                    float(theirs[key]),
+                    unit,
+                    theirs["who"],
+                )
 
 
 if __name__ == "__main__":

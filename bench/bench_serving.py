@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_aio
-from bench.results import record
 
 from kubetune.api.v1alpha1.modelserver import TritonSpec
 from kubetune.serving.local import TritonServer, running_triton
 from kubetune.serving.repository import write_model_repository
+from results import record  # bench/results.py: run as a script, this folder is on sys.path
 
 DATASET = Path(__file__).resolve().parents[1] / "examples" / "data" / "support-intents.jsonl"
 MODEL_NAME = "bench-classifier"

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from results import record  # bench/results.py: run as a script, this folder is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO / "examples" / "data" / "support-intents.jsonl"
 SEED = 42  # the split's; training seeds come from --seeds
@@ -382,6 +384,15 @@ def report(
             print(
                 f"{method}: kubetune auto / best Trainer ({peer}) = {ours[0] / theirs[0]:.2f}x "
                 f"samples/s, {ours[1] / theirs[1]:.2f}x samples per CPU-second"
+            )
+            record("trainer", f"{method} fine-tune samples/s", ours[0], theirs[0], "/s", peer)
+            record(
+                "trainer",
+                f"{method} fine-tune accuracy, mean of seeds {args.seeds}",
+                statistics.mean(accuracies[(method, "kubetune auto")].values()),
+                statistics.mean(accuracies[(method, peer)].values()),
+                "",
+                peer,
             )
         ddp, fsdp = best.get((method, "2 procs ddp")), best.get((method, "2 procs fsdp"))
         if ddp and fsdp:
