@@ -134,3 +134,19 @@ def test_the_previous_version_of_an_image_is_kept_and_older_ones_are_stale(tmp_p
     built.write_bytes(b"")
     # d is kept (another run may load it); c, b and a go, newest first.
     assert images.stale_archives(built, [*archives, built]) == archives[2::-1]
+
+
+def test_hidden_folders_under_the_package_are_no_image_input() -> None:
+    """`make lint` writes import-linter's cache into operator/: it must not change the keys."""
+    hidden = REPO / "operator" / f".cache-{os.getpid()}"
+    hidden.mkdir()
+    try:
+        (hidden / "data.json").write_text("{}")
+        spec = images.ImageSpec(
+            "operator", inputs=images.PACKAGE_INPUTS, exclude=images.PACKAGE_EXCLUDE
+        )
+        names = [name for name, _ in spec.files()]
+        assert names and not [n for n in names if "/." in f"/{n}"]
+    finally:
+        (hidden / "data.json").unlink()
+        hidden.rmdir()

@@ -95,10 +95,13 @@ class ImageSpec:
         return sorted(
             (name, p)
             for name, p in found
-            # Not sources: bytecode, and the metadata an editable install (hack/cli.sh) leaves.
+            # Not sources: bytecode, the metadata an editable install (hack/cli.sh) leaves, and
+            # hidden folders such as the import-linter cache `make lint` writes into operator/
+            # (it changed every image's key on every run, so CI rebuilt them all each time).
             if p.is_file()
             and "__pycache__" not in p.parts
             and not any(part.endswith(".egg-info") for part in p.parts)
+            and not any(part.startswith(".") for part in Path(name).parts)
         )
 
 
