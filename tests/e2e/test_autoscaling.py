@@ -43,7 +43,10 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "examples" / "monitoring"
 METRIC = "triton_queue_time_per_request_us"
-TARGET_US = 5000  # 5 ms of queueing per request: idle is 0, 16 clients on 2 cores far above
+# 0.5 ms of queueing per request. Idle is exactly 0. Under 16 clients Triton's dynamic batching
+# keeps up well on a quiet machine: 1.7-5.3 ms measured there (it was hundreds of ms on a loaded
+# one), so a 5 ms target passed only when the machine was busy.
+TARGET_US = 500
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +190,7 @@ def test_queue_time_from_perf_analyzer_scales_the_model_server_out_and_back(
     )
     assert pods_metric(loop_cluster, ns, METRIC).get(pod) == "0"
     print(
-        f"\nqueue time under load {parse_quantity(under_load) / 1000:.0f} ms/request (target "
-        f"{TARGET_US / 1000:.0f} ms); load -> 2 replicas in {scaled_out:.0f} s; load stopped -> "
+        f"\nqueue time under load {parse_quantity(under_load) / 1000:.1f} ms/request (target "
+        f"{TARGET_US / 1000:.1f} ms); load -> 2 replicas in {scaled_out:.0f} s; load stopped -> "
         f"1 replica in {time.monotonic() - stopped:.0f} s"
     )
