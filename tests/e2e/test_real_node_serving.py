@@ -52,7 +52,7 @@ def deployment(
     cluster: LocalCluster, ns: str, name: str, replicas: int, source: str, gate: bool = False
 ) -> Any:
     """The generated Deployment of a ModelServer serving `source`, applied as the operator
-    would (its default images: the local node has the Triton image under that name)."""
+    would (its default images: the real node has the Triton image under that name)."""
     api = config.new_client_from_config(str(cluster.kubeconfig))
     ms = ModelServer.model_validate(
         {
