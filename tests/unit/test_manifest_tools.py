@@ -33,7 +33,8 @@ ACCEPTED = {
         "Images are versioned tags (the operator's settings, spec.image, spec.triton.image, the "
         "chart's image.tag), so IfNotPresent pulls each version once; Always would make every "
         "pod start depend on a registry round trip and break clusters that preload images "
-        "(air-gapped GPU clusters, the real node of the dev cluster). The chart's image.pullPolicy can say Always."
+        "(air-gapped GPU clusters, the dev cluster's real node). "
+        "The chart's image.pullPolicy can say Always."
     ),
     "container-ephemeral-storage-request-and-limit Job *-train trainer": (
         "Scratch use (the Hugging Face cache, downloads) scales with the model, which the spec "
