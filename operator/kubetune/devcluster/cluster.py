@@ -85,16 +85,22 @@ def _start_ticks(pid: int) -> int | None:
 
 
 def _alive(pid: int, binary: str, started: int | None = None) -> bool:
-    """True when `pid` runs `binary` and, when known, started at `started` (a recycled pid that
-    runs the same binary, such as another cluster's kube-apiserver, is not this component)."""
+    """True when `pid` is this component. Its start time, when known, tells it from a recycled
+    pid (such as another cluster's kube-apiserver); only states written without one fall back to
+    the command line. Not the command line first: for a moment after Popen returns, the kernel
+    has not yet filled in the new program's /proc/<pid>/cmdline (the vfork parent resumes in
+    the middle of exec), and on a loaded machine reading it then gives b"" nearly every time,
+    which made a just-started kube-apiserver look dead ("exited", with an empty log)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if stat[0] == "Z":
+            return False
+        if started is not None:
+            return int(stat[19]) == started
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    if started is not None and int(stat[19]) != started:
-        return False
-    return binary.encode() in cmdline and stat[0] != "Z"
+    return binary.encode() in cmdline
 
 
 def _tail(path: Path, lines: int = 20) -> str:
