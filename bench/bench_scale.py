@@ -68,7 +68,7 @@ IDLE_SECONDS = 60.0
 
 
 def _writes(api: client.ApiClient) -> dict[str, float]:
-    """Write requests the API server has served so far, by resource."""
+    """Write requests the API server has served so far, by "resource[/subresource] VERB"."""
     response = api.call_api("GET", f"{api.configuration.host}/metrics")
     response.read()
     text = response.data.decode()
@@ -85,7 +85,8 @@ def _writes(api: client.ApiClient) -> dict[str, float]:
             resource = labels.get("resource", "")
             if labels.get("subresource"):
                 resource += "/" + labels["subresource"]
-            counts[resource] = counts.get(resource, 0.0) + sample.value
+            key = f"{resource} {labels['verb']}"
+            counts[key] = counts.get(key, 0.0) + sample.value
     return counts
 
 
@@ -97,7 +98,7 @@ def _split(
     delta: dict[str, float], resources: set[str] = KUBETUNE_RESOURCES
 ) -> tuple[float, float]:
     """(writes to what the operator manages, all other writes)."""
-    ours = sum(v for k, v in delta.items() if k.split("/")[0] in resources)
+    ours = sum(v for k, v in delta.items() if k.split()[0].split("/")[0] in resources)
     return ours, sum(delta.values()) - ours
 
 
@@ -282,6 +283,7 @@ def _idle_and_restart(
     while the operator still worked through the burst's last pod events."""
     _quiet(api, settle=30.0, resources=resources)
     before = _writes(api)
+    settled = before
     since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
     time.sleep(IDLE_SECONDS)
     idle_delta = _delta(_writes(api), before)
@@ -302,6 +304,7 @@ def _idle_and_restart(
         "restart_writes": restarted,
         "restart_detail": restart_delta,
         "idle_detail": idle_delta,
+        "settled": settled,
         "rss_full": rss_full,
         "peak_rss": peak,
     }
@@ -356,6 +359,7 @@ def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[
     jobs = Watcher(batch.list_namespaced_job, ns, lambda o: (o.metadata.labels or {}).get(label))
     pods = Watcher(core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(label))
     names = [f"ftj-{i}" for i in range(count)]
+    before_burst = _writes(api)
     t0, started = _custom_burst(custom, "kubetune.io/v1alpha1", ns, "finetunejobs", _ftj, names)
     all_pods = pods.wait(names, 1800) - t0
     row: dict[str, Any] = {
@@ -375,6 +379,7 @@ def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[
         return operator.pid
 
     row |= _idle_and_restart(api, core, ns, operator.pid, restart, KUBETUNE_RESOURCES)
+    row["burst_detail"] = _delta(row.pop("settled"), before_burst)
     row["kib_per_resource"] = (row["rss_full"] - rss_empty) / count
     operator.terminate()
     operator.wait(30)
@@ -522,6 +527,7 @@ def _peer(cluster: Any, api: client.ApiClient, count: int) -> dict[str, Any]:
             core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(PEER_LABEL)
         )
         names = [f"ptj-{i}" for i in range(count)]
+        before_burst = _writes(api)
         t0, started = _custom_burst(
             custom, "kubeflow.org/v1", ns, "pytorchjobs", _pytorchjob, names
         )
@@ -543,6 +549,7 @@ def _peer(cluster: Any, api: client.ApiClient, count: int) -> dict[str, Any]:
             return peer.pid
 
         row |= _idle_and_restart(api, core, ns, peer.pid, restart, PEER_RESOURCES)
+        row["burst_detail"] = _delta(row.pop("settled"), before_burst)
         row["kib_per_resource"] = (row["rss_full"] - rss_empty) / count
     finally:
         peer.terminate()
@@ -656,6 +663,8 @@ def _table(rows: list[dict[str, Any]]) -> None:
         print(
             f"N={r['n']} {r['who']}: other writes (kwok's nodes, control-plane leases) "
             f"{r['node_writes_per_min']:.0f}/min; "
+            f"burst writes per resource created, by resource: "
+            f"{ {k: round(v / r['n'], 2) for k, v in sorted(r['burst_detail'].items())} }; "
             f"idle writes by resource: {r['idle_detail'] or 'none'}; "
             f"restart writes by resource: {r['restart_detail'] or 'none'}"
         )
