@@ -299,13 +299,14 @@ def _parse(body: dict[str, Any]) -> FineTuneJob:
 
 
 def _check_dependencies(ctx: Context, ftj: FineTuneJob, owner: Owner) -> None:
+    """The claims the spec names exist (from the claims index: no read per reconcile)."""
     missing = []
-    found: dict[tuple[str, str], bool] = {}  # one read per object, however many fields name it
     for dep in training.dependencies(ftj.spec):
-        key = (dep.kind, dep.name)
-        if key not in found:
-            found[key] = ctx.kube.get("v1", dep.kind, dep.name, owner.namespace) is not None
-        if not found[key]:
+        if dep.kind == "PersistentVolumeClaim":
+            exists = ctx.indexes.has_claim(owner.namespace, dep.name)
+        else:
+            exists = ctx.kube.get("v1", dep.kind, dep.name, owner.namespace) is not None
+        if not exists:
             missing.append(f"{dep.field}: {dep.kind} {dep.name!r} not found in {owner.namespace}")
     if missing:
         raise SpecRejected(Reason.MISSING_DEPENDENCY, "; ".join(missing))
