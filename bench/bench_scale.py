@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -230,9 +231,11 @@ def _start_operator(cluster: Any, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "MALLOC_ARENA_MAX": "2"}
     env["PYTHONPATH"] = str(REPO / "operator")  # the chart sets MALLOC_ARENA_MAX too
     out = log.open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune", "run"], env=env, stdout=out, stderr=out
-    )
+    command = [sys.executable, "-m", "kubetune", "run"]
+    if os.environ.get("BENCH_TRACEMALLOC"):  # a memory profile (trace_operator.py), not timings
+        command = [sys.executable, str(Path(__file__).parent / "trace_operator.py")]
+        env["BENCH_TRACEMALLOC_OUT"] = str(log.with_name("tracemalloc.txt"))
+    proc = subprocess.Popen(command, env=env, stdout=out, stderr=out)
     deadline = time.monotonic() + 60
     while b"Initial authentication has finished" not in log.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -355,6 +358,8 @@ def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[
     warm.stop.set()
     _quiet(api)
     rss_empty = _rss_kib(operator.pid)
+    if os.environ.get("BENCH_TRACEMALLOC"):  # BENCH_TRACEMALLOC=<file>: the growth goes there
+        os.kill(operator.pid, signal.SIGUSR1)
     label = "kubetune.io/finetunejob"
     jobs = Watcher(batch.list_namespaced_job, ns, lambda o: (o.metadata.labels or {}).get(label))
     pods = Watcher(core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(label))
@@ -373,6 +378,10 @@ def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[
 
     def restart() -> int:
         nonlocal operator
+        if os.environ.get("BENCH_TRACEMALLOC"):
+            os.kill(operator.pid, signal.SIGUSR1)  # the growth over the burst, before the restart
+            time.sleep(20)
+            shutil.copy(log.with_name("tracemalloc.txt"), Path(os.environ["BENCH_TRACEMALLOC"]))
         operator.terminate()
         operator.wait(30)
         operator = _start_operator(cluster, log)
