@@ -1,7 +1,7 @@
 """The operator under tracemalloc, for bench_scale.py's memory profile (BENCH_TRACEMALLOC=1).
 
 Each SIGUSR1 takes a snapshot; from the second on, the growth since the first, by the line that
-allocated it (25 frames deep, grouped by the innermost frame outside the standard library), is
+allocated it (8 frames deep, grouped by the innermost frame outside the standard library), is
 written to $BENCH_TRACEMALLOC_OUT. The allocations are Python's only (not the allocator's held
 arenas), so the figure is lower than RSS. The tracing slows the operator: its timings are not
 the benchmark's.
@@ -21,7 +21,7 @@ from types import FrameType
 
 from kubetune.cli import main
 
-FRAMES = 25
+FRAMES = 8
 snapshots: list[tracemalloc.Snapshot] = []
 
 
