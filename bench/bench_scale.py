@@ -379,9 +379,13 @@ def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[
     def restart() -> int:
         nonlocal operator
         if os.environ.get("BENCH_TRACEMALLOC"):
+            growth = log.with_name("tracemalloc.txt")
             os.kill(operator.pid, signal.SIGUSR1)  # the growth over the burst, before the restart
-            time.sleep(20)
-            shutil.copy(log.with_name("tracemalloc.txt"), Path(os.environ["BENCH_TRACEMALLOC"]))
+            deadline = time.monotonic() + 600  # a snapshot of a traced heap takes a while
+            while not growth.exists() and time.monotonic() < deadline:
+                time.sleep(2)
+            time.sleep(2)  # written at once, but let it finish
+            shutil.copy(growth, Path(os.environ["BENCH_TRACEMALLOC"]))
         operator.terminate()
         operator.wait(30)
         operator = _start_operator(cluster, log)
