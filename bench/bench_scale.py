@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -69,7 +70,7 @@ IDLE_SECONDS = 60.0
 
 
 def _writes(api: client.ApiClient) -> dict[str, float]:
-    """Write requests the API server has served so far, by resource."""
+    """Write requests the API server has served so far, by "resource[/subresource] VERB"."""
     response = api.call_api("GET", f"{api.configuration.host}/metrics")
     response.read()
     text = response.data.decode()
@@ -86,7 +87,8 @@ def _writes(api: client.ApiClient) -> dict[str, float]:
             resource = labels.get("resource", "")
             if labels.get("subresource"):
                 resource += "/" + labels["subresource"]
-            counts[resource] = counts.get(resource, 0.0) + sample.value
+            key = f"{resource} {labels['verb']}"
+            counts[key] = counts.get(key, 0.0) + sample.value
     return counts
 
 
@@ -98,7 +100,7 @@ def _split(
     delta: dict[str, float], resources: set[str] = KUBETUNE_RESOURCES
 ) -> tuple[float, float]:
     """(writes to what the operator manages, all other writes)."""
-    ours = sum(v for k, v in delta.items() if k.split("/")[0] in resources)
+    ours = sum(v for k, v in delta.items() if k.split()[0].split("/")[0] in resources)
     return ours, sum(delta.values()) - ours
 
 
@@ -230,10 +232,12 @@ def _start_operator(cluster: Any, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "MALLOC_ARENA_MAX": "2"}
     env["PYTHONPATH"] = str(REPO / "operator")  # the chart sets MALLOC_ARENA_MAX too
     out = log.open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetune", "run"], env=env, stdout=out, stderr=out
-    )
-    deadline = time.monotonic() + 60
+    command = [sys.executable, "-m", "kubetune", "run"]
+    if os.environ.get("BENCH_TRACEMALLOC"):  # a memory profile (trace_operator.py), not timings
+        command = [sys.executable, str(Path(__file__).parent / "trace_operator.py")]
+        env["BENCH_TRACEMALLOC_OUT"] = str(log.with_name("tracemalloc.txt"))
+    proc = subprocess.Popen(command, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + (600 if os.environ.get("BENCH_TRACEMALLOC") else 60)
     while b"Initial authentication has finished" not in log.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the operator did not start: {log.read_text()[-2000:]}")
@@ -283,6 +287,7 @@ def _idle_and_restart(
     while the operator still worked through the burst's last pod events."""
     _quiet(api, settle=30.0, resources=resources)
     before = _writes(api)
+    settled = before
     since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
     time.sleep(IDLE_SECONDS)
     idle_delta = _delta(_writes(api), before)
@@ -303,6 +308,7 @@ def _idle_and_restart(
         "restart_writes": restarted,
         "restart_detail": restart_delta,
         "idle_detail": idle_delta,
+        "settled": settled,
         "rss_full": rss_full,
         "peak_rss": peak,
     }
@@ -353,10 +359,13 @@ def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[
     warm.stop.set()
     _quiet(api)
     rss_empty = _rss_kib(operator.pid)
+    if os.environ.get("BENCH_TRACEMALLOC"):  # BENCH_TRACEMALLOC=<file>: the growth goes there
+        os.kill(operator.pid, signal.SIGUSR1)
     label = "kubetune.io/finetunejob"
     jobs = Watcher(batch.list_namespaced_job, ns, lambda o: (o.metadata.labels or {}).get(label))
     pods = Watcher(core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(label))
     names = [f"ftj-{i}" for i in range(count)]
+    before_burst = _writes(api)
     t0, started = _custom_burst(custom, "kubetune.io/v1alpha1", ns, "finetunejobs", _ftj, names)
     all_pods = pods.wait(names, 1800) - t0
     row: dict[str, Any] = {
@@ -370,12 +379,21 @@ def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[
 
     def restart() -> int:
         nonlocal operator
+        if os.environ.get("BENCH_TRACEMALLOC"):
+            growth = log.with_name("tracemalloc.txt")
+            os.kill(operator.pid, signal.SIGUSR1)  # the growth over the burst, before the restart
+            deadline = time.monotonic() + 600  # a snapshot of a traced heap takes a while
+            while not growth.exists() and time.monotonic() < deadline:
+                time.sleep(2)
+            time.sleep(2)  # written at once, but let it finish
+            shutil.copy(growth, Path(os.environ["BENCH_TRACEMALLOC"]))
         operator.terminate()
         operator.wait(30)
         operator = _start_operator(cluster, log)
         return operator.pid
 
     row |= _idle_and_restart(api, core, ns, operator.pid, restart, KUBETUNE_RESOURCES)
+    row["burst_detail"] = _delta(row.pop("settled"), before_burst)
     row["kib_per_resource"] = (row["rss_full"] - rss_empty) / count
     operator.terminate()
     operator.wait(30)
@@ -523,6 +541,7 @@ def _peer(cluster: Any, api: client.ApiClient, count: int) -> dict[str, Any]:
             core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(PEER_LABEL)
         )
         names = [f"ptj-{i}" for i in range(count)]
+        before_burst = _writes(api)
         t0, started = _custom_burst(
             custom, "kubeflow.org/v1", ns, "pytorchjobs", _pytorchjob, names
         )
@@ -544,6 +563,7 @@ def _peer(cluster: Any, api: client.ApiClient, count: int) -> dict[str, Any]:
             return peer.pid
 
         row |= _idle_and_restart(api, core, ns, peer.pid, restart, PEER_RESOURCES)
+        row["burst_detail"] = _delta(row.pop("settled"), before_burst)
         row["kib_per_resource"] = (row["rss_full"] - rss_empty) / count
     finally:
         peer.terminate()
@@ -657,6 +677,8 @@ def _table(rows: list[dict[str, Any]]) -> None:
         print(
             f"N={r['n']} {r['who']}: other writes (kwok's nodes, control-plane leases) "
             f"{r['node_writes_per_min']:.0f}/min; "
+            f"burst writes per resource created, by resource: "
+            f"{ {k: round(v / r['n'], 2) for k, v in sorted(r['burst_detail'].items())} }; "
             f"idle writes by resource: {r['idle_detail'] or 'none'}; "
             f"restart writes by resource: {r['restart_detail'] or 'none'}"
         )

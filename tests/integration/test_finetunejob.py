@@ -288,6 +288,27 @@ def test_deleted_and_edited_children_are_restored(
     )
 
 
+def test_a_new_job_is_reconciled_from_its_events_writing_only_its_status(
+    resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
+) -> None:
+    """The spec's generation, not kopf's create/update handlers, drives the reconcile: those
+    write the last handled spec into an annotation on every FineTuneJob (one more write per
+    creation and edit, a second copy of the spec in every body). Only the status is written, by
+    kubetune alone; a spec edit still converges (observedGeneration follows it)."""
+    resources.create(FTJ, finetunejob("quiet", resources={"nodes": 1, "gpusPerNode": 1}))
+    resources.wait_phase(FTJ, "quiet", "Running")
+    body = resources.get(FTJ, "quiet")
+    assert not [k for k in body["metadata"].get("annotations") or {} if "kubetune.io" in k]
+    writers = {(f["manager"], f.get("subresource", "")) for f in body["metadata"]["managedFields"]}
+    assert {w for w in writers if w[1] != "status"} == {
+        w for w in writers if w[0] != "kubetune" and w[1] == ""
+    }  # the main object: only its creator
+    resources.patch(FTJ, "quiet", {"spec": {"runPolicy": {"suspend": True}}})
+    resources.wait_phase(FTJ, "quiet", "Suspended")
+    body = resources.get(FTJ, "quiet")
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"] == 2
+
+
 def test_deleting_the_resource_deletes_its_children(
     resources: Resources, api_client: client.ApiClient, namespace: str, volumes: Any
 ) -> None:

@@ -32,18 +32,25 @@ def _ftj(name: str = "job") -> dict[str, Any]:
     }
 
 
+CLAIMS = ("models", "data", "out")
+
+
+def _claims_index(*names: str) -> Indexes:
+    """The claims as kopf's claims index holds them (the reconcile reads no claim itself)."""
+    return Indexes(claims={("ns", name): [True] for name in names})
+
+
 @pytest.fixture
 def world() -> tuple[FakeKube, Context]:
     kube = FakeKube()
-    for claim in ("models", "data", "out"):
-        kube.put(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim, "namespace": "ns"},
-            }
-        )
-    return kube, Context(kube=kube, indexes=Indexes())  # type: ignore[arg-type]
+    return kube, Context(kube=kube, indexes=_claims_index(*CLAIMS))  # type: ignore[arg-type]
+
+
+def test_the_claims_are_checked_in_the_index_not_read(world: Any) -> None:
+    """No claim is in the fake API server: only the index says that they exist."""
+    kube, ctx = world
+    kube.put(_ftj())
+    assert _reconcile(kube, ctx)["status"]["phase"] == "Pending" and _job(kube) is not None
 
 
 def _reconcile(kube: FakeKube, ctx: Context, name: str = "job") -> dict[str, Any]:
@@ -137,7 +144,7 @@ def test_kstatus_conditions_through_the_lifecycle(world: Any) -> None:
 
 def test_a_missing_claim_waits_reconciling_and_builds_nothing(world: Any) -> None:
     kube, ctx = world
-    kube.delete("v1", "PersistentVolumeClaim", "data", "ns")
+    ctx.indexes = _claims_index("models", "out")  # no "data"
     kube.put(_ftj())
     with pytest.raises(Exception, match="not found"):
         _reconcile(kube, ctx)
@@ -176,7 +183,7 @@ def test_a_running_job_is_checked_for_a_silent_trainer_until_it_finishes(world: 
         "spec": {"nodeName": "gpu-0"},
         "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
     }
-    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]})
+    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]}, claims=ctx.indexes.claims)
     running = _reconcile(kube, ctx)
     assert running["status"]["phase"] == "Running"
     assert ctx.watched["heartbeat"] == {("ns", "job")}

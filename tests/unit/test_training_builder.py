@@ -255,3 +255,25 @@ def test_each_location_gets_its_own_credentials() -> None:
     assert credentials("DATASET", pod_env) == {"AWS_ACCESS_KEY_ID": "d"}
     assert credentials("OUTPUT", pod_env) == {"AWS_ACCESS_KEY_ID": "o"}
     assert credentials("MODEL", pod_env) == {}
+
+
+def _owner() -> Owner:
+    return Owner("kubetune.io/v1alpha1", "FineTuneJob", "x", "ns", "uid-1")
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_only_a_multi_node_job_gets_the_headless_service(nodes: int) -> None:
+    """One node rendezvouses with itself (localhost): no Service, no subdomain, one write and
+    one watched object fewer per job. More nodes find rank 0 by its DNS name through it."""
+    children = training.build_children(
+        ftj(resources={"nodes": nodes, "gpusPerNode": 1}), _owner(), Settings()
+    )
+    kinds = [c["kind"] for c in children]
+    job = children[-1]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in job["containers"][0]["env"]}
+    if nodes == 1:
+        assert "Service" not in kinds and "subdomain" not in job
+        assert env["PET_MASTER_ADDR"] == "localhost"
+    else:
+        assert kinds.count("Service") == 1 and job["subdomain"] == "x-workers"
+        assert env["PET_MASTER_ADDR"] == "x-train-0.x-workers.ns.svc"

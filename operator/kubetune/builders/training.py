@@ -2,10 +2,12 @@
 
 - a ServiceAccount, Role and RoleBinding that let the trainer patch this one FineTuneJob's status;
 - a ConfigMap with the rendered trainer config (the same typed models the trainer parses);
-- a headless Service, so every training pod has a stable DNS name;
+- for more than one node, a headless Service, so every training pod has a stable DNS name (a
+  single-node job rendezvouses with itself on localhost and needs none: one write and one
+  watched object fewer per job);
 - an Indexed Job with completions = parallelism = nodes running torchrun, whose settings come from
   `PET_*` environment variables (torchrun reads them): node rank = the completion index, master
-  address = the index-0 pod's DNS name.
+  address = the index-0 pod's DNS name (localhost for one node).
 """
 
 from __future__ import annotations
@@ -260,7 +262,8 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
     spec = ftj.spec
     res = spec.resources
     n = names(owner.name)
-    master = f"{n['job']}-0.{n['service']}.{owner.namespace}.svc"
+    distributed = res.nodes > 1
+    master = f"{n['job']}-0.{n['service']}.{owner.namespace}.svc" if distributed else "localhost"
     env = [
         {"name": "PET_NNODES", "value": str(res.nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(max(res.gpus_per_node, 1))},
@@ -313,7 +316,7 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "subdomain": n["service"],
+        **({"subdomain": n["service"]} if distributed else {}),
         "serviceAccountName": n["account"],
         "automountServiceAccountToken": True,
         "securityContext": pod_security_context(),
@@ -368,10 +371,12 @@ def pod_failure_policy() -> dict[str, Any]:
 
 
 def build_children(ftj: FineTuneJob, owner: Owner, settings: Settings) -> list[dict[str, Any]]:
-    """Every child, in the order they are applied (the Job last: it needs the others)."""
+    """Every child, in the order they are applied (the Job last: it needs the others). The
+    headless Service only where there is a rendezvous across nodes."""
+    service = [build_service(owner)] if ftj.spec.resources.nodes > 1 else []
     return [
         *build_rbac(owner),
         build_configmap(ftj, owner),
-        build_service(owner),
+        *service,
         build_job(ftj, owner, settings),
     ]

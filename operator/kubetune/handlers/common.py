@@ -53,6 +53,7 @@ class Context:
     # (kind, namespace, name) -> (generation, tries so far) of specs the server refused.
     _refusals: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
     _retrying: set[tuple[str, str, str]] = field(default_factory=set)
+    _waiting: set[tuple[str, str, str]] = field(default_factory=set)  # retry_once's
     # Resources a periodic check looks at (e.g. running jobs, whose trainer may go silent),
     # and the checks' threads by name.
     watched: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
@@ -119,6 +120,23 @@ class Context:
 
         self.schedule(delay, again)
         return delay
+
+    def retry_once(
+        self, kind: str, namespace: str, name: str, delay: float, action: Callable[[], None]
+    ) -> None:
+        """Run `action` after `delay` seconds unless a retry of this resource already waits."""
+        key = (kind, namespace, name)
+        with self._guard:
+            if key in self._waiting:
+                return
+            self._waiting.add(key)
+
+        def again() -> None:
+            with self._guard:
+                self._waiting.discard(key)
+            action()
+
+        self.schedule(delay, again)
 
     def watch(
         self,

@@ -9,6 +9,7 @@ says so): one thread for all of them, not a kopf timer per job.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -52,6 +53,8 @@ from kubetune.handlers.indexes import pod_view
 from kubetune.kube import FIELD_MANAGER, KubeError
 
 GROUP, VERSION = API_VERSION.split("/")
+log = logging.getLogger("kubetune")
+ReconcileFn = Callable[[Context, dict[str, Any]], None]
 CHILD_SELECTOR: dict[str, Any] = {
     MANAGED_BY: "kubetune",
     FTJ_LABEL: kopf.PRESENT,
@@ -68,13 +71,6 @@ class SpecRejected(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-def reconcile(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-    reconcile_body(context(memo, kwargs), dict(body))
 
 
 def _check_heartbeat(ctx: Context, namespace: str, name: str) -> None:
@@ -127,6 +123,39 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
     ctx.refusal_over(KIND, owner.namespace, owner.name)
     job = children[-1]["metadata"]["name"]
     refresh_status(ctx, body, ftj, applied.get(("Job", job)))
+
+
+def _behind(body: dict[str, Any]) -> bool:
+    """Whether this generation of the spec has not been reconciled yet (a new resource, or a
+    spec edit: the API server moves metadata.generation only on a spec change)."""
+    return _spec_changed(body) and not body["metadata"].get("deletionTimestamp")
+
+
+def _reconcile_if_behind(ctx: Context, body: dict[str, Any]) -> None:
+    """An event's reconcile, on the object as the server has it now: an earlier event's
+    reconcile may have caught up with it meanwhile (then nothing is done)."""
+    if _behind(body):
+        _reconcile_locked(ctx, body)
+
+
+def _reconcile_event(ctx: Context, body: dict[str, Any], reconcile: ReconcileFn) -> None:
+    """Reconcile from a watch event. A passing failure (kopf.TemporaryError, e.g. a claim not
+    there yet) is tried again after its delay, as kopf's own retries did: one retry waiting per
+    resource, and a retry reconciles whether or not the generation moved (a missing dependency
+    was already reported for it)."""
+    meta = body["metadata"]
+
+    def again() -> None:
+        _reconcile_event(ctx, body, _reconcile_locked)
+
+    try:
+        reconcile_fresh(ctx, KIND, body, reconcile)
+    except kopf.TemporaryError as err:
+        log.info("%s/%s: will retry in %ss: %s", meta["namespace"], meta["name"], err.delay, err)
+        ctx.retry_once(KIND, meta["namespace"], meta["name"], float(err.delay or 10), again)
+    except Exception:
+        log.exception("reconciling %s/%s failed; retrying in 60s", meta["namespace"], meta["name"])
+        ctx.retry_once(KIND, meta["namespace"], meta["name"], 60.0, again)
 
 
 def _retry_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -270,13 +299,14 @@ def _parse(body: dict[str, Any]) -> FineTuneJob:
 
 
 def _check_dependencies(ctx: Context, ftj: FineTuneJob, owner: Owner) -> None:
+    """The claims the spec names exist (from the claims index: no read per reconcile)."""
     missing = []
-    found: dict[tuple[str, str], bool] = {}  # one read per object, however many fields name it
     for dep in training.dependencies(ftj.spec):
-        key = (dep.kind, dep.name)
-        if key not in found:
-            found[key] = ctx.kube.get("v1", dep.kind, dep.name, owner.namespace) is not None
-        if not found[key]:
+        if dep.kind == "PersistentVolumeClaim":
+            exists = ctx.indexes.has_claim(owner.namespace, dep.name)
+        else:
+            exists = ctx.kube.get("v1", dep.kind, dep.name, owner.namespace) is not None
+        if not exists:
             missing.append(f"{dep.field}: {dep.kind} {dep.name!r} not found in {owner.namespace}")
     if missing:
         raise SpecRejected(Reason.MISSING_DEPENDENCY, "; ".join(missing))
@@ -560,19 +590,31 @@ def _child_event(ctx: Context, event: dict[str, Any]) -> Callable[[], None] | No
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
-    """The trainer reported progress: keep the printer column in step (one cheap patch). A
-    FineTuneJob listed again after a broken watch is reconciled (Context.relisted)."""
+    """The resource's own events. A new generation of the spec (a creation, an edit) is
+    reconciled, and so is every FineTuneJob at the first listing (a start) and one listed again
+    after a broken watch (Context.relisted). These events, not kopf's create/update/resume
+    handlers, drive the reconcile: those keep the last handled spec in an annotation on every
+    object, one more write per creation and per edit, and a second copy of the spec in every
+    body the operator receives. The trainer reported progress: keep the printer column in
+    step (one cheap patch)."""
     body = _object(event)
     status = body.get("status") or {}
     ctx = context(memo, kwargs)
-    if ctx.relisted(KIND, _event(event)):
-
-        def again() -> None:
-            with later():
-                reconcile_fresh(ctx, KIND, body, _restore_locked)
-
-        await blocking(ctx, again)
-        return
+    kind = _event(event).get("type")
+    relisted = ctx.relisted(KIND, _event(event))
+    if body and kind != "DELETED":
+        reconcile: ReconcileFn | None = None
+        if relisted:
+            reconcile = _restore_locked
+        elif kind is None and not body["metadata"].get("deletionTimestamp"):
+            reconcile = _reconcile_locked  # the first listing of this process: resume
+        elif _behind(body):
+            reconcile = _reconcile_if_behind
+        if reconcile is not None:
+            chosen = reconcile
+            await blocking(ctx, lambda: _reconcile_event(ctx, body, chosen))
+        if relisted:
+            return
     if body:  # every change of every job, the trainer's progress included: the per-job series
         meta = body["metadata"]
         gone = _event(event).get("type") == "DELETED"

@@ -31,6 +31,7 @@ class Indexes:
     gpu_use: Mapping[Any, Iterable[dict[str, int]]] = field(default_factory=dict)
     nodes: Mapping[Any, Iterable[dict[str, Any]]] = field(default_factory=dict)
     servers_by_job: Mapping[Any, Iterable[str]] = field(default_factory=dict)
+    claims: Mapping[Any, Iterable[bool]] = field(default_factory=dict)
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Indexes | None:
@@ -41,10 +42,14 @@ class Indexes:
             gpu_use=kwargs["gpu_use_by_node"],
             nodes=kwargs["gpu_nodes"],
             servers_by_job=kwargs["servers_by_job"],
+            claims=kwargs["claims"],
         )
 
     def pods_of(self, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
         return list(self.pods.get((namespace, kind, name)) or [])
+
+    def has_claim(self, namespace: str, name: str) -> bool:
+        return (namespace, name) in self.claims
 
     def servers_following(self, namespace: str, job: str) -> list[str]:
         return sorted(set(self.servers_by_job.get((namespace, job)) or []))
@@ -142,6 +147,14 @@ def gpu_nodes(
             "gpus": {k: int(v) for k, v in allocatable.items() if "gpu" in k or "/mig-" in k},
         }
     }
+
+
+@kopf.index("", "v1", "persistentvolumeclaims")
+def claims(name: str, namespace: str | None, **_: Any) -> Any:
+    """The claims that exist, by (namespace, name): a FineTuneJob's pvc:// sources are checked
+    here, not read from the API server at every reconcile (the claim watch is there anyway, for
+    the jobs that wait for one)."""
+    return {(namespace, name): True}
 
 
 @kopf.index(GROUP, VERSION, MS_PLURAL)
