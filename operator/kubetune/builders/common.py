@@ -88,7 +88,7 @@ class Settings:
     smoke_test_gate: bool = True
     master_port: int = 29500
     # Board power by `nvidia.com/gpu.product` node label (GPU feature discovery's), for
-    # status.energyKWh; the chart's values extend it. Unknown products count default_gpu_watts.
+    # status.energyKwh; the chart's values extend it. Unknown products count default_gpu_watts.
     gpu_watts: Mapping[str, float] = field(default_factory=lambda: dict(GPU_WATTS))
     default_gpu_watts: float = 700.0
     # --- issue 10 (pre-flight check): begin

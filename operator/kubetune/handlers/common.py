@@ -215,7 +215,7 @@ def describe_validation_error(err: ValidationError, root: str = "") -> str:
 
 # Recomputed from the clock at every reconcile: written along with a real change, never alone
 # (otherwise every look at a running job would be a write).
-CLOCK_FIELDS = frozenset({"gpuHours", "energyKWh"})
+CLOCK_FIELDS = frozenset({"gpuHours", "energyKwh"})
 # A False here is the alarming state, True the normal one.
 NORMALLY_TRUE = frozenset({T.SCHEDULED, T.TRAINER_HEARTBEAT, T.MODEL_LOADED, T.SMOKE_TEST_PASSED})
 ALARMING_WHEN_TRUE = frozenset({T.STALLED, T.FAILED, T.DEGRADED})

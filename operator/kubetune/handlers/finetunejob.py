@@ -492,8 +492,7 @@ def _status(
     hours, kwh = gpu_usage(
         pods, res.gpus_per_node, _watts_by_node(ctx, pods), ctx.settings.default_gpu_watts, now
     )
-    if hours:
-        status["gpuHours"], status["energyKWh"] = hours, kwh
+    status["gpuHours"], status["energyKwh"] = hours, kwh
     if phase == Phase.SUCCEEDED:
         status["progressText"] = "100%"
     elif text := progress_text(old.get("progress") or {}):
