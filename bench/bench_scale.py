@@ -44,7 +44,7 @@ from kubernetes import client, config, watch
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.crdgen import all_crds
-from kubetune.devcluster.cluster import running_cluster
+from kubetune.devcluster.cluster import CONTROLLER_QPS, running_cluster
 from kubetune.devcluster.gotools import TRAINING_OPERATOR, ensure_tool, module_dir
 from kubetune.devcluster.volumes import ensure_claim
 from results import record  # bench/results.py: run as a script, this folder is on sys.path
@@ -599,9 +599,9 @@ def _gone(api: client.ApiClient, namespace: str, limit: float = 600.0) -> None:
         time.sleep(2)
 
 
-def run(count: int, peer: bool = True) -> list[dict[str, Any]]:
+def run(count: int, peer: bool = True, qps: int = CONTROLLER_QPS) -> list[dict[str, Any]]:
     ns = f"scale-{count}"
-    with running_cluster(f"bench-scale-{count}-{os.getpid()}") as cluster:
+    with running_cluster(f"bench-scale-{count}-{os.getpid()}", controller_qps=qps) as cluster:
         api = config.new_client_from_config(str(cluster.kubeconfig))
         core = client.CoreV1Api(api)
         ext = client.ApiextensionsV1Api(api)
@@ -619,7 +619,7 @@ def run(count: int, peer: bool = True) -> list[dict[str, Any]]:
             rows.append(_peer(cluster, api, count))
             _progress(rows[-1])
     for row in rows:
-        row["n"] = count
+        row["n"], row["qps"] = count, qps
         row["floor_all_pods"] = rows[0]["all_pods"]
     return rows
 
@@ -648,7 +648,8 @@ def _ms(values: list[float], q: float) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> None:
     print(f"\nJobs applied in one burst (16 clients), local control plane, {os.cpu_count()} cores")
-    print(f"({_cpu()}); floor: the same number of plain Jobs applied directly, same run\n")
+    print(f"({_cpu()}); floor: the same number of plain Jobs applied directly, same run;")
+    print(f"kube-controller-manager's client at {rows[0]['qps']} requests/s\n")
     header = (
         f"| {'N':>5} | {'operator':<24} | {'apply->Job p50':>14} | {'p99':>7} | "
         f"{'apply->pod p50':>14} | {'p99':>7} | {'all pods':>8} | {'x floor':>7} | "
@@ -689,9 +690,14 @@ def main() -> None:
     args = sys.argv[1:]
     peer = "--no-peer" not in args
     counts = [int(a) for a in args if a.isdigit()] or [100, 500, 1000]
+    # --controller-qps=20: kube-controller-manager's own default (the local cluster runs 100)
+    qps = next(
+        (int(a.split("=", 1)[1]) for a in args if a.startswith("--controller-qps=")),
+        CONTROLLER_QPS,
+    )
     rows: list[dict[str, Any]] = []
     for n in counts:
-        rows += run(n, peer)
+        rows += run(n, peer, qps)
         _table(rows)
         sys.stdout.flush()
     _record(rows)
