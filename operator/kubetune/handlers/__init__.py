@@ -1,5 +1,5 @@
 """Thin kopf handlers: parse -> build -> apply -> status. Importing this package registers them."""
 
-from kubetune.handlers import finetunejob, lifecycle, liveness, modelserver
+from kubetune.handlers import finetunejob, lifecycle, liveness, memory, modelserver
 
-__all__ = ["finetunejob", "lifecycle", "liveness", "modelserver"]
+__all__ = ["finetunejob", "lifecycle", "liveness", "memory", "modelserver"]

@@ -1,0 +1,79 @@
+"""Give the memory a burst freed back to the system.
+
+A burst of watch events (1,000 FineTuneJobs applied at once) parses and drops megabytes of JSON
+bodies and their dicts. CPython frees those objects, but glibc keeps the freed chunks inside its
+heap unless they sit at its very top, so the operator's RSS stays at the burst's high-water mark
+long after the objects are gone (tracemalloc at N = 100: 9.8 KiB of live Python objects per
+FineTuneJob against 340 KiB of RSS). glibc's `malloc_trim(0)` hands every free page in the middle
+of its heaps back to the kernel (madvise); nothing else does that for a Python process (Python's
+own `gc` only frees objects into the allocator). The chart's MALLOC_ARENA_MAX=2 keeps the heaps to
+two, so the trim has little to walk.
+
+The trim runs on a timer, `KUBETUNE_MEMORY_TRIM_SECONDS` (default 30, 0 turns it off), in the
+event loop's default executor so a large heap's walk never stalls the watches. On a C library
+other than glibc (musl has no malloc_trim) it does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+
+log = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Callable[[], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def call() -> int:
+        gc.collect()  # unreachable cycles first, so that their chunks are free to trim
+        return int(trim(0))
+
+    return call
+
+
+TRIM = _malloc_trim()
+
+
+def trim_interval() -> float:
+    return float(os.environ.get("KUBETUNE_MEMORY_TRIM_SECONDS", "30"))
+
+
+async def trim_forever(interval: float, trim: Callable[[], int]) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        await loop.run_in_executor(None, trim)
+
+
+_TASKS: set[asyncio.Task[None]] = set()  # kept, so the loop does not drop the running task
+
+
+@kopf.on.startup()
+async def start_trimming(**_: Any) -> None:
+    interval = trim_interval()
+    if TRIM is None or interval <= 0:
+        log.info("freed memory is not trimmed (no malloc_trim here, or turned off)")
+        return
+    task = asyncio.get_running_loop().create_task(trim_forever(interval, TRIM))
+    _TASKS.add(task)
+
+
+@kopf.on.cleanup()
+async def stop_trimming(**_: Any) -> None:
+    for task in _TASKS:
+        task.cancel()
+    _TASKS.clear()
