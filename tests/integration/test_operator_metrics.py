@@ -88,6 +88,10 @@ def test_prometheus_scrapes_the_operator_and_sees_each_jobs_progress(
         what="the job's GPU-hours in Prometheus",
     )
     assert hours["name=tracked"] >= 0
+    # The API server keeps both usage fields (a name outside the CRD's schema is pruned
+    # silently: energy was written as energyKWh and never stored).
+    usage = resources.get("finetunejobs", "tracked")["status"]
+    assert usage["gpuHours"] >= 0 and usage["energyKwh"] >= 0, usage
     # The operator's own series are scraped from the same endpoint.
     assert _series(prometheus, 'kubetune_reconciles_total{kind="FineTuneJob",result="ok"}')
 
