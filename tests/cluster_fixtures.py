@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -74,6 +75,16 @@ def free_port() -> int:
         return port
 
 
+PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None).prctl  # resolved here: the child only calls it (no dlopen after fork)
+
+
+def _end_with_pytest() -> None:
+    """In the child before exec: SIGTERM when pytest goes, however it goes. A killed test run
+    left its operators running, and one held the chart's fixed metrics port for the next run."""
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class OperatorProcess:
     """Start, stop and restart the operator; its log is kept for failing tests to show.
 
@@ -120,6 +131,8 @@ class OperatorProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
+                # One prctl call, nothing that takes a lock another thread could hold.
+                preexec_fn=_end_with_pytest,  # noqa: PLW1509
             )
         deadline = time.monotonic() + 60
         while b"Initial authentication has finished" not in self.log.read_bytes()[started:]:
