@@ -10,8 +10,10 @@ own `gc` only frees objects into the allocator). The chart's MALLOC_ARENA_MAX=2 
 two, so the trim has little to walk.
 
 The trim runs on a timer, `KUBETUNE_MEMORY_TRIM_SECONDS` (default 30, 0 turns it off), in the
-event loop's default executor so a large heap's walk never stalls the watches. On a C library
-other than glibc (musl has no malloc_trim) it does nothing.
+event loop's default executor: ctypes lets go of the GIL for the call, so the heap's walk does
+not stall the watches (the `gc.collect()` before it, which frees unreachable cycles into the
+heap first, does hold the GIL for its pass). On a C library other than glibc (musl has no
+malloc_trim) it does nothing.
 """
 
 from __future__ import annotations
