@@ -19,7 +19,8 @@ Prints, for N = 100, 500 and 1,000 (or the counts given):
   never creates: the API server here cannot reach a Service, so the peer's creates skip the
   webhook call a real install makes (in the peer's favour).
 
-    PYTHONPATH=operator python bench/bench_scale.py [N ...]
+    PYTHONPATH=operator python bench/bench_scale.py [N ...] [--no-peer] [--controller-qps=N]
+        [--allocator=pymalloc,jemalloc,mimalloc]
 """
 
 from __future__ import annotations
@@ -228,8 +229,26 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _start_operator(cluster: Any, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "MALLOC_ARENA_MAX": "2"}
+# --allocator=NAME[,NAME...]: kubetune once per memory allocator, in the same run. "pymalloc" is
+# CPython's default (its small-object arenas over glibc malloc, which the chart limits to two
+# arenas); the others take every allocation (PYTHONMALLOC=malloc) into a preloaded allocator
+# from Debian's packages (libjemalloc2, libmimalloc2.0).
+LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "pymalloc": {"MALLOC_ARENA_MAX": "2"},
+    "jemalloc": {
+        "PYTHONMALLOC": "malloc",
+        "LD_PRELOAD": str(LIBDIR / "libjemalloc.so.2"),
+        "MALLOC_CONF": "background_thread:true",
+    },
+    "mimalloc": {"PYTHONMALLOC": "malloc", "LD_PRELOAD": str(LIBDIR / "libmimalloc.so.2")},
+}
+
+
+def _start_operator(
+    cluster: Any, log: Path, allocator: str = "pymalloc"
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), **ALLOCATORS[allocator]}
     env["PYTHONPATH"] = str(REPO / "operator")  # the chart sets MALLOC_ARENA_MAX too
     out = log.open("ab")
     command = [sys.executable, "-m", "kubetune", "run"]
@@ -341,19 +360,22 @@ def _floor(api: client.ApiClient, ns: str, count: int) -> dict[str, Any]:
     return row
 
 
-def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[str, Any]:
+def _kubetune(
+    cluster: Any, api: client.ApiClient, ns: str, count: int, allocator: str = "pymalloc"
+) -> dict[str, Any]:
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     custom = client.CustomObjectsApi(api)
-    log = cluster.dir / "operator.log"
-    operator = _start_operator(cluster, log)
+    log = cluster.dir / f"operator-{allocator}.log"
+    operator = _start_operator(cluster, log, allocator)
     # Warm up (the first reconcile loads the API discovery cache, models, builders) before
     # the baseline, so that RSS per resource is what each resource adds.
-    core.create_namespace({"metadata": {"name": "warm-up"}})
+    warm_ns = f"warm-up-{allocator}"
+    core.create_namespace({"metadata": {"name": warm_ns}})
     for claim in ("models", "datasets"):
-        ensure_claim(api, "warm-up", claim, cluster.dir / "volumes" / "warm-up" / claim)
-    warm = Watcher(batch.list_namespaced_job, "warm-up", lambda o: o.metadata.name)
+        ensure_claim(api, warm_ns, claim, cluster.dir / "volumes" / warm_ns / claim)
+    warm = Watcher(batch.list_namespaced_job, warm_ns, lambda o: o.metadata.name)
     custom.create_namespaced_custom_object(
-        "kubetune.io", "v1alpha1", "warm-up", "finetunejobs", _ftj("warm")
+        "kubetune.io", "v1alpha1", warm_ns, "finetunejobs", _ftj("warm")
     )
     warm.wait(["warm-train"], 120)
     warm.stop.set()
@@ -369,7 +391,7 @@ def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[
     t0, started = _custom_burst(custom, "kubetune.io/v1alpha1", ns, "finetunejobs", _ftj, names)
     all_pods = pods.wait(names, 1800) - t0
     row: dict[str, Any] = {
-        "who": "kubetune",
+        "who": "kubetune" if allocator == "pymalloc" else f"kubetune ({allocator})",
         "first": _lat(jobs, started, names),
         "pod": _lat(pods, started, names),
         "all_pods": all_pods,
@@ -389,7 +411,7 @@ def _kubetune(cluster: Any, api: client.ApiClient, ns: str, count: int) -> dict[
             shutil.copy(growth, Path(os.environ["BENCH_TRACEMALLOC"]))
         operator.terminate()
         operator.wait(30)
-        operator = _start_operator(cluster, log)
+        operator = _start_operator(cluster, log, allocator)
         return operator.pid
 
     row |= _idle_and_restart(api, core, ns, operator.pid, restart, KUBETUNE_RESOURCES)
@@ -599,7 +621,12 @@ def _gone(api: client.ApiClient, namespace: str, limit: float = 600.0) -> None:
         time.sleep(2)
 
 
-def run(count: int, peer: bool = True, qps: int = CONTROLLER_QPS) -> list[dict[str, Any]]:
+def run(
+    count: int,
+    peer: bool = True,
+    qps: int = CONTROLLER_QPS,
+    allocators: tuple[str, ...] = ("pymalloc",),
+) -> list[dict[str, Any]]:
     ns = f"scale-{count}"
     with running_cluster(f"bench-scale-{count}-{os.getpid()}", controller_qps=qps) as cluster:
         api = config.new_client_from_config(str(cluster.kubeconfig))
@@ -612,8 +639,15 @@ def run(count: int, peer: bool = True, qps: int = CONTROLLER_QPS) -> list[dict[s
             ensure_claim(api, ns, claim, cluster.dir / "volumes" / claim)
         rows = [_floor(api, ns, count)]
         _progress(rows[-1])
-        rows.append(_kubetune(cluster, api, ns, count))
-        _progress(rows[-1])
+        for i, allocator in enumerate(allocators):
+            if i:  # each allocator starts on a cluster as empty as the first one's was
+                _gone(api, ns)
+                _gone(api, f"warm-up-{allocators[i - 1]}")
+                core.create_namespace({"metadata": {"name": ns}})
+                for claim in ("models", "datasets"):
+                    ensure_claim(api, ns, claim, cluster.dir / "volumes" / allocator / claim)
+            rows.append(_kubetune(cluster, api, ns, count, allocator))
+            _progress(rows[-1])
         if peer:
             _gone(api, ns)  # the peer starts on a cluster as empty as kubetune's was
             rows.append(_peer(cluster, api, count))
@@ -695,9 +729,15 @@ def main() -> None:
         (int(a.split("=", 1)[1]) for a in args if a.startswith("--controller-qps=")),
         CONTROLLER_QPS,
     )
+    allocators = next(
+        (tuple(a.split("=", 1)[1].split(",")) for a in args if a.startswith("--allocator=")),
+        ("pymalloc",),
+    )
+    if unknown := set(allocators) - set(ALLOCATORS):
+        sys.exit(f"--allocator: {sorted(unknown)} not among {sorted(ALLOCATORS)}")
     rows: list[dict[str, Any]] = []
     for n in counts:
-        rows += run(n, peer, qps)
+        rows += run(n, peer, qps, allocators)
         _table(rows)
         sys.stdout.flush()
     _record(rows)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.v1alpha1.base import API_VERSION
+from kubetune.builders.common import FTJ_LABEL, MANAGED_BY
 from kubetune.handlers import finetunejob as ftj_handlers
 from kubetune.handlers.common import Context
 from kubetune.handlers.indexes import Indexes
@@ -279,3 +280,45 @@ def test_a_new_content_revision_at_the_same_uri_rolls_out(world: Any, uri: str) 
         assert wanted in args, args
     else:
         assert "@2026-01" not in args, args
+
+
+def test_child_events_that_wait_for_their_job_are_folded_into_one_look(world: Any) -> None:
+    """A pod created, scheduled and running and its Job's counts, all arrived while the job
+    waited: one read of the FineTuneJob and one status write, not one each (and an event that
+    comes once the look has started gets a look of its own)."""
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    job = _job(kube)
+    job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
+    kube.put(job)
+    labels = {MANAGED_BY: "kubetune", FTJ_LABEL: "job"}
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "job-train-0", "namespace": "ns", "labels": labels},
+        "spec": {"nodeName": "gpu-0"},
+        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
+    }
+    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]}, claims=ctx.indexes.claims)
+    events = [
+        {"type": "ADDED", "object": pod},
+        {"type": "MODIFIED", "object": pod},
+        {"type": "MODIFIED", "object": job},
+        {"type": "MODIFIED", "object": pod},
+    ]
+    looks = [ftj_handlers._child_event(ctx, event) for event in events]
+    assert looks[0] is not None and looks[1:] == [None, None, None]
+    reads: list[str] = []
+    get = kube.get
+
+    def counted(api_version: str, kind: str, name: str, namespace: str | None) -> Any:
+        reads.append(kind)
+        return get(api_version, kind, name, namespace)
+
+    kube.get = counted
+    patches = kube.writes["patch FineTuneJob/status"]
+    looks[0]()
+    assert reads.count("FineTuneJob") == 1, reads
+    assert kube.writes["patch FineTuneJob/status"] == patches + 1
+    assert get(API_VERSION, "FineTuneJob", "job", "ns")["status"]["phase"] == "Running"
+    assert ftj_handlers._child_event(ctx, events[1]) is not None

@@ -54,6 +54,11 @@ class Context:
     _refusals: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
     _retrying: set[tuple[str, str, str]] = field(default_factory=set)
     _waiting: set[tuple[str, str, str]] = field(default_factory=set)  # retry_once's
+    # Children's events not acted on yet, by owner (kind, namespace, name): the owner's stub and
+    # the latest event of each child. See `note_child`.
+    _noted: dict[tuple[str, str, str], tuple[dict[str, Any], dict[Any, dict[str, Any]]]] = field(
+        default_factory=dict
+    )
     # Resources a periodic check looks at (e.g. running jobs, whose trainer may go silent),
     # and the checks' threads by name.
     watched: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
@@ -137,6 +142,47 @@ class Context:
             action()
 
         self.schedule(delay, again)
+
+    def note_child(
+        self,
+        kind: str,
+        owner: dict[str, Any],
+        child: Any,
+        event: dict[str, Any],
+    ) -> bool:
+        """Keep a child's event for its owner until the owner's next look at its children
+        (`take_children`). True when no look is waiting yet: the caller must start one. False
+        when one is already waiting, which will see this event too.
+
+        As in controller-runtime's work queue, events that arrive while their owner waits are
+        folded into one reconcile: a burst of pod and Job changes (created, scheduled, running,
+        the Job's counts) costs one read of the owner and at most one status write, not one each,
+        and only the latest event of each child is kept while the owner waits, not every body.
+        """
+        meta = owner["metadata"]
+        key = (kind, meta["namespace"], meta["name"])
+        with self._guard:
+            noted = self._noted.get(key)
+            if noted is None:
+                self._noted[key] = ({"metadata": dict(meta)}, {child: event})
+                return True
+            stub, events = noted
+            if stub["metadata"].get("uid") != meta.get("uid"):
+                stub["metadata"].pop("uid", None)  # children of two owners' lives: read it anew
+            events[child] = event
+            return False
+
+    def take_children(
+        self, kind: str, namespace: str, name: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The owner's stub and its children's noted events, which are forgotten here: events
+        that come after this start the next look."""
+        with self._guard:
+            stub, events = self._noted.pop(
+                (kind, namespace, name),
+                ({"metadata": {"namespace": namespace, "name": name}}, {}),
+            )
+        return stub, list(events.values())
 
     def watch(
         self,

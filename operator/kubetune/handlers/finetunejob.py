@@ -540,8 +540,11 @@ def _owner_of(obj: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _drifted(ctx: Context, parent: dict[str, Any], obj: dict[str, Any]) -> bool:
-    """Whether `obj` no longer holds what kubetune would apply to it."""
+def _child_drifted(ctx: Context, parent: dict[str, Any], obj: dict[str, Any]) -> bool:
+    """Whether `obj` (a child the reconcile applies: not a pod) no longer holds what kubetune
+    would apply to it."""
+    if obj.get("kind") == "Pod":
+        return False
     try:
         ftj = FineTuneJob.model_validate(parent)
     except ValidationError:
@@ -557,7 +560,11 @@ def _child_event(ctx: Context, event: dict[str, Any]) -> Callable[[], None] | No
     """A child changed: what to do about it (blocking), or None when nothing. Events of the
     initial listing (type None) are skipped: the resume handler reconciles every FineTuneJob
     once at start-up anyway. So are the creations of children (ADDED, but for pods, which the
-    Job controller creates): they are kubetune's own."""
+    Job controller creates): they are kubetune's own.
+
+    The event is noted for its FineTuneJob (Context.note_child); the returned work looks at all
+    the events noted for it by the time it runs, under the job's lock, and is returned only to
+    the first of them: the later ones are folded into that look."""
     kind = event.get("type")
     obj = event.get("object") or {}
     if kind is None or (kind == "ADDED" and obj.get("kind") != "Pod"):
@@ -565,26 +572,45 @@ def _child_event(ctx: Context, event: dict[str, Any]) -> Callable[[], None] | No
     owner = _owner_of(obj)
     if owner is None:
         return None
+    meta = obj.get("metadata") or {}
+    if obj.get("kind") == "Pod":  # a pod is read from the index: its kind and labels suffice
+        obj = {"kind": "Pod", "metadata": {"labels": meta.get("labels") or {}}}
+    if not ctx.note_child(
+        KIND, owner, (obj.get("kind"), meta.get("name")), {**event, "object": obj}
+    ):
+        return None
+    owner_meta = owner["metadata"]
 
-    def on_child(ctx: Context, parent: dict[str, Any]) -> None:
-        if parent["metadata"].get("deletionTimestamp") or refused(parent):
-            return
-        if kind == "DELETED" or (obj.get("kind") != "Pod" and _drifted(ctx, parent, obj)):
-            _reconcile_locked(ctx, parent)
-        elif preflight.is_preflight_job(obj):
-            _reconcile_locked(ctx, parent)  # a verdict decides whether the training Job comes
+    def run() -> None:
+        stub, events = ctx.take_children(KIND, owner_meta["namespace"], owner_meta["name"])
+        with later():
+            reconcile_fresh(ctx, KIND, stub, lambda c, parent: _on_children(c, parent, events))
+
+    return run
+
+
+def _on_children(ctx: Context, parent: dict[str, Any], events: list[dict[str, Any]]) -> None:
+    """What the children's noted events ask of their FineTuneJob: a reconcile when one went,
+    drifted or is the pre-flight Job (whose verdict decides whether the training Job comes),
+    else one refresh of the status."""
+    if parent["metadata"].get("deletionTimestamp") or refused(parent):
+        return
+    reconcile, read_job, job = False, False, None
+    for event in events:
+        obj = event.get("object") or {}
+        gone = event.get("type") == "DELETED"
+        if gone or preflight.is_preflight_job(obj) or _child_drifted(ctx, parent, obj):
+            reconcile = True
         elif obj.get("kind") == "Job" and not (obj.get("status") or {}).get("conditions"):
-            _refresh_locked(ctx, parent, obj)  # the event's Job is the server's latest
+            job = obj  # the event's Job is the server's latest
         elif obj.get("kind") in ("Pod", "Job"):
             # A Job that finished is read again: the pod event that says why (its exit code,
             # on another watch) may still be on its way, and the read gives it the time.
-            _refresh_locked(ctx, parent)
-
-    def run() -> None:
-        with later():
-            reconcile_fresh(ctx, KIND, owner, on_child)
-
-    return run
+            read_job = True
+    if reconcile:
+        _reconcile_locked(ctx, parent)
+    elif read_job or job is not None:
+        _refresh_locked(ctx, parent, None if read_job else job)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -668,8 +694,9 @@ def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
             continue
         job = ctx.kube.get("batch/v1", "Job", ref["name"], meta["namespace"])
         labels = (job or {}).get("metadata", {}).get("labels") or {}
-        if job is not None and labels.get(MANAGED_BY) == "kubetune" and FTJ_LABEL in labels:
-            _child_event(ctx, {"type": "MODIFIED", "object": job})
+        ours = job is not None and labels.get(MANAGED_BY) == "kubetune" and FTJ_LABEL in labels
+        if ours and (work := _child_event(ctx, {"type": "MODIFIED", "object": job})):
+            work()
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_SELECTOR)
