@@ -68,9 +68,6 @@ class Context:
     # only once Kueue's CRDs exist). Asking for an unserved kind costs a discovery refresh,
     # which the dynamic client does not do safely from several threads.
     kueue: bool = False
-    # How long a child's event waits before its owner looks at its children (`look_later`):
-    # the events of that second are folded into the one look. 0: at once (the unit tests).
-    child_batch_seconds: float = 0.0
 
     def relisted(self, kind: str, event: Mapping[str, Any]) -> bool:
         """True for a listing event (type None) of an object this process has seen before.
@@ -251,26 +248,6 @@ async def blocking(ctx: Context, action: Callable[[], None]) -> None:
     answered on the event loop without holding a thread that a reconcile waits for."""
     context_now = contextvars.copy_context()
     await asyncio.get_running_loop().run_in_executor(ctx.executor, context_now.run, action)
-
-
-def look_later(ctx: Context, action: Callable[[], None]) -> None:
-    """Run `action` (a look at an owner's children, `Context.note_child`) on the handler threads
-    after `ctx.child_batch_seconds`, without holding the event's handler meanwhile: the events
-    that arrive in that time, of any child, are noted for the same look. Kubernetes' own Job
-    controller batches its pods' events the same way (syncJobBatchPeriod, one second): a pod is
-    created, bound and started within a second, and one look sees all three."""
-    loop = asyncio.get_running_loop()
-    context_now = contextvars.copy_context()  # kopf.event finds its queue through it
-
-    def done(future: asyncio.Future[None]) -> None:
-        if not future.cancelled() and (err := future.exception()) is not None:
-            log.error("looking at the children failed", exc_info=err)
-
-    def submit() -> None:
-        future = loop.run_in_executor(ctx.executor, context_now.run, action)
-        future.add_done_callback(done)
-
-    loop.call_later(ctx.child_batch_seconds, submit)
 
 
 def describe_validation_error(err: ValidationError, root: str = "") -> str:

@@ -43,7 +43,6 @@ from kubetune.handlers.common import (
     describe_validation_error,
     is_new,
     later,
-    look_later,
     post_event,
     reconcile_fresh,
     refused,
@@ -710,7 +709,7 @@ def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
 async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     ctx = context(memo, kwargs)
     if (work := _child_event(ctx, _event(event))) is not None:
-        look_later(ctx, work)
+        await blocking(ctx, work)
 
 
 def _event(event: kopf.RawEvent) -> dict[str, Any]:

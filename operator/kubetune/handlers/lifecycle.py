@@ -40,7 +40,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.kubetune = Context(
         kube=Kube.from_environment(os.environ.get("KUBECONFIG")),
         executor=settings.execution.executor,
-        child_batch_seconds=float(os.environ.get("KUBETUNE_CHILD_BATCH_SECONDS", "1")),
         settings=Settings(
             trainer_image=os.environ.get("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
             fetcher_image=os.environ.get("KUBETUNE_FETCHER_IMAGE", defaults.fetcher_image),
