@@ -40,3 +40,12 @@ def test_the_trim_runs_on_its_timer() -> None:
 
     asyncio.run(main())
     assert len(calls) >= 3
+
+
+def test_the_allocator_is_read_from_what_the_process_has_loaded(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
+    assert memory.allocator(maps) == "jemalloc"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert memory.allocator(maps) == "pymalloc"
+    assert memory.allocator() == "pymalloc"  # the test process: no preload

@@ -25,6 +25,7 @@ import gc
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -50,6 +51,16 @@ def _malloc_trim() -> Callable[[], int] | None:
 TRIM = _malloc_trim()
 
 
+def allocator(maps: Path = Path("/proc/self/maps")) -> str:
+    """'jemalloc' when it is loaded into this process (the operator image), else 'pymalloc'
+    (CPython's own small-object allocator over the C library's malloc)."""
+    try:
+        text = maps.read_text()
+    except OSError:
+        return "pymalloc"
+    return "jemalloc" if "/libjemalloc.so" in text else "pymalloc"
+
+
 def trim_interval() -> float:
     return float(os.environ.get("KUBETUNE_MEMORY_TRIM_SECONDS", "30"))
 
@@ -67,6 +78,10 @@ _TASKS: set[asyncio.Task[None]] = set()  # kept, so the loop does not drop the r
 @kopf.on.startup()
 async def start_trimming(**_: Any) -> None:
     interval = trim_interval()
+    which = allocator()
+    log.info("memory allocator: %s", which)
+    if which == "jemalloc":
+        return  # it returns freed pages itself (MALLOC_CONF background_thread)
     if TRIM is None or interval <= 0:
         log.info("freed memory is not trimmed (no malloc_trim here, or turned off)")
         return
