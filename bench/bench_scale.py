@@ -20,7 +20,7 @@ Prints, for N = 100, 500 and 1,000 (or the counts given):
   webhook call a real install makes (in the peer's favour).
 
     PYTHONPATH=operator python bench/bench_scale.py [N ...] [--no-peer] [--controller-qps=N]
-        [--allocator=pymalloc,jemalloc,mimalloc]
+        [--allocator=jemalloc,pymalloc]
 """
 
 from __future__ import annotations
@@ -229,24 +229,23 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-# --allocator=NAME[,NAME...]: kubetune once per memory allocator, in the same run. "pymalloc" is
-# CPython's default (its small-object arenas over glibc malloc, which the chart limits to two
-# arenas); the others take every allocation (PYTHONMALLOC=malloc) into a preloaded allocator
-# from Debian's packages (libjemalloc2, libmimalloc2.0).
-LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+# --allocator=NAME[,NAME...]: kubetune once per memory allocator, in the same run. "jemalloc"
+# (the default) is what the operator image runs: every allocation (PYTHONMALLOC=malloc) in
+# Debian's libjemalloc2, preloaded (hack/node-prereqs.sh installs it); "pymalloc" is CPython's
+# default, its small-object arenas over glibc's malloc, which the chart limits to two arenas.
 ALLOCATORS: dict[str, dict[str, str]] = {
-    "pymalloc": {"MALLOC_ARENA_MAX": "2"},
     "jemalloc": {
         "PYTHONMALLOC": "malloc",
-        "LD_PRELOAD": str(LIBDIR / "libjemalloc.so.2"),
+        "LD_PRELOAD": "libjemalloc.so.2",  # found on the loader's path, as in the image
         "MALLOC_CONF": "background_thread:true",
     },
-    "mimalloc": {"PYTHONMALLOC": "malloc", "LD_PRELOAD": str(LIBDIR / "libmimalloc.so.2")},
+    "pymalloc": {"MALLOC_ARENA_MAX": "2"},
 }
+SHIPPED = "jemalloc"
 
 
 def _start_operator(
-    cluster: Any, log: Path, allocator: str = "pymalloc"
+    cluster: Any, log: Path, allocator: str = SHIPPED
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), **ALLOCATORS[allocator]}
     env["PYTHONPATH"] = str(REPO / "operator")  # the chart sets MALLOC_ARENA_MAX too
@@ -361,7 +360,7 @@ def _floor(api: client.ApiClient, ns: str, count: int) -> dict[str, Any]:
 
 
 def _kubetune(
-    cluster: Any, api: client.ApiClient, ns: str, count: int, allocator: str = "pymalloc"
+    cluster: Any, api: client.ApiClient, ns: str, count: int, allocator: str = SHIPPED
 ) -> dict[str, Any]:
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     custom = client.CustomObjectsApi(api)
@@ -391,7 +390,7 @@ def _kubetune(
     t0, started = _custom_burst(custom, "kubetune.io/v1alpha1", ns, "finetunejobs", _ftj, names)
     all_pods = pods.wait(names, 1800) - t0
     row: dict[str, Any] = {
-        "who": "kubetune" if allocator == "pymalloc" else f"kubetune ({allocator})",
+        "who": "kubetune" if allocator == SHIPPED else f"kubetune ({allocator})",
         "first": _lat(jobs, started, names),
         "pod": _lat(pods, started, names),
         "all_pods": all_pods,
@@ -625,7 +624,7 @@ def run(
     count: int,
     peer: bool = True,
     qps: int = CONTROLLER_QPS,
-    allocators: tuple[str, ...] = ("pymalloc",),
+    allocators: tuple[str, ...] = (SHIPPED,),
 ) -> list[dict[str, Any]]:
     ns = f"scale-{count}"
     with running_cluster(f"bench-scale-{count}-{os.getpid()}", controller_qps=qps) as cluster:
@@ -731,7 +730,7 @@ def main() -> None:
     )
     allocators = next(
         (tuple(a.split("=", 1)[1].split(",")) for a in args if a.startswith("--allocator=")),
-        ("pymalloc",),
+        (SHIPPED,),
     )
     if unknown := set(allocators) - set(ALLOCATORS):
         sys.exit(f"--allocator: {sorted(unknown)} not among {sorted(ALLOCATORS)}")

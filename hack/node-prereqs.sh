@@ -11,8 +11,9 @@
 #   gcc, libc6-dev                 the pause container (a static C binary)
 #   ipset                          kube-router's network-policy controller (the enforcement test)
 #   libb64-0d                      perf_analyzer's base64 library (hack/perf-analyzer.sh: Triton load)
+#   libjemalloc2                   the operator image's allocator, for bench/bench_scale.py's host-run operator
 set -euo pipefail
-want=(containerd runc containernetworking-plugins iptables buildah mmdebstrap gcc libc6-dev ipset libb64-0d)
+want=(containerd runc containernetworking-plugins iptables buildah mmdebstrap gcc libc6-dev ipset libb64-0d libjemalloc2)
 missing=()
 for pkg in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$pkg")

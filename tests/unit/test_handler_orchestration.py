@@ -7,6 +7,7 @@ a finished job is never trained again, output comes only from the trainer.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -322,3 +323,48 @@ def test_child_events_that_wait_for_their_job_are_folded_into_one_look(world: An
     assert kube.writes["patch FineTuneJob/status"] == patches + 1
     assert get(API_VERSION, "FineTuneJob", "job", "ns")["status"]["phase"] == "Running"
     assert ftj_handlers._child_event(ctx, events[1]) is not None
+
+
+def test_the_heartbeat_check_reads_a_running_job_only_when_a_look_could_change_it(
+    world: Any,
+) -> None:
+    """The once-a-minute check of a running job decides on the status its watch last showed: a
+    fresh report means no read at all; one past the timeout, a read and the stale condition."""
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    job = _job(kube)
+    job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
+    kube.put(job)
+    pod = {
+        "metadata": {"name": "job-train-0", "namespace": "ns"},
+        "spec": {"nodeName": "gpu-0"},
+        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
+    }
+    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]}, claims=ctx.indexes.claims)
+    running = _reconcile(kube, ctx)
+    assert running["status"]["phase"] == "Running"
+    reads: list[str] = []
+    get = kube.get
+
+    def counted(api_version: str, kind: str, name: str, namespace: str | None) -> Any:
+        reads.append(kind)
+        return get(api_version, kind, name, namespace)
+
+    kube.get = counted
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    running["status"]["progress"] = {"lastHeartbeat": now}
+    kube.put(running)
+    ftj_handlers._note_running(ctx, running)
+    ftj_handlers._check_heartbeat(ctx, "ns", "job")
+    assert reads == []
+    running["status"]["progress"] = {"lastHeartbeat": "2026-01-01T00:01:00Z"}  # long ago
+    kube.put(running)
+    ftj_handlers._note_running(ctx, running)
+    ftj_handlers._check_heartbeat(ctx, "ns", "job")
+    assert reads.count("FineTuneJob") == 1, reads
+    silent = get(API_VERSION, "FineTuneJob", "job", "ns")
+    assert _conditions(silent)["TrainerHeartbeat"] == ("False", "HeartbeatStale")
+    ftj_handlers._note_running(ctx, silent)  # stale: looked at until a report sets it back
+    ftj_handlers._check_heartbeat(ctx, "ns", "job")
+    assert reads.count("FineTuneJob") == 2, reads

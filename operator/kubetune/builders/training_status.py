@@ -345,6 +345,18 @@ def rejected_conditions(reason: str, message: str) -> list[Update]:
     ]
 
 
+def heartbeat_look_needed(status: Mapping[str, Any], timeout_seconds: float, now: datetime) -> bool:
+    """Whether a look at a running job, whose status the watch last showed as `status`, could
+    change its TrainerHeartbeat condition now: its last report is past the timeout, or the
+    condition says stale (a report since then sets it back). Otherwise the look would read the
+    job and its Job and write nothing."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == T.TRAINER_HEARTBEAT and cond.get("status") == "False":
+            return True
+    beat = (status.get("progress") or {}).get("lastHeartbeat")
+    return bool(beat) and (now - _parse_time(str(beat))).total_seconds() > timeout_seconds
+
+
 def heartbeat_condition(progress: dict[str, Any], now: datetime, timeout_seconds: float) -> Update:
     """Whether the trainer still reports (it beats during download, training and evaluation)."""
     beat = progress.get("lastHeartbeat")

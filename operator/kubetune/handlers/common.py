@@ -54,6 +54,9 @@ class Context:
     _refusals: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
     _retrying: set[tuple[str, str, str]] = field(default_factory=set)
     _waiting: set[tuple[str, str, str]] = field(default_factory=set)  # retry_once's
+    # The running FineTuneJobs as their watch last showed them, by (namespace, name): the parts
+    # of the status the heartbeat look decides on, and the job's heartbeat timeout.
+    running: dict[tuple[str, str], tuple[dict[str, Any], float]] = field(default_factory=dict)
     # Children's events not acted on yet, by owner (kind, namespace, name): the owner's stub and
     # the latest event of each child. See `note_child`.
     _noted: dict[tuple[str, str, str], tuple[dict[str, Any], dict[Any, dict[str, Any]]]] = field(

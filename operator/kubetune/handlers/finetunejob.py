@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from kubetune import metrics, planner
 from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
-from kubetune.api.v1alpha1.finetunejob import KIND, PLURAL, FineTuneJob, Phase
+from kubetune.api.v1alpha1.finetunejob import KIND, PLURAL, FineTuneJob, Phase, RunPolicy
 from kubetune.api.v1alpha1.reasons import VALIDATED, ConditionType, Reason, ValidatedReason
 from kubetune.builders import preflight, training
 from kubetune.builders.common import FTJ_LABEL, MANAGED_BY, Owner
@@ -29,6 +29,7 @@ from kubetune.builders.training_status import (
     Observation,
     gpu_usage,
     heartbeat_condition,
+    heartbeat_look_needed,
     observe,
     rejected_conditions,
     verdict_conditions,
@@ -75,9 +76,36 @@ class SpecRejected(Exception):
 
 def _check_heartbeat(ctx: Context, namespace: str, name: str) -> None:
     """A running job's trainer that went silent produces no event: this periodic check (every
-    HEARTBEAT_CHECK_SECONDS, for the jobs `refresh_status` last saw running) notices it."""
+    HEARTBEAT_CHECK_SECONDS, for the jobs `refresh_status` last saw running) notices it. It reads
+    the job only when the status its watch last showed says that a look could change something
+    (`heartbeat_look_needed`): 1,000 running jobs cost no reads a minute, not 2,000."""
+    seen = ctx.running.get((namespace, name))
+    if seen is not None and not heartbeat_look_needed(seen[0], seen[1], datetime.now(UTC)):
+        return
     stub = {"metadata": {"name": name, "namespace": namespace}}
     reconcile_fresh(ctx, KIND, stub, _refresh_locked)
+
+
+HEARTBEAT_TIMEOUT_DEFAULT = float(RunPolicy.model_fields["heartbeat_timeout_seconds"].default)
+
+
+def _note_running(ctx: Context, body: dict[str, Any]) -> None:
+    """Keep what the heartbeat check decides on for a running job, from its latest event."""
+    meta, status = body["metadata"], body.get("status") or {}
+    key = (meta["namespace"], meta["name"])
+    if status.get("phase") != Phase.RUNNING.value:
+        ctx.running.pop(key, None)
+        return
+    policy = (body.get("spec") or {}).get("runPolicy") or {}
+    timeout = float(policy.get("heartbeatTimeoutSeconds") or HEARTBEAT_TIMEOUT_DEFAULT)
+    heartbeat = [
+        c
+        for c in status.get("conditions") or []
+        if c.get("type") == ConditionType.TRAINER_HEARTBEAT
+    ]
+    beat = (status.get("progress") or {}).get("lastHeartbeat")
+    view = {"conditions": heartbeat, "progress": {"lastHeartbeat": beat} if beat else {}}
+    ctx.running[key] = (view, timeout)
 
 
 def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
@@ -647,7 +675,9 @@ async def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -
         if gone:
             metrics.record_phase(KIND, f"{meta['namespace']}/{meta['name']}", None)
             ctx.watch("heartbeat", meta["namespace"], meta["name"], False, 0, lambda *_: None)
+            ctx.running.pop((meta["namespace"], meta["name"]), None)
             return
+        _note_running(ctx, body)
     if not body or status.get("phase") != Phase.RUNNING.value:
         return
     text = progress_text(status.get("progress") or {})
