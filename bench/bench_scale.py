@@ -55,6 +55,7 @@ from bench_reconcile import _ftj  # the same one-GPU FineTuneJob as the reconcil
 
 REPO = Path(__file__).resolve().parents[1]
 WRITE_VERBS = {"POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION", "CREATE", "UPDATE"}
+READ_VERBS = {"GET", "LIST"}  # watches are counted apart by the API server (WATCH)
 # What kubetune writes (its resources, their children, Events). Everything else (kwok's node
 # heartbeats, the control plane's own leader-election leases and endpoints) is counted apart.
 KUBETUNE_RESOURCES = {
@@ -70,8 +71,9 @@ PEER_RESOURCES = {
 IDLE_SECONDS = 60.0
 
 
-def _writes(api: client.ApiClient) -> dict[str, float]:
-    """Write requests the API server has served so far, by "resource[/subresource] VERB"."""
+def _writes(api: client.ApiClient, verbs: set[str] = WRITE_VERBS) -> dict[str, float]:
+    """Write requests (or others of `verbs`) the API server has served so far, by
+    "resource[/subresource] VERB"."""
     response = api.call_api("GET", f"{api.configuration.host}/metrics")
     response.read()
     text = response.data.decode()
@@ -81,7 +83,7 @@ def _writes(api: client.ApiClient) -> dict[str, float]:
             continue
         for sample in family.samples:
             labels = sample.labels
-            if not sample.name.endswith("_total") or labels.get("verb") not in WRITE_VERBS:
+            if not sample.name.endswith("_total") or labels.get("verb") not in verbs:
                 continue
             if labels.get("dry_run"):
                 continue
@@ -244,9 +246,7 @@ ALLOCATORS: dict[str, dict[str, str]] = {
 SHIPPED = "jemalloc"
 
 
-def _start_operator(
-    cluster: Any, log: Path, allocator: str = SHIPPED
-) -> subprocess.Popen[bytes]:
+def _start_operator(cluster: Any, log: Path, allocator: str = SHIPPED) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), **ALLOCATORS[allocator]}
     env["PYTHONPATH"] = str(REPO / "operator")  # the chart sets MALLOC_ARENA_MAX too
     out = log.open("ab")
@@ -304,11 +304,12 @@ def _idle_and_restart(
     minute starts after 30 s without a write: at N = 1,000 on a loaded machine a 10 s lull came
     while the operator still worked through the burst's last pod events."""
     _quiet(api, settle=30.0, resources=resources)
-    before = _writes(api)
+    before, reads_before = _writes(api), _writes(api, READ_VERBS)
     settled = before
     since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
     time.sleep(IDLE_SECONDS)
     idle_delta = _delta(_writes(api), before)
+    idle_reads = _split(_delta(_writes(api, READ_VERBS), reads_before), resources)[0]
     idle, idle_nodes = _split(idle_delta, resources)
     kinds = ("FineTuneJob", "ModelServer") if resources is KUBETUNE_RESOURCES else ("PyTorchJob",)
     idle += _our_events(core, ns, since, kinds)
@@ -322,6 +323,7 @@ def _idle_and_restart(
     restarted += _our_events(core, ns, since, kinds)
     return {
         "idle_writes_per_min": idle * 60 / IDLE_SECONDS,
+        "idle_reads_per_min": idle_reads * 60 / IDLE_SECONDS,
         "node_writes_per_min": idle_nodes * 60 / IDLE_SECONDS,
         "restart_writes": restarted,
         "restart_detail": restart_delta,
@@ -714,6 +716,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
             f"burst writes per resource created, by resource: "
             f"{ {k: round(v / r['n'], 2) for k, v in sorted(r['burst_detail'].items())} }; "
             f"idle writes by resource: {r['idle_detail'] or 'none'}; "
+            f"idle reads of its kinds: {r['idle_reads_per_min']:.0f}/min; "
             f"restart writes by resource: {r['restart_detail'] or 'none'}"
         )
 
