@@ -55,6 +55,41 @@ def test_the_claims_are_checked_in_the_index_not_read(world: Any) -> None:
     assert _reconcile(kube, ctx)["status"]["phase"] == "Pending" and _job(kube) is not None
 
 
+def _started(kube: FakeKube, ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job reconciled, its Job active and its pod running (in the pods index): (Job, pod)."""
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    job = _job(kube)
+    assert job is not None
+    job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
+    kube.put(job)
+    pod = {
+        "kind": "Pod",
+        "metadata": {
+            "name": "job-train-0",
+            "namespace": "ns",
+            "labels": {MANAGED_BY: "kubetune", FTJ_LABEL: "job"},
+        },
+        "spec": {"nodeName": "gpu-0"},
+        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
+    }
+    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]}, claims=ctx.indexes.claims)
+    return job, pod
+
+
+def _count_reads(kube: FakeKube) -> list[str]:
+    """From now on, the kind of every object read from the fake API server."""
+    reads: list[str] = []
+    get = kube.get
+
+    def counted(api_version: str, kind: str, name: str, namespace: str | None) -> Any:
+        reads.append(kind)
+        return get(api_version, kind, name, namespace)
+
+    kube.get = counted  # type: ignore[method-assign]
+    return reads
+
+
 def _reconcile(kube: FakeKube, ctx: Context, name: str = "job") -> dict[str, Any]:
     body = kube.get(API_VERSION, "FineTuneJob", name, "ns")
     assert body is not None
@@ -175,17 +210,7 @@ def test_a_running_job_is_checked_for_a_silent_trainer_until_it_finishes(world: 
     """The periodic check (one thread for all running jobs, no kopf timer per job) sees a
     trainer whose last heartbeat is older than the timeout; a finished job leaves the check."""
     kube, ctx = world
-    kube.put(_ftj())
-    _reconcile(kube, ctx)
-    job = _job(kube)
-    job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
-    kube.put(job)
-    pod = {
-        "metadata": {"name": "job-train-0", "namespace": "ns"},
-        "spec": {"nodeName": "gpu-0"},
-        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
-    }
-    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]}, claims=ctx.indexes.claims)
+    _started(kube, ctx)
     running = _reconcile(kube, ctx)
     assert running["status"]["phase"] == "Running"
     assert ctx.watched["heartbeat"] == {("ns", "job")}
@@ -288,19 +313,7 @@ def test_child_events_that_wait_for_their_job_are_folded_into_one_look(world: An
     waited: one read of the FineTuneJob and one status write, not one each (and an event that
     comes once the look has started gets a look of its own)."""
     kube, ctx = world
-    kube.put(_ftj())
-    _reconcile(kube, ctx)
-    job = _job(kube)
-    job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
-    kube.put(job)
-    labels = {MANAGED_BY: "kubetune", FTJ_LABEL: "job"}
-    pod = {
-        "kind": "Pod",
-        "metadata": {"name": "job-train-0", "namespace": "ns", "labels": labels},
-        "spec": {"nodeName": "gpu-0"},
-        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
-    }
-    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]}, claims=ctx.indexes.claims)
+    job, pod = _started(kube, ctx)
     events = [
         {"type": "ADDED", "object": pod},
         {"type": "MODIFIED", "object": pod},
@@ -309,19 +322,12 @@ def test_child_events_that_wait_for_their_job_are_folded_into_one_look(world: An
     ]
     looks = [ftj_handlers._child_event(ctx, event) for event in events]
     assert looks[0] is not None and looks[1:] == [None, None, None]
-    reads: list[str] = []
-    get = kube.get
-
-    def counted(api_version: str, kind: str, name: str, namespace: str | None) -> Any:
-        reads.append(kind)
-        return get(api_version, kind, name, namespace)
-
-    kube.get = counted
+    reads = _count_reads(kube)
     patches = kube.writes["patch FineTuneJob/status"]
     looks[0]()
     assert reads.count("FineTuneJob") == 1, reads
     assert kube.writes["patch FineTuneJob/status"] == patches + 1
-    assert get(API_VERSION, "FineTuneJob", "job", "ns")["status"]["phase"] == "Running"
+    assert kube.get(API_VERSION, "FineTuneJob", "job", "ns")["status"]["phase"] == "Running"
     assert ftj_handlers._child_event(ctx, events[1]) is not None
 
 
@@ -331,27 +337,10 @@ def test_the_heartbeat_check_reads_a_running_job_only_when_a_look_could_change_i
     """The once-a-minute check of a running job decides on the status its watch last showed: a
     fresh report means no read at all; one past the timeout, a read and the stale condition."""
     kube, ctx = world
-    kube.put(_ftj())
-    _reconcile(kube, ctx)
-    job = _job(kube)
-    job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
-    kube.put(job)
-    pod = {
-        "metadata": {"name": "job-train-0", "namespace": "ns"},
-        "spec": {"nodeName": "gpu-0"},
-        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
-    }
-    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]}, claims=ctx.indexes.claims)
+    _started(kube, ctx)
     running = _reconcile(kube, ctx)
     assert running["status"]["phase"] == "Running"
-    reads: list[str] = []
-    get = kube.get
-
-    def counted(api_version: str, kind: str, name: str, namespace: str | None) -> Any:
-        reads.append(kind)
-        return get(api_version, kind, name, namespace)
-
-    kube.get = counted
+    reads = _count_reads(kube)
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     running["status"]["progress"] = {"lastHeartbeat": now}
     kube.put(running)
@@ -363,8 +352,8 @@ def test_the_heartbeat_check_reads_a_running_job_only_when_a_look_could_change_i
     ftj_handlers._note_running(ctx, running)
     ftj_handlers._check_heartbeat(ctx, "ns", "job")
     assert reads.count("FineTuneJob") == 1, reads
-    silent = get(API_VERSION, "FineTuneJob", "job", "ns")
+    silent = kube.get(API_VERSION, "FineTuneJob", "job", "ns")
     assert _conditions(silent)["TrainerHeartbeat"] == ("False", "HeartbeatStale")
     ftj_handlers._note_running(ctx, silent)  # stale: looked at until a report sets it back
     ftj_handlers._check_heartbeat(ctx, "ns", "job")
-    assert reads.count("FineTuneJob") == 2, reads
+    assert reads.count("FineTuneJob") == 3, reads  # the read of `silent` above, and the look
