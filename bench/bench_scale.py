@@ -71,8 +71,8 @@ PEER_RESOURCES = {
 IDLE_SECONDS = 60.0
 
 
-def _writes(api: client.ApiClient, verbs: set[str] = WRITE_VERBS) -> dict[str, float]:
-    """Write requests (or others of `verbs`) the API server has served so far, by
+def _requests(api: client.ApiClient, verbs: set[str] = WRITE_VERBS) -> dict[str, float]:
+    """Requests of `verbs` (by default the writes) the API server has served so far, by
     "resource[/subresource] VERB"."""
     response = api.call_api("GET", f"{api.configuration.host}/metrics")
     response.read()
@@ -102,7 +102,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 def _split(
     delta: dict[str, float], resources: set[str] = KUBETUNE_RESOURCES
 ) -> tuple[float, float]:
-    """(writes to what the operator manages, all other writes)."""
+    """(requests to what the operator manages, all other requests)."""
     ours = sum(v for k, v in delta.items() if k.split()[0].split("/")[0] in resources)
     return ours, sum(delta.values()) - ours
 
@@ -248,7 +248,7 @@ SHIPPED = "jemalloc"
 
 def _start_operator(cluster: Any, log: Path, allocator: str = SHIPPED) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), **ALLOCATORS[allocator]}
-    env["PYTHONPATH"] = str(REPO / "operator")  # the chart sets MALLOC_ARENA_MAX too
+    env["PYTHONPATH"] = str(REPO / "operator")
     out = log.open("ab")
     command = [sys.executable, "-m", "kubetune", "run"]
     if os.environ.get("BENCH_TRACEMALLOC"):  # a memory profile (trace_operator.py), not timings
@@ -271,11 +271,11 @@ def _quiet(
 ) -> None:
     """Wait until the operator's writes stop for `settle` seconds."""
     deadline = time.monotonic() + limit
-    last = _split(_writes(api), resources)[0]
+    last = _split(_requests(api), resources)[0]
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(2)
-        now = _split(_writes(api), resources)[0]
+        now = _split(_requests(api), resources)[0]
         if now != last:
             last, quiet_since = now, time.monotonic()
         elif time.monotonic() - quiet_since >= settle:
@@ -304,21 +304,21 @@ def _idle_and_restart(
     minute starts after 30 s without a write: at N = 1,000 on a loaded machine a 10 s lull came
     while the operator still worked through the burst's last pod events."""
     _quiet(api, settle=30.0, resources=resources)
-    before, reads_before = _writes(api), _writes(api, READ_VERBS)
+    before, reads_before = _requests(api), _requests(api, READ_VERBS)
     settled = before
     since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
     time.sleep(IDLE_SECONDS)
-    idle_delta = _delta(_writes(api), before)
-    idle_reads = _split(_delta(_writes(api, READ_VERBS), reads_before), resources)[0]
+    idle_delta = _delta(_requests(api), before)
+    idle_reads = _split(_delta(_requests(api, READ_VERBS), reads_before), resources)[0]
     idle, idle_nodes = _split(idle_delta, resources)
     kinds = ("FineTuneJob", "ModelServer") if resources is KUBETUNE_RESOURCES else ("PyTorchJob",)
     idle += _our_events(core, ns, since, kinds)
     rss_full, peak = _rss_kib(pid), _rss_kib(pid, "VmHWM")
-    before = _writes(api)
+    before = _requests(api)
     since = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
     restart()
     time.sleep(IDLE_SECONDS)
-    restart_delta = _delta(_writes(api), before)
+    restart_delta = _delta(_requests(api), before)
     restarted, _ = _split(restart_delta, resources)
     restarted += _our_events(core, ns, since, kinds)
     return {
@@ -388,7 +388,7 @@ def _kubetune(
     jobs = Watcher(batch.list_namespaced_job, ns, lambda o: (o.metadata.labels or {}).get(label))
     pods = Watcher(core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(label))
     names = [f"ftj-{i}" for i in range(count)]
-    before_burst = _writes(api)
+    before_burst = _requests(api)
     t0, started = _custom_burst(custom, "kubetune.io/v1alpha1", ns, "finetunejobs", _ftj, names)
     all_pods = pods.wait(names, 1800) - t0
     row: dict[str, Any] = {
@@ -564,7 +564,7 @@ def _peer(cluster: Any, api: client.ApiClient, count: int) -> dict[str, Any]:
             core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(PEER_LABEL)
         )
         names = [f"ptj-{i}" for i in range(count)]
-        before_burst = _writes(api)
+        before_burst = _requests(api)
         t0, started = _custom_burst(
             custom, "kubeflow.org/v1", ns, "pytorchjobs", _pytorchjob, names
         )
