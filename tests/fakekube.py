@@ -16,6 +16,12 @@ from typing import Any
 from kubetune.kube import FIELD_MANAGER
 
 _uids = itertools.count(1)
+_versions = itertools.count(1)  # one resourceVersion sequence for every object, as etcd's
+
+
+def _written(obj: dict[str, Any]) -> dict[str, Any]:
+    obj["metadata"]["resourceVersion"] = str(next(_versions))
+    return obj
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -46,8 +52,8 @@ class FakeKube:
         meta.setdefault("uid", f"uid-{next(_uids)}")
         meta.setdefault("generation", 1)
         key = self._key(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
-        self.objects[key] = obj
-        return obj
+        self.objects[key] = _written(obj)
+        return copy.deepcopy(obj)
 
     def apply(
         self, manifest: dict[str, Any], dry_run: bool = False, field_manager: str = FIELD_MANAGER
@@ -61,7 +67,7 @@ class FakeKube:
         if dry_run:
             return merged
         merged["metadata"].setdefault("uid", f"uid-{next(_uids)}")
-        self.objects[key] = merged
+        self.objects[key] = _written(merged)
         return copy.deepcopy(merged)
 
     def get(
@@ -94,7 +100,7 @@ class FakeKube:
         key = self._key(api_version, kind, name, namespace)
         obj = self.objects[key]
         obj["status"] = _merge(obj.get("status") or {}, status)
-        return copy.deepcopy(obj)
+        return copy.deepcopy(_written(obj))
 
     def patch_pod_conditions(
         self, name: str, namespace: str, conditions: list[dict[str, Any]]

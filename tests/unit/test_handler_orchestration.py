@@ -357,3 +357,38 @@ def test_the_heartbeat_check_reads_a_running_job_only_when_a_look_could_change_i
     ftj_handlers._note_running(ctx, silent)  # stale: looked at until a report sets it back
     ftj_handlers._check_heartbeat(ctx, "ns", "job")
     assert reads.count("FineTuneJob") == 3, reads  # the read of `silent` above, and the look
+
+
+def test_a_job_its_watches_show_is_looked_at_without_reading_it_back(world: Any) -> None:
+    """As in a burst: the FineTuneJob's ADDED event, its first reconcile, then its Job's and
+    pod's events. No look reads the FineTuneJob or its Job from the server (handlers/latest.py):
+    each reads what the watches showed and what its own status write answered, so the second
+    look sees the first one's conditions and posts no transition again."""
+    kube, ctx = world
+    get = kube.get
+    ctx.latest.seen("FineTuneJob", "ADDED", kube.put(_ftj()))
+    reads = _count_reads(kube)
+    ftj_handlers.reconcile_body(ctx, {"metadata": {"name": "job", "namespace": "ns"}})
+    assert reads == [], reads
+    assert get(API_VERSION, "FineTuneJob", "job", "ns")["status"]["phase"] == "Pending"
+    job = get("batch/v1", "Job", "job-train", "ns")
+    job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
+    job = kube.put(job)
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "job-train-0", "namespace": "ns", "labels": job["metadata"]["labels"]},
+        "spec": {"nodeName": "gpu-0"},
+        "status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"},
+    }
+    ctx.indexes = Indexes(pods={("ns", "FineTuneJob", "job"): [pod]}, claims=ctx.indexes.claims)
+    look = ftj_handlers._child_event(ctx, {"type": "MODIFIED", "object": job})
+    assert look is not None
+    assert ftj_handlers._child_event(ctx, {"type": "ADDED", "object": pod}) is None  # folded
+    look()
+    assert reads == [], reads
+    assert get(API_VERSION, "FineTuneJob", "job", "ns")["status"]["phase"] == "Running"
+    patches = kube.writes["patch FineTuneJob/status"]
+    look = ftj_handlers._child_event(ctx, {"type": "MODIFIED", "object": pod})
+    assert look is not None
+    look()  # nothing moved since the answer to the last write: nothing written
+    assert reads == [] and kube.writes["patch FineTuneJob/status"] == patches, reads

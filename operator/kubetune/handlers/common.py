@@ -26,6 +26,7 @@ from kubetune.builders.common import Settings
 from kubetune.builders.drift import differs
 from kubetune.conditions import set_condition
 from kubetune.handlers.indexes import Indexes
+from kubetune.handlers.latest import Latest
 from kubetune.kube import Forbidden, Invalid, Kube, KubeError, NotFound
 
 log = logging.getLogger("kubetune")
@@ -44,6 +45,9 @@ class Context:
     kube: Kube
     settings: Settings = field(default_factory=Settings)
     indexes: Indexes = field(default_factory=Indexes)
+    # The newest FineTuneJobs and training Jobs their watches and the operator's own writes
+    # showed: what a reconcile reads instead of asking the server (handlers/latest.py).
+    latest: Latest = field(default_factory=Latest)
     # kopf's threads for sync handlers, which `blocking` hands work to (None: asyncio's default).
     executor: Executor | None = None
     _locks: defaultdict[tuple[str, str, str], threading.Lock] = field(
@@ -289,9 +293,11 @@ def write_status(
     plural_kind: str,
     body: dict[str, Any],
     status: dict[str, Any],
+    latest: Latest | None = None,
 ) -> bool:
     """Patch the status with what changed, post an Event for every condition that moved, and
-    write nothing when nothing did. True when something was written."""
+    write nothing when nothing did. True when something was written. The server's answer goes
+    to `latest`, where the next reconcile reads the object."""
     meta = body["metadata"]
     old = body.get("status") or {}
     changes = status_changes(old, status)
@@ -300,11 +306,13 @@ def write_status(
     if not changes:
         return False
     try:
-        kube.patch_status(API_VERSION, kind, meta["name"], meta["namespace"], changes)
+        answer = kube.patch_status(API_VERSION, kind, meta["name"], meta["namespace"], changes)
     except KubeError as err:
         raise kopf.TemporaryError(
             f"could not write the {plural_kind} status: {err}", delay=5
         ) from err
+    if latest is not None:
+        latest.answered(kind, answer)
     if "conditions" in changes:
         post_transitions(body, old.get("conditions") or [], changes["conditions"])
     return True
@@ -337,11 +345,15 @@ def reconcile_fresh(
     """Run `reconcile` on the object as the server has it now, under its lock, and count it.
     An object deleted (or recreated) meanwhile is left alone: the garbage collector takes the
     children of the old one. `body` may be just the metadata (name, namespace, and the uid when
-    known): it is read here anyway."""
+    known): it is read here anyway, from `ctx.latest` when its watch feeds it (newer than any
+    event that started this, and than the answer to this object's last write, which was made
+    under the same lock), else from the server."""
     meta = body["metadata"]
     key = f"{meta['namespace']}/{meta['name']}"
     with ctx.lock(kind, meta["namespace"], meta["name"]):
-        fresh = ctx.kube.get(API_VERSION, kind, meta["name"], meta["namespace"])
+        fresh = ctx.latest.recall(kind, meta["namespace"], meta["name"])
+        if fresh is None:
+            fresh = ctx.kube.get(API_VERSION, kind, meta["name"], meta["namespace"])
         if fresh is None or meta.get("uid") not in (None, fresh["metadata"]["uid"]):
             metrics.record_phase(kind, key, None)
             return

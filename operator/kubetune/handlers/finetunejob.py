@@ -124,7 +124,7 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             # keeps what it showed. Creating the Job again would train again. A later spec edit
             # is acted on by doing nothing, which observedGeneration says.
             status = {"observedGeneration": owner.generation}
-            write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+            write_status(ctx.kube, KIND, "FineTuneJob", body, status, ctx.latest)
             return
         _check_dependencies(ctx, ftj, owner)
         children = _children(ctx, ftj, owner)
@@ -149,8 +149,10 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         _report_rejected(ctx, body, owner, err)
         return
     ctx.refusal_over(KIND, owner.namespace, owner.name)
-    job = children[-1]["metadata"]["name"]
-    refresh_status(ctx, body, ftj, applied.get(("Job", job)))
+    job = applied.get(("Job", children[-1]["metadata"]["name"]))
+    if job is not None:
+        ctx.latest.answered("Job", job)
+    refresh_status(ctx, body, ftj, job)
 
 
 def _behind(body: dict[str, Any]) -> bool:
@@ -283,7 +285,7 @@ def _write_preflight(
 ) -> bool:
     conditions = with_conditions(conditions_of(body), owner.generation, updates)
     status = {**fields, "conditions": _wire(conditions)}
-    written = write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+    written = write_status(ctx.kube, KIND, "FineTuneJob", body, status, ctx.latest)
     body["status"] = {**(body.get("status") or {}), **status}  # what follows builds on it
     return written
 
@@ -311,8 +313,12 @@ def _finished(body: dict[str, Any]) -> bool:
     return status.get("phase") in FINISHED and bool(status.get("completionTime"))
 
 
-def _live_job(ctx: Context, owner: Owner) -> dict[str, Any] | None:
-    return ctx.kube.get("batch/v1", "Job", training.names(owner.name)["job"], owner.namespace)
+def _live_job(ctx: Context, owner: Owner, read: bool = False) -> dict[str, Any] | None:
+    """The training Job: its watch's newest copy (handlers/latest.py), else (or with `read`)
+    what the server has."""
+    name = training.names(owner.name)["job"]
+    job = None if read else ctx.latest.recall("Job", owner.namespace, name)
+    return job or ctx.kube.get("batch/v1", "Job", name, owner.namespace)
 
 
 def _parse(body: dict[str, Any]) -> FineTuneJob:
@@ -420,7 +426,7 @@ def _report_rejected(ctx: Context, body: dict[str, Any], owner: Owner, err: Spec
         "failureReason": err.reason,
         "failureMessage": str(err),
     }
-    write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+    write_status(ctx.kube, KIND, "FineTuneJob", body, status, ctx.latest)
     if err.reason == Reason.CHILD_REJECTED:
         ctx.retry_refusal(KIND, body, lambda: reconcile_fresh(ctx, KIND, body, _retry_locked))
     if waiting:
@@ -458,7 +464,7 @@ def refresh_status(
         else None
     )
     status = _status(ctx, ftj, owner, seen, old, conditions_of(body), heartbeat, pods, now)
-    write_status(ctx.kube, KIND, "FineTuneJob", body, status)
+    write_status(ctx.kube, KIND, "FineTuneJob", body, status, ctx.latest)
     ctx.watch(
         "heartbeat",
         owner.namespace,
@@ -595,6 +601,8 @@ def _child_event(ctx: Context, event: dict[str, Any]) -> Callable[[], None] | No
     the first of them: the later ones are folded into that look."""
     kind = event.get("type")
     obj = event.get("object") or {}
+    if obj.get("kind") == "Job" and not preflight.is_preflight_job(obj):
+        ctx.latest.seen("Job", kind, obj)
     if kind is None or (kind == "ADDED" and obj.get("kind") != "Pod"):
         return None  # a child's creation is the reconcile's own write, which refreshes the status
     owner = _owner_of(obj)
@@ -623,22 +631,22 @@ def _on_children(ctx: Context, parent: dict[str, Any], events: list[dict[str, An
     else one refresh of the status."""
     if parent["metadata"].get("deletionTimestamp") or refused(parent):
         return
-    reconcile, read_job, job = False, False, None
+    reconcile, read_job, refresh = False, False, False
     for event in events:
         obj = event.get("object") or {}
         gone = event.get("type") == "DELETED"
         if gone or preflight.is_preflight_job(obj) or _child_drifted(ctx, parent, obj):
             reconcile = True
-        elif obj.get("kind") == "Job" and not (obj.get("status") or {}).get("conditions"):
-            job = obj  # the event's Job is the server's latest
-        elif obj.get("kind") in ("Pod", "Job"):
+        elif obj.get("kind") == "Job" and (obj.get("status") or {}).get("conditions"):
             # A Job that finished is read again: the pod event that says why (its exit code,
             # on another watch) may still be on its way, and the read gives it the time.
             read_job = True
+        elif obj.get("kind") in ("Pod", "Job"):
+            refresh = True  # the Job as its watch last showed it (handlers/latest.py)
     if reconcile:
         _reconcile_locked(ctx, parent)
-    elif read_job or job is not None:
-        _refresh_locked(ctx, parent, None if read_job else job)
+    elif read_job or refresh:
+        _refresh_locked(ctx, parent, _live_job(ctx, Owner.from_body(parent), read=read_job))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -654,6 +662,8 @@ async def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -
     status = body.get("status") or {}
     ctx = context(memo, kwargs)
     kind = _event(event).get("type")
+    if body:
+        ctx.latest.seen(KIND, kind, body)  # before any reconcile this event starts reads it
     relisted = ctx.relisted(KIND, _event(event))
     if body and kind != "DELETED":
         reconcile: ReconcileFn | None = None
@@ -686,7 +696,9 @@ async def progress_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -
 
         def write() -> None:
             with ctx.lock(KIND, meta["namespace"], meta["name"]), later():
-                write_status(ctx.kube, KIND, "FineTuneJob", body, {"progressText": text})
+                write_status(
+                    ctx.kube, KIND, "FineTuneJob", body, {"progressText": text}, ctx.latest
+                )
 
         await blocking(ctx, write)
 
