@@ -23,7 +23,7 @@ from kubernetes.dynamic.exceptions import (
 )
 
 FIELD_MANAGER = "kubetune"
-POOL_SIZE = 32
+POOL_SIZE = 32  # at least: one connection per handler thread (lifecycle.py passes their number)
 
 
 def _plain(_client: Any, data: Any) -> Any:
@@ -100,11 +100,13 @@ class Kube:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_environment(cls, kubeconfig: str | None = None) -> Kube:
-        """In-cluster credentials when running in a pod, else the kubeconfig."""
+    def from_environment(cls, kubeconfig: str | None = None, threads: int = 0) -> Kube:
+        """In-cluster credentials when running in a pod, else the kubeconfig. `threads`: how
+        many threads call at once (kopf's handler threads)."""
         settings = client.Configuration()
-        # One connection per handler thread (kopf's workers), not urllib3's default of a few.
-        settings.connection_pool_maxsize = POOL_SIZE
+        # One connection per handler thread, not urllib3's default of a few: a thread that finds
+        # the pool empty opens a connection (a TLS handshake) and closes it again after.
+        settings.connection_pool_maxsize = max(POOL_SIZE, threads)
         if kubeconfig is None:
             try:
                 config.load_incluster_config(client_configuration=settings)

@@ -17,6 +17,10 @@ PREFIX = "kubetune.io"
 # The kinds with kopf change handlers (on.create/update/resume), which diff a body against the
 # last handled one: only the ModelServer. Everything else is driven by watch events.
 CHANGING_KINDS = frozenset({"ModelServer"})
+# Handler threads: a reconcile mostly waits on the API server, and in a 1,000-job burst 16 of
+# them were the limit (all pods 33.0 s; 30.3 s with 32, 27.7 s with 64, 30.4 s with 128: the
+# chart's `workers`, docs/benchmarks-control-plane.md, session 7).
+DEFAULT_WORKERS = 64
 
 
 class ChangingKindsOnly(kopf.AnnotationsDiffBaseStorage):
@@ -44,6 +48,8 @@ class ChangingKindsOnly(kopf.AnnotationsDiffBaseStorage):
         if body.get("kind") not in self.kinds:
             return None
         return super().fetch(body=body)
+
+
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -64,11 +70,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     server_timeout = int(os.environ.get("KUBETUNE_WATCH_TIMEOUT_SECONDS", "300"))
     settings.watching.server_timeout = server_timeout
     settings.watching.client_timeout = server_timeout + 30
-    settings.execution.max_workers = int(os.environ.get("KUBETUNE_WORKERS", "16"))
+    workers = int(os.environ.get("KUBETUNE_WORKERS", str(DEFAULT_WORKERS)))
+    settings.execution.max_workers = workers
     settings.networking.error_backoffs = [1, 2, 5, 10]
     defaults = Settings()
     memo.kubetune = Context(
-        kube=Kube.from_environment(os.environ.get("KUBECONFIG")),
+        kube=Kube.from_environment(os.environ.get("KUBECONFIG"), threads=workers),
         executor=settings.execution.executor,
         settings=Settings(
             trainer_image=os.environ.get("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
