@@ -392,3 +392,24 @@ def test_a_job_its_watches_show_is_looked_at_without_reading_it_back(world: Any)
     assert look is not None
     look()  # nothing moved since the answer to the last write: nothing written
     assert reads == [] and kube.writes["patch FineTuneJob/status"] == patches, reads
+
+
+def test_the_heartbeat_look_reads_the_server_not_what_a_silent_watch_last_showed(
+    world: Any,
+) -> None:
+    """The watch's copy says the last report was long ago; the server has a fresh one (the
+    watch fell silent, not the trainer): the look reads the server, and nothing is marked
+    stale or restarted."""
+    kube, ctx = world
+    _started(kube, ctx)
+    running = _reconcile(kube, ctx)
+    running["status"]["progress"] = {"lastHeartbeat": "2026-01-01T00:01:00Z"}  # long ago
+    ctx.latest.seen("FineTuneJob", "MODIFIED", kube.put(running))
+    ftj_handlers._note_running(ctx, running)
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    running["status"]["progress"] = {"lastHeartbeat": now}
+    kube.put(running)  # the trainer's report, whose event never came
+    ftj_handlers._check_heartbeat(ctx, "ns", "job")
+    looked = kube.get(API_VERSION, "FineTuneJob", "job", "ns")
+    assert _conditions(looked)["TrainerHeartbeat"][0] == "True", looked["status"]["conditions"]
+    assert kube.writes["delete Pod"] == 0

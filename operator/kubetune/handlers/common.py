@@ -341,17 +341,19 @@ def reconcile_fresh(
     kind: str,
     body: dict[str, Any],
     reconcile: Callable[[Context, dict[str, Any]], None],
+    read: bool = False,
 ) -> None:
     """Run `reconcile` on the object as the server has it now, under its lock, and count it.
     An object deleted (or recreated) meanwhile is left alone: the garbage collector takes the
     children of the old one. `body` may be just the metadata (name, namespace, and the uid when
     known): it is read here anyway, from `ctx.latest` when its watch feeds it (newer than any
     event that started this, and than the answer to this object's last write, which was made
-    under the same lock), else from the server."""
+    under the same lock), else (or with `read`: a look that no event started, whose watch may
+    be what fell silent) from the server."""
     meta = body["metadata"]
     key = f"{meta['namespace']}/{meta['name']}"
     with ctx.lock(kind, meta["namespace"], meta["name"]):
-        fresh = ctx.latest.recall(kind, meta["namespace"], meta["name"])
+        fresh = None if read else ctx.latest.recall(kind, meta["namespace"], meta["name"])
         if fresh is None:
             fresh = ctx.kube.get(API_VERSION, kind, meta["name"], meta["namespace"])
         if fresh is None or meta.get("uid") not in (None, fresh["metadata"]["uid"]):

@@ -83,7 +83,9 @@ def _check_heartbeat(ctx: Context, namespace: str, name: str) -> None:
     if seen is not None and not heartbeat_look_needed(seen[0], seen[1], datetime.now(UTC)):
         return
     stub = {"metadata": {"name": name, "namespace": namespace}}
-    reconcile_fresh(ctx, KIND, stub, _refresh_locked)
+    # Read from the server: the look may mark the trainer silent and restart its pods, which
+    # must not rest on a watch that fell silent itself.
+    reconcile_fresh(ctx, KIND, stub, _refresh_locked, read=True)
 
 
 HEARTBEAT_TIMEOUT_DEFAULT = float(RunPolicy.model_fields["heartbeat_timeout_seconds"].default)
@@ -132,6 +134,9 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         if checking and not preflight_passed(ctx, body, ftj, owner, children[:-1]):
             return  # checking (its Job's events come back here), or refused
         stale_job = _stale_job(live_job, children[-1])
+        if stale_job:  # a deletion is decided on what the server has, not on a copy
+            live_job = _live_job(ctx, owner, read=True)
+            stale_job = _stale_job(live_job, children[-1])
         if (_spec_changed(body) and not fresh) or refused(body):
             _apply_all(ctx, children[:-1] if stale_job else children, dry_run=True)
         if stale_job:
