@@ -112,7 +112,7 @@ def _note_running(ctx: Context, body: dict[str, Any]) -> None:
 
 def reconcile_body(ctx: Context, body: dict[str, Any]) -> None:
     """Make the children match the spec, then say in status what the children show."""
-    reconcile_fresh(ctx, KIND, body, _reconcile_locked)
+    reconcile_fresh(ctx, KIND, body, _reconcile_locked, read=True)
 
 
 def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
@@ -120,7 +120,9 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
     fresh = is_new(body)
     try:
         ftj = _parse(body)
-        live_job = None if fresh else _live_job(ctx, owner)
+        # Read from the server: a finished run whose Job went while the watch was down must
+        # see it gone (a copy would have it train again).
+        live_job = None if fresh else _live_job(ctx, owner, read=True)
         if _finished(body) and live_job is None:
             # Its Job went (ttlSecondsAfterFinished, or a person): the run is over, the status
             # keeps what it showed. Creating the Job again would train again. A later spec edit
@@ -134,9 +136,6 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
         if checking and not preflight_passed(ctx, body, ftj, owner, children[:-1]):
             return  # checking (its Job's events come back here), or refused
         stale_job = _stale_job(live_job, children[-1])
-        if stale_job:  # a deletion is decided on what the server has, not on a copy
-            live_job = _live_job(ctx, owner, read=True)
-            stale_job = _stale_job(live_job, children[-1])
         if (_spec_changed(body) and not fresh) or refused(body):
             _apply_all(ctx, children[:-1] if stale_job else children, dry_run=True)
         if stale_job:
@@ -173,18 +172,21 @@ def _reconcile_if_behind(ctx: Context, body: dict[str, Any]) -> None:
         _reconcile_locked(ctx, body)
 
 
-def _reconcile_event(ctx: Context, body: dict[str, Any], reconcile: ReconcileFn) -> None:
-    """Reconcile from a watch event. A passing failure (kopf.TemporaryError, e.g. a claim not
-    there yet) is tried again after its delay, as kopf's own retries did: one retry waiting per
-    resource, and a retry reconciles whether or not the generation moved (a missing dependency
-    was already reported for it)."""
+def _reconcile_event(
+    ctx: Context, body: dict[str, Any], reconcile: ReconcileFn, read: bool = False
+) -> None:
+    """Reconcile from a watch event (on the body that event brought, or newer). A passing
+    failure (kopf.TemporaryError, e.g. a claim not there yet) is tried again after its delay, as
+    kopf's own retries did: one retry waiting per resource, and a retry reconciles whether or not
+    the generation moved (a missing dependency was already reported for it), on the object read
+    from the server (no event vouches for a copy by then)."""
     meta = body["metadata"]
 
     def again() -> None:
-        _reconcile_event(ctx, body, _reconcile_locked)
+        _reconcile_event(ctx, body, _reconcile_locked, read=True)
 
     try:
-        reconcile_fresh(ctx, KIND, body, reconcile)
+        reconcile_fresh(ctx, KIND, body, reconcile, read=read)
     except kopf.TemporaryError as err:
         log.info("%s/%s: will retry in %ss: %s", meta["namespace"], meta["name"], err.delay, err)
         ctx.retry_once(KIND, meta["namespace"], meta["name"], float(err.delay or 10), again)
@@ -433,7 +435,9 @@ def _report_rejected(ctx: Context, body: dict[str, Any], owner: Owner, err: Spec
     }
     write_status(ctx.kube, KIND, "FineTuneJob", body, status, ctx.latest)
     if err.reason == Reason.CHILD_REJECTED:
-        ctx.retry_refusal(KIND, body, lambda: reconcile_fresh(ctx, KIND, body, _retry_locked))
+        ctx.retry_refusal(
+            KIND, body, lambda: reconcile_fresh(ctx, KIND, body, _retry_locked, read=True)
+        )
     if waiting:
         raise kopf.TemporaryError(str(err), delay=15)  # it may appear: look again
 
@@ -649,7 +653,12 @@ def _on_children(ctx: Context, parent: dict[str, Any], events: list[dict[str, An
         elif obj.get("kind") in ("Pod", "Job"):
             refresh = True  # the Job as its watch last showed it (handlers/latest.py)
     if reconcile:
-        _reconcile_locked(ctx, parent)
+        # It writes children: on the job as the server has it, not on a copy (a job deleted
+        # while its watch was down is in no event, and its copy would build them again).
+        meta = parent["metadata"]
+        server = ctx.kube.get(API_VERSION, KIND, meta["name"], meta["namespace"])
+        if server is not None and server["metadata"].get("uid") == meta.get("uid"):
+            _reconcile_locked(ctx, server)
     elif read_job or refresh:
         _refresh_locked(ctx, parent, _live_job(ctx, Owner.from_body(parent), read=read_job))
 

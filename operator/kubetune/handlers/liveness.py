@@ -116,7 +116,9 @@ def stale_seconds(settings: kopf.OperatorSettings) -> float:
 
 
 @kopf.on.probe(id="watches", errors=kopf.ErrorsMode.PERMANENT)
-def watches(settings: kopf.OperatorSettings, **_: Any) -> dict[str, float]:
+async def watches(settings: kopf.OperatorSettings, **_: Any) -> dict[str, float]:
     """Seconds since the API server last spoke on each watch stream; fails when one is past the
-    threshold."""
+    threshold. Async, so it runs on the event loop: kopf runs a sync probe on the handler
+    threads, where it waited behind reconciles blocked on a frozen API server and /healthz
+    timed out instead of answering 500 (tests/integration/test_faults.py, session 7)."""
     return ACTIVITY.check(stale_seconds(settings))
