@@ -2,8 +2,8 @@
 
 Every look at a FineTuneJob (its own event, each batch of its children's events) read the job
 from the API server first, and every pod event read the job's training Job: about seven GETs
-per job in a burst, a fifth of the API server's work for it (`docs/benchmarks-control-plane.md`,
-session 7). What those reads returned is what the watches had already delivered, or what the
+per job in a burst, a fifth of the operator's samples in session 6's profile (they did not bound
+the burst's time, `docs/benchmarks-control-plane.md`, session 7). What those reads returned is what the watches had already delivered, or what the
 server answered to the operator's own last write. So this store keeps that, as
 controller-runtime's informer cache does for a Go operator, with two rules that keep it from
 ever answering older than a read would have in the same place:

@@ -18,7 +18,7 @@ PREFIX = "kubetune.io"
 # last handled one: only the ModelServer. Everything else is driven by watch events.
 CHANGING_KINDS = frozenset({"ModelServer"})
 # Handler threads: a reconcile mostly waits on the API server, and in a 1,000-job burst 16 of
-# them were the limit (all pods 33.0 s; 30.3 s with 32, 27.7 s with 64, 30.4 s with 128: the
+# them were the limit (all pods 32.9 s; 30.3 s with 32, 27.7 s with 64, 30.4 s with 128: the
 # chart's `workers`, docs/benchmarks-control-plane.md, session 7).
 DEFAULT_WORKERS = 64
 
@@ -30,7 +30,7 @@ class ChangingKindsOnly(kopf.AnnotationsDiffBaseStorage):
     whole body, managedFields and status included, then another to clear its progress keys) and
     diffs it against the last handled one, whether or not a change handler will look at the
     diff. With only event handlers on a kind (FineTuneJobs, every child, pods) the diff is never
-    read, and those copies were 7 % of the operator's CPU in a 1,000-job burst, all of it on the
+    read, and those copies were 10.5 % of the operator's samples in a 1,000-job burst, all of it on the
     event loop that every watch event waits for (py-spy, docs/benchmarks-control-plane.md,
     session 7). For the other kinds there is no essence: the diff is empty, which is what kopf
     sees for an object without change handlers anyway."""
