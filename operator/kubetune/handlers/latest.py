@@ -1,12 +1,12 @@
 """The newest copy of each watched object, so that a reconcile reads its resource from memory.
 
 Every look at a FineTuneJob (its own event, each batch of its children's events) read the job
-from the API server first, and every pod event read the job's training Job: about seven GETs
-per job in a burst, a fifth of the operator's samples in session 6's profile (they did not bound
-the burst's time, `docs/benchmarks-control-plane.md`, session 7). What those reads returned is what the watches had already delivered, or what the
-server answered to the operator's own last write. So this store keeps that, as
-controller-runtime's informer cache does for a Go operator, with two rules that keep it from
-ever answering older than a read would have in the same place:
+from the API server first, and every pod event read the job's training Job: about seven GETs per
+job in a burst, a fifth of the operator's samples in session 6's profile (they did not bound the
+burst's time, `docs/benchmarks-control-plane.md`, session 7). What those reads returned is what
+the watches had already delivered, or what the server answered to the operator's own last write.
+So this store keeps that, as controller-runtime's informer cache does for a Go operator, with
+two rules that keep it from ever answering older than a read would have in the same place:
 
 - an object enters only from its watch (an event, the initial listing) and leaves with its
   DELETED event: a kind no watch feeds is never answered from here, and a miss means "read it",

@@ -30,8 +30,8 @@ class ChangingKindsOnly(kopf.AnnotationsDiffBaseStorage):
     whole body, managedFields and status included, then another to clear its progress keys) and
     diffs it against the last handled one, whether or not a change handler will look at the
     diff. With only event handlers on a kind (FineTuneJobs, every child, pods) the diff is never
-    read, and those copies were 10.5 % of the operator's samples in a 1,000-job burst, all of it on the
-    event loop that every watch event waits for (py-spy, docs/benchmarks-control-plane.md,
+    read, and those copies were 10.5 % of the operator's samples in a 1,000-job burst, all of
+    it on the event loop that every watch event waits for (py-spy, docs/benchmarks-control-plane.md,
     session 7). For the other kinds there is no essence: the diff is empty, which is what kopf
     sees for an object without change handlers anyway."""
 
