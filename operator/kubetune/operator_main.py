@@ -41,6 +41,7 @@ def run_operator(
     kopf's health endpoint, which the chart's liveness probe calls."""
     import kubetune.handlers  # noqa: F401  (registers the handlers)
     from kubetune import metrics
+    from kubetune.handlers import children
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
@@ -50,6 +51,7 @@ def run_operator(
         metrics.serve(metrics_port)
     if leader_election:
         _wait_for_leadership(leader_election, liveness_endpoint, kubeconfig)
+    children.set_scope(namespaces, clusterwide=all_namespaces)
     asyncio.run(
         kopf.operator(
             standalone=True,

@@ -276,6 +276,31 @@ def test_deleted_and_edited_children_are_restored(
         lambda: core.read_namespaced_config_map("heal-config", namespace).data == original.data,
         what="the hand edit to be reverted",
     )
+    # The trainer's credentials come through their own watch (handlers/children.py), filtered
+    # by the API server on kubetune's labels: a deletion, and a label taken away (the object
+    # leaves the watch's selection, which the server sends as a deletion), are both restored.
+    rbac = client.RbacAuthorizationV1Api(api_client)
+    binding = rbac.read_namespaced_role_binding("heal-trainer", namespace)
+    rbac.delete_namespaced_role_binding("heal-trainer", namespace)
+    wait_for(
+        lambda: (
+            (b := _read(rbac.read_namespaced_role_binding, "heal-trainer", namespace))
+            and b.metadata.uid != binding.metadata.uid
+        ),
+        what="the RoleBinding to be restored",
+    )
+    rbac.patch_namespaced_role(
+        "heal-trainer", namespace, {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}}
+    )
+    wait_for(
+        lambda: (
+            rbac.read_namespaced_role("heal-trainer", namespace).metadata.labels.get(
+                "app.kubernetes.io/managed-by"
+            )
+            == "kubetune"
+        ),
+        what="the Role's label to be restored",
+    )
     batch = client.BatchV1Api(api_client)
     job = wait_for(lambda: _read(batch.read_namespaced_job, "heal-train", namespace), what="job")
     batch.delete_namespaced_job("heal-train", namespace, propagation_policy="Background")

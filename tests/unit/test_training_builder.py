@@ -126,6 +126,18 @@ def test_observe_phases() -> None:
     assert observe(job, {"spec": {"suspend": True}, "status": {}}, []).phase == Phase.SUSPENDED
 
 
+def test_active_counts_the_running_training_pods_not_the_jobs_pending_ones() -> None:
+    """status.active is "Training pods running" (the API's words; Kubeflow's replica status
+    counts the same): the Job's own `active` also counts a pod that is still pending, and a
+    status that followed it was written once more per job with nothing else changed."""
+    job = ftj(resources={"nodes": 2})
+    pending = _waiting("ContainerCreating", "")
+    running = {"status": {"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}}
+    assert observe(job, _job(active=2), [pending, pending]).active == 0
+    assert observe(job, _job(active=2), [running, pending]).active == 1
+    assert observe(job, _job(active=2), [running, running]).active == 2
+
+
 def test_oom_killed_container_is_out_of_memory() -> None:
     pod = {
         "status": {

@@ -185,8 +185,12 @@ def observe(
             return Observation(Phase.PENDING, Reason.MISSING_DEPENDENCY, missing)
         return Observation(Phase.PENDING, "Creating", "creating the training pods")
     status = job.get("status") or {}
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     counts: dict[str, Any] = {
-        "active": int(status.get("active") or 0),
+        # Pods running, as the API says (Kubeflow's replica status counts the same): the Job's
+        # own `active` also counts pods still pending, and following it cost a status write per
+        # job (0 -> 1) that no phase or condition moved with.
+        "active": len(running),
         "succeeded": int(status.get("succeeded") or 0),
         "failed": int(status.get("failed") or 0),
         "start_time": _training_started(pods),
@@ -239,7 +243,6 @@ def observe(
             unschedulable=unschedulable,
             **counts,
         )
-    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     restarts = counts["failed"]
     finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
     if (counts["succeeded"] or finished) and not running:

@@ -9,6 +9,7 @@ says so): one thread for all of them, not a kopf timer per job.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from kubetune.builders.training_status import (
     verdict_conditions,
     workload_message,
 )
+from kubetune.handlers import children
 from kubetune.handlers.common import (
     Context,
     apply_children,
@@ -755,17 +757,42 @@ def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
             work()
 
 
+# The ConfigMap, ServiceAccount, Role and RoleBinding come through handlers/children.py, which
+# keeps no per-object state for them; the Job, its pods and a multi-node job's Service through
+# kopf.
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
-@kopf.on.event("", "v1", "configmaps", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "services", labels=CHILD_SELECTOR)
-@kopf.on.event("", "v1", "serviceaccounts", labels=CHILD_SELECTOR)
-@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_SELECTOR)
-@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_SELECTOR)
 async def child_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     ctx = context(memo, kwargs)
     if (work := _child_event(ctx, _event(event))) is not None:
         await blocking(ctx, work)
+
+
+_WORK: set[asyncio.Future[None]] = set()  # kept, so the loop does not drop what is running
+
+
+@kopf.on.startup()
+async def watch_setup_children(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    """The setup children's streams (handlers/children.py). Their edits and deletions are
+    noted for the FineTuneJob on the event loop, as child_event does; the look that follows runs
+    on the handler threads, without the stream waiting for it."""
+
+    def handle(event: dict[str, Any]) -> None:
+        ctx = context(memo, kwargs)  # configure (a later start-up handler) made it by now
+        if (work := _child_event(ctx, event)) is not None:
+            future = asyncio.ensure_future(blocking(ctx, work))
+            _WORK.add(future)
+            future.add_done_callback(_WORK.discard)
+
+    log.debug("watching the setup children: %d streams", children.start(settings, handle))
+
+
+@kopf.on.cleanup()
+async def stop_watching_setup_children(**_: Any) -> None:
+    children.stop()
 
 
 def _event(event: kopf.RawEvent) -> dict[str, Any]:

@@ -50,6 +50,49 @@ class ChangingKindsOnly(kopf.AnnotationsDiffBaseStorage):
         return super().fetch(body=body)
 
 
+def server_side_selectors(registry: kopf.OperatorRegistry) -> dict[tuple[str, str], str]:
+    """Label selectors for the API server, per watched kind: what every handler of that kind
+    requires of an object's labels.
+
+    kopf applies a handler's `labels=` filter after the event arrived: without a selector on the
+    watch itself every ConfigMap, Service, Job, Deployment, ... of the cluster reaches the
+    operator, is parsed, and gets kopf's per-object memory for as long as it exists, kubetune's
+    or not. A kind with one handler that wants every object (pods: the GPU-use index) keeps an
+    unfiltered watch. A label dropped from a child ends its match, and the API server sends
+    that watch a DELETED event for it: the child is restored as if it had gone."""
+    required: dict[tuple[str, str], dict[str, object] | None] = {}
+    for handlers in (
+        registry._watching,
+        registry._indexing,
+        registry._changing,
+        registry._spawning,
+    ):
+        for handler in handlers.get_all_handlers():
+            selector = handler.selector
+            if selector is None or not isinstance(selector.any_name, str):
+                continue
+            kind = (selector.group or "", selector.any_name)
+            wanted: dict[str, object] = {
+                key: value
+                for key, value in (handler.labels or {}).items()
+                if isinstance(value, str) or value is kopf.PRESENT
+            }
+            if kind not in required:
+                required[kind] = wanted
+            elif (known := required[kind]) is not None:
+                common: dict[str, object] = {k: v for k, v in known.items() if wanted.get(k) == v}
+                required[kind] = common or None
+            if not wanted:
+                required[kind] = None
+    return {
+        kind: ",".join(
+            key if value is kopf.PRESENT else f"{key}={value}" for key, value in labels.items()
+        )
+        for kind, labels in sorted(required.items())
+        if labels
+    }
+
+
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -70,6 +113,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     server_timeout = int(os.environ.get("KUBETUNE_WATCH_TIMEOUT_SECONDS", "300"))
     settings.watching.server_timeout = server_timeout
     settings.watching.client_timeout = server_timeout + 30
+    for kind, selector in server_side_selectors(kopf.get_default_registry()).items():
+        settings.watching.label_selectors[kind] = selector
     workers = int(os.environ.get("KUBETUNE_WORKERS", str(DEFAULT_WORKERS)))
     settings.execution.max_workers = workers
     settings.networking.error_backoffs = [1, 2, 5, 10]
