@@ -246,9 +246,11 @@ ALLOCATORS: dict[str, dict[str, str]] = {
 SHIPPED = "jemalloc"
 
 
-def _start_operator(cluster: Any, log: Path, allocator: str = SHIPPED) -> subprocess.Popen[bytes]:
+def _start_operator(
+    cluster: Any, log: Path, allocator: str = SHIPPED, root: Path = REPO
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), **ALLOCATORS[allocator]}
-    env["PYTHONPATH"] = str(REPO / "operator")
+    env["PYTHONPATH"] = str(root / "operator")
     out = log.open("ab")
     command = [sys.executable, "-m", "kubetune", "run"]
     if os.environ.get("BENCH_TRACEMALLOC"):  # a memory profile (trace_operator.py), not timings
@@ -362,15 +364,22 @@ def _floor(api: client.ApiClient, ns: str, count: int) -> dict[str, Any]:
 
 
 def _kubetune(
-    cluster: Any, api: client.ApiClient, ns: str, count: int, allocator: str = SHIPPED
+    cluster: Any,
+    api: client.ApiClient,
+    ns: str,
+    count: int,
+    allocator: str = SHIPPED,
+    root: Path = REPO,
+    variant: str = "",
 ) -> dict[str, Any]:
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     custom = client.CustomObjectsApi(api)
-    log = cluster.dir / f"operator-{allocator}.log"
-    operator = _start_operator(cluster, log, allocator)
+    tag = (variant or allocator).replace(" ", "-")
+    log = cluster.dir / f"operator-{tag}.log"
+    operator = _start_operator(cluster, log, allocator, root)
     # Warm up (the first reconcile loads the API discovery cache, models, builders) before
     # the baseline, so that RSS per resource is what each resource adds.
-    warm_ns = f"warm-up-{allocator}"
+    warm_ns = f"warm-up-{tag}"
     core.create_namespace({"metadata": {"name": warm_ns}})
     for claim in ("models", "datasets"):
         ensure_claim(api, warm_ns, claim, cluster.dir / "volumes" / warm_ns / claim)
@@ -391,8 +400,9 @@ def _kubetune(
     before_burst = _requests(api)
     t0, started = _custom_burst(custom, "kubetune.io/v1alpha1", ns, "finetunejobs", _ftj, names)
     all_pods = pods.wait(names, 1800) - t0
+    who = "kubetune" if allocator == SHIPPED else f"kubetune ({allocator})"
     row: dict[str, Any] = {
-        "who": "kubetune" if allocator == SHIPPED else f"kubetune ({allocator})",
+        "who": f"{who} {variant}" if variant else who,
         "first": _lat(jobs, started, names),
         "pod": _lat(pods, started, names),
         "all_pods": all_pods,
@@ -412,7 +422,7 @@ def _kubetune(
             shutil.copy(growth, Path(os.environ["BENCH_TRACEMALLOC"]))
         operator.terminate()
         operator.wait(30)
-        operator = _start_operator(cluster, log, allocator)
+        operator = _start_operator(cluster, log, allocator, root)
         return operator.pid
 
     row |= _idle_and_restart(api, core, ns, operator.pid, restart, KUBETUNE_RESOURCES)
@@ -420,6 +430,9 @@ def _kubetune(
     row["kib_per_resource"] = (row["rss_full"] - rss_empty) / count
     operator.terminate()
     operator.wait(30)
+    if keep := os.environ.get("BENCH_LOGS"):  # BENCH_LOGS=<folder>: the operator's log, kept
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(log, Path(keep) / f"{count}-{log.name}")
     return row
 
 
@@ -627,7 +640,20 @@ def run(
     peer: bool = True,
     qps: int = CONTROLLER_QPS,
     allocators: tuple[str, ...] = (SHIPPED,),
+    baseline: Path | None = None,
 ) -> list[dict[str, Any]]:
+    """`baseline`: another checkout (a `git worktree` of an earlier commit), whose operator runs
+    after this one's, on the same cluster, so that a change is measured against what it
+    changed in one run (its row is labelled with that checkout's commit)."""
+    variants: list[tuple[str, Path, str]] = [(a, REPO, "") for a in allocators]
+    if baseline is not None:
+        commit = subprocess.run(
+            ["git", "-C", str(baseline), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        variants.append((allocators[0], baseline, f"at {commit}"))
     ns = f"scale-{count}"
     with running_cluster(f"bench-scale-{count}-{os.getpid()}", controller_qps=qps) as cluster:
         api = config.new_client_from_config(str(cluster.kubeconfig))
@@ -640,14 +666,15 @@ def run(
             ensure_claim(api, ns, claim, cluster.dir / "volumes" / claim)
         rows = [_floor(api, ns, count)]
         _progress(rows[-1])
-        for i, allocator in enumerate(allocators):
-            if i:  # each allocator starts on a cluster as empty as the first one's was
+        for i, (allocator, root, variant) in enumerate(variants):
+            if i:  # each variant starts on a cluster as empty as the first one's was
+                previous = variants[i - 1]
                 _gone(api, ns)
-                _gone(api, f"warm-up-{allocators[i - 1]}")
+                _gone(api, "warm-up-" + (previous[2] or previous[0]).replace(" ", "-"))
                 core.create_namespace({"metadata": {"name": ns}})
                 for claim in ("models", "datasets"):
-                    ensure_claim(api, ns, claim, cluster.dir / "volumes" / allocator / claim)
-            rows.append(_kubetune(cluster, api, ns, count, allocator))
+                    ensure_claim(api, ns, claim, cluster.dir / "volumes" / str(i) / claim)
+            rows.append(_kubetune(cluster, api, ns, count, allocator, root, variant))
             _progress(rows[-1])
         if peer:
             _gone(api, ns)  # the peer starts on a cluster as empty as kubetune's was
@@ -737,9 +764,13 @@ def main() -> None:
     )
     if unknown := set(allocators) - set(ALLOCATORS):
         sys.exit(f"--allocator: {sorted(unknown)} not among {sorted(ALLOCATORS)}")
+    # --baseline=DIR: a checkout of an earlier commit, run after this one in the same run
+    baseline = next(
+        (Path(a.split("=", 1)[1]).resolve() for a in args if a.startswith("--baseline=")), None
+    )
     rows: list[dict[str, Any]] = []
     for n in counts:
-        rows += run(n, peer, qps, allocators)
+        rows += run(n, peer, qps, allocators, baseline)
         _table(rows)
         sys.stdout.flush()
     _record(rows)
