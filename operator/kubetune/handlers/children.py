@@ -4,16 +4,17 @@ What these children send that matters is rare: an edit by someone else, or a del
 creation is the reconcile's own write). kopf, for every object of every kind it watches, keeps a
 per-object memory for as long as the object exists and, while its events come, a worker task and
 a queue; in a burst of new jobs these four kinds were four of the seven objects per job that kopf
-kept and four of the ~17 watch events per job it dispatched, for events that are all dropped.
+kept, and their creation events, all dropped, went through all of that.
 
 Here the stream is kopf's own (`infinite_watch`: its listing, its resumption from the last
 resourceVersion, its relisting after 410 Gone, its backoff, the API server's label selector,
 and the liveness probe's view of every stream, handlers/liveness.py), and nothing is kept per
 object: a creation or a listed object is dropped on the event loop, an edit or a deletion goes
-to the FineTuneJob's child handling (finetunejob.child_work) as kopf's event handler sent it.
+to the FineTuneJob's child handling (finetunejob._child_event) as kopf's event handler sent it.
 `kopf._cogs.clients.watching` is private (the liveness probe hooks the same function); the kopf
-version is pinned by requirements.lock and tests/unit/test_children_watch.py runs this loop on
-kopf's function.
+version is pinned by requirements.lock. tests/unit/test_children_watch.py checks which streams
+open; tests/integration/test_finetunejob.py::test_deleted_and_edited_children_are_restored runs
+them against a real API server (it fails when their events are dropped).
 
 It runs only where kopf runs the handlers: a standby replica (operator_main) starts neither.
 """
@@ -57,7 +58,7 @@ def streams(
     namespaces: Collection[str], clusterwide: bool
 ) -> tuple[list[str | None], Callable[[str], bool]]:
     """The namespaces to open a stream in (None: cluster-wide), and which namespaces' events
-    count. Plain names get a stream each; kopf's patterns ("team-*", "!kube-system") a
+    count. Plain names get a stream each; kopf's patterns ("team-*", "team-*,!team-x") a
     cluster-wide stream whose events are matched against them, as kopf matches namespaces."""
     if clusterwide:
         return [None], lambda _namespace: True
