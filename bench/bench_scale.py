@@ -243,6 +243,12 @@ ALLOCATORS: dict[str, dict[str, str]] = {
     },
     "pymalloc": {"MALLOC_ARENA_MAX": "2"},
 }
+# jemalloc tunings to weigh against the shipped one (same library, other MALLOC_CONF): one arena
+# for every thread instead of four per core; and that without the per-thread caches, which an
+# idle handler thread keeps full (its cache is flushed only by its own allocations).
+TUNINGS = {"jemalloc-1arena": "narenas:1", "jemalloc-lean": "narenas:1,tcache:false"}
+for _name, _conf in TUNINGS.items():
+    ALLOCATORS[_name] = {**ALLOCATORS["jemalloc"], "MALLOC_CONF": f"background_thread:true,{_conf}"}
 SHIPPED = "jemalloc"
 
 
