@@ -17,14 +17,16 @@ two rules that keep it from ever answering older than a read would have in the s
   answer to that write (java-operator-sdk's PrimaryUpdateAndCacheUtils keeps its own writes'
   answers the same way).
 
-Bodies are kept as compact JSON without `managedFields` (a few KiB per job, not the ~15 KiB of
-a parsed body) and parsed again for each reader, who may change what it gets.
+Bodies are kept as compact JSON without `managedFields`, deflated (zlib at its fastest level;
+at N = 1,000 jemalloc's `stats.allocated` after the burst was 2.3 MiB lower with it, about
+2.3 KiB per job of live memory), and parsed again for each reader, who may change what it gets.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import zlib
 from typing import Any
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
@@ -56,7 +58,9 @@ class Latest:
     def _keep(self, key: Key, body: dict[str, Any], only_held: bool) -> None:
         version = _version(body)
         meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
-        packed = json.dumps({**body, "metadata": meta}, separators=(",", ":")).encode()
+        packed = zlib.compress(
+            json.dumps({**body, "metadata": meta}, separators=(",", ":")).encode(), 1
+        )
         with self._lock:
             held = self._bodies.get(key)
             if held is None and only_held:
@@ -88,7 +92,7 @@ class Latest:
             held = self._bodies.get((kind, namespace, name))
         if held is None:
             return None
-        body: dict[str, Any] = json.loads(held[1])
+        body: dict[str, Any] = json.loads(zlib.decompress(held[1]))
         return body
 
     def __len__(self) -> int:
