@@ -13,7 +13,7 @@ import itertools
 from collections import Counter
 from typing import Any
 
-from kubetune.kube import FIELD_MANAGER
+from kubetune.kube import FIELD_MANAGER, Conflict
 
 _uids = itertools.count(1)
 _versions = itertools.count(1)  # one resourceVersion sequence for every object, as etcd's
@@ -69,6 +69,21 @@ class FakeKube:
         merged["metadata"].setdefault("uid", f"uid-{next(_uids)}")
         self.objects[key] = _written(merged)
         return copy.deepcopy(merged)
+
+    def create(
+        self, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER
+    ) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        key = self._key(
+            manifest["apiVersion"], manifest["kind"], meta["name"], meta.get("namespace")
+        )
+        if key in self.objects:
+            raise Conflict(f"{manifest['kind']} {meta['name']} already exists", 409)
+        self.writes[f"create {manifest['kind']}"] += 1
+        obj = copy.deepcopy(manifest)
+        obj["metadata"].setdefault("uid", f"uid-{next(_uids)}")
+        self.objects[key] = _written(obj)
+        return copy.deepcopy(obj)
 
     def get(
         self, api_version: str, kind: str, name: str, namespace: str | None

@@ -150,6 +150,21 @@ class Kube:
         applied: dict[str, Any] = result
         return applied
 
+    def create(
+        self, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER
+    ) -> dict[str, Any]:
+        """Create `manifest` (a POST); an object of its name that already exists is `Conflict`."""
+        resource = self._resource(manifest["apiVersion"], manifest["kind"])
+        with _translated():
+            result = resource.create(
+                body=manifest,
+                namespace=manifest["metadata"].get("namespace"),
+                field_manager=field_manager,
+                **PLAIN,
+            )
+        created: dict[str, Any] = result
+        return created
+
     def get(
         self, api_version: str, kind: str, name: str, namespace: str | None
     ) -> dict[str, Any] | None:

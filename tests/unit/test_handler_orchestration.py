@@ -107,11 +107,27 @@ def test_a_second_reconcile_with_nothing_changed_writes_nothing(world: Any) -> N
     kube, ctx = world
     kube.put(_ftj())
     first = _reconcile(kube, ctx)
-    assert kube.writes["apply Job"] == 1 and kube.writes["patch FineTuneJob/status"] == 1
+    # The Job, known to be missing, is created (a POST, cheaper for the API server), not applied.
+    assert kube.writes["create Job"] == 1 and kube.writes["apply Job"] == 0
+    assert kube.writes["patch FineTuneJob/status"] == 1
     assert first["status"]["phase"] == "Pending"
     before = kube.total_writes()
     _reconcile(kube, ctx)
     assert kube.total_writes() == before, kube.writes
+
+
+def test_a_job_left_by_an_earlier_attempt_is_applied_over_not_created_twice(world: Any) -> None:
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    # That attempt created the Job, then (say) lost its status write: the job still looks new.
+    ftj = kube.get(API_VERSION, "FineTuneJob", "job", "ns")
+    assert ftj is not None
+    ftj.pop("status")
+    kube.put(ftj)
+    again = _reconcile(kube, ctx)
+    assert kube.writes["create Job"] == 1 and kube.writes["apply Job"] == 1
+    assert again["status"]["phase"] == "Pending"
 
 
 def test_an_edited_child_is_written_back_and_only_that_one(world: Any) -> None:
@@ -124,7 +140,8 @@ def test_an_edited_child_is_written_back_and_only_that_one(world: Any) -> None:
     before = dict(kube.writes)
     _reconcile(kube, ctx)
     assert kube.writes["apply ConfigMap"] == before["apply ConfigMap"] + 1
-    assert kube.writes["apply Job"] == before["apply Job"]
+    assert kube.writes["apply Job"] == before.get("apply Job", 0)
+    assert kube.writes["create Job"] == before["create Job"]
 
 
 def _finish(kube: FakeKube, condition: str) -> None:
@@ -148,9 +165,9 @@ def test_a_finished_job_whose_job_was_deleted_is_not_trained_again(world: Any) -
     done = _reconcile(kube, ctx)
     assert done["status"]["phase"] == "Succeeded"
     kube.delete("batch/v1", "Job", "job-train", "ns")  # ttlSecondsAfterFinished did this
-    applies = kube.writes["apply Job"]
+    writes = kube.writes["apply Job"] + kube.writes["create Job"]
     again = _reconcile(kube, ctx)
-    assert _job(kube) is None and kube.writes["apply Job"] == applies
+    assert _job(kube) is None and kube.writes["apply Job"] + kube.writes["create Job"] == writes
     assert again["status"]["phase"] == "Succeeded"
 
 
