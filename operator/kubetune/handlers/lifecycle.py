@@ -11,6 +11,7 @@ import kopf
 
 from kubetune.builders.common import Settings
 from kubetune.handlers.common import Context
+from kubetune.handlers.memory import handler_threads
 from kubetune.kube import Kube
 
 PREFIX = "kubetune.io"
@@ -116,6 +117,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     for kind, selector in server_side_selectors(kopf.get_default_registry()).items():
         settings.watching.label_selectors[kind] = selector
     workers = int(os.environ.get("KUBETUNE_WORKERS", str(DEFAULT_WORKERS)))
+    settings.execution.executor = handler_threads(workers)
     settings.execution.max_workers = workers
     settings.networking.error_backoffs = [1, 2, 5, 10]
     defaults = Settings()
