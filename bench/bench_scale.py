@@ -135,6 +135,25 @@ def _rss_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) each process has used so far, by name; the benchmark itself
+    (its 16 clients and watches) is "bench"."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {"bench": sum(os.times()[:2])}
+    for name, pid in pids.items():
+        try:
+            # after the command (which may hold spaces, in parentheses): utime, stime at 12, 13
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[name] = (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def _cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: round(v - before.get(k, 0.0), 1) for k, v in after.items()}
+
+
 class Watcher:
     """Records when objects first appear, keyed by a name derived from each."""
 
@@ -342,7 +361,9 @@ def _idle_and_restart(
     }
 
 
-def _floor(api: client.ApiClient, ns: str, count: int) -> dict[str, Any]:
+def _floor(
+    api: client.ApiClient, ns: str, count: int, components: dict[str, int]
+) -> dict[str, Any]:
     """Plain Jobs, same burst, same cluster, no operator running."""
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     floor_jobs = Watcher(batch.list_namespaced_job, ns, lambda o: o.metadata.name)
@@ -350,6 +371,7 @@ def _floor(api: client.ApiClient, ns: str, count: int) -> dict[str, Any]:
         core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get("job-name")
     )
     names = [f"floor-{i}" for i in range(count)]
+    cpu_before = _cpu_seconds(components)
     t0 = time.monotonic()
     started = _burst(lambda n: batch.create_namespaced_job(ns, _plain_job(n)), names)
     all_pods = floor_pods.wait(names, 900) - t0
@@ -358,6 +380,7 @@ def _floor(api: client.ApiClient, ns: str, count: int) -> dict[str, Any]:
         "first": _lat(floor_jobs, started, names),
         "pod": _lat(floor_pods, started, names),
         "all_pods": all_pods,
+        "burst_cpu": _cpu_delta(_cpu_seconds(components), cpu_before),
     }
     floor_jobs.stop.set()
     floor_pods.stop.set()
@@ -404,14 +427,22 @@ def _kubetune(
     pods = Watcher(core.list_namespaced_pod, ns, lambda o: (o.metadata.labels or {}).get(label))
     names = [f"ftj-{i}" for i in range(count)]
     before_burst = _requests(api)
+    pids = {**_components(cluster), "operator": operator.pid}
+    profiler = _profile(operator.pid, tag)
+    cpu_before = _cpu_seconds(pids)
     t0, started = _custom_burst(custom, "kubetune.io/v1alpha1", ns, "finetunejobs", _ftj, names)
     all_pods = pods.wait(names, 1800) - t0
+    burst_cpu = _cpu_delta(_cpu_seconds(pids), cpu_before)
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its samples when stopped
+        profiler.wait(120)
     who = "kubetune" if allocator == SHIPPED else f"kubetune ({allocator})"
     row: dict[str, Any] = {
         "who": f"{who} {variant}" if variant else who,
         "first": _lat(jobs, started, names),
         "pod": _lat(pods, started, names),
         "all_pods": all_pods,
+        "burst_cpu": burst_cpu,
     }
     jobs.stop.set()
     pods.stop.set()
@@ -670,7 +701,7 @@ def run(
         core.create_namespace({"metadata": {"name": ns}})
         for claim in ("models", "datasets"):
             ensure_claim(api, ns, claim, cluster.dir / "volumes" / claim)
-        rows = [_floor(api, ns, count)]
+        rows = [_floor(api, ns, count, _components(cluster))]
         _progress(rows[-1])
         for i, (allocator, root, variant) in enumerate(variants):
             if i:  # each variant starts on a cluster as empty as the first one's was
@@ -690,6 +721,26 @@ def run(
         row["n"], row["qps"] = count, qps
         row["floor_all_pods"] = rows[0]["all_pods"]
     return rows
+
+
+def _profile(pid: int, tag: str) -> subprocess.Popen[bytes] | None:
+    """BENCH_PYSPY=<folder>: py-spy (on PATH, or BENCH_PYSPY_BIN) samples the operator through
+    the burst, 100 times a second without pausing it, into <folder>/<tag>.txt (collapsed stacks,
+    one line per stack with its sample count). It takes a core's share of CPU itself: a profile
+    run's timings are not the benchmark's."""
+    folder = os.environ.get("BENCH_PYSPY")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    spy = os.environ.get("BENCH_PYSPY_BIN") or shutil.which("py-spy") or "py-spy"
+    out = Path(folder) / f"{tag}.txt"
+    command = [spy, "record", "--pid", str(pid), "--rate", "100", "--nonblocking"]
+    return subprocess.Popen([*command, "--format", "raw", "--output", str(out)])
+
+
+def _components(cluster: Any) -> dict[str, int]:
+    """The local cluster's processes (kube-apiserver, etcd, ...), by name."""
+    return {c.name: c.pid for c in cluster.components()}
 
 
 def _progress(row: dict[str, Any]) -> None:
@@ -740,6 +791,10 @@ def _table(rows: list[dict[str, Any]]) -> None:
                 else f"{'':>15} | {'':>14} | {'':>12} | {'':>9} |"
             )
         )
+    print("\nCPU seconds used from the burst's start until every pod existed, by process:")
+    for r in rows:
+        cpu = r.get("burst_cpu") or {}
+        print(f"N={r['n']} {r['who']}: total {sum(cpu.values()):.1f}; {cpu}")
     for r in rows:
         if r["who"] == "plain Jobs (floor)":
             continue
