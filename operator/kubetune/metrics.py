@@ -26,7 +26,8 @@ RECONCILE_SECONDS = Histogram(
 )
 RESOURCES = Gauge("kubetune_resources", "Resources by kind and phase.", ["kind", "phase"])
 
-_phases: dict[tuple[str, str], str] = {}
+_phases: dict[tuple[str, str], str] = {}  # (kind, "namespace/name") -> phase
+_counts: dict[tuple[str, str], int] = {}  # (kind, phase) -> resources in it
 _lock = threading.Lock()
 
 
@@ -45,29 +46,22 @@ def reconciling(kind: str) -> Iterator[None]:
 
 
 def record_phase(kind: str, key: str, phase: str | None) -> None:
-    """Remember one resource's phase (None: it is gone) and refresh the per-phase gauge."""
+    """Remember one resource's phase (None: it is gone) and move the per-phase gauge: the phase
+    it left goes down (to 0, not away, once it is empty), the one it entered up. Called on every
+    look at every resource, so it touches only those two counts (counting all resources again
+    each time was an eighth of the operator's CPU in a burst of 1,000 jobs, session 12)."""
     with _lock:
-        if phase is None:
-            _phases.pop((kind, key), None)
-        else:
+        before = _phases.pop((kind, key), None) if phase is None else _phases.get((kind, key))
+        if phase is not None:
             _phases[(kind, key)] = phase
-        counts: dict[str, int] = {}
-        for (k, _), p in _phases.items():
-            if k == kind:
-                counts[p] = counts.get(p, 0) + 1
-        for (label_kind, label_phase), _ in list(_label_sets().items()):
-            if label_kind == kind and label_phase not in counts:
-                RESOURCES.labels(kind, label_phase).set(0)
-        for p, n in counts.items():
-            RESOURCES.labels(kind, p).set(n)
-
-
-def _label_sets() -> dict[tuple[str, str], None]:
-    return {
-        (sample.labels["kind"], sample.labels["phase"]): None
-        for metric in RESOURCES.collect()
-        for sample in metric.samples
-    }
+        if before == phase:
+            return
+        if before is not None:
+            _counts[(kind, before)] -= 1
+            RESOURCES.labels(kind, before).set(_counts[(kind, before)])
+        if phase is not None:
+            _counts[(kind, phase)] = _counts.get((kind, phase), 0) + 1
+            RESOURCES.labels(kind, phase).set(_counts[(kind, phase)])
 
 
 # Per FineTuneJob: (metric name, help, the status field it reads: "progress.x" inside the

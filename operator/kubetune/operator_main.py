@@ -47,6 +47,11 @@ def run_operator(
         level=getattr(logging, log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if log_level != "debug":
+        # kopf's per-object lines ("Handler 'child_event' succeeded.", one per handler per
+        # event) from WARNING up: at INFO they were a twentieth of the operator's CPU in a burst
+        # of 1,000 jobs (formatting and writing 14 lines a job). Failures still show.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if metrics_port:
         metrics.serve(metrics_port)
     if leader_election:

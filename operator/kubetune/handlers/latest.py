@@ -17,14 +17,17 @@ two rules that keep it from ever answering older than a read would have in the s
   answer to that write (java-operator-sdk's PrimaryUpdateAndCacheUtils keeps its own writes'
   answers the same way).
 
-Bodies are kept as compact JSON without `managedFields`, deflated (zlib at its fastest level;
-at N = 1,000 jemalloc's `stats.allocated` after the burst was 2.3 MiB lower with it, about
-2.3 KiB per job of live memory), and parsed again for each reader, who may change what it gets.
+Bodies are kept pickled without `managedFields`, deflated (zlib at its fastest level; at
+N = 1,000 jemalloc's `stats.allocated` after the burst was 2.3 MiB lower with it, about 2.3 KiB
+per job of live memory), and unpickled again for each reader, who may change what it gets. Only
+this process's own copies of what the API server sent are pickled here, and only it reads them.
+Pickle, not JSON: a Job's body (4.6 KB) took 53 us to encode and 37 us to parse as JSON, 13 and
+21 us pickled (protocol 5), and these run on every event and write of every job.
 """
 
 from __future__ import annotations
 
-import json
+import pickle
 import threading
 import zlib
 from typing import Any
@@ -58,9 +61,7 @@ class Latest:
     def _keep(self, key: Key, body: dict[str, Any], only_held: bool) -> None:
         version = _version(body)
         meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
-        packed = zlib.compress(
-            json.dumps({**body, "metadata": meta}, separators=(",", ":")).encode(), 1
-        )
+        packed = zlib.compress(pickle.dumps({**body, "metadata": meta}, protocol=5), 1)
         with self._lock:
             held = self._bodies.get(key)
             if held is None and only_held:
@@ -92,7 +93,7 @@ class Latest:
             held = self._bodies.get((kind, namespace, name))
         if held is None:
             return None
-        body: dict[str, Any] = json.loads(zlib.decompress(held[1]))
+        body: dict[str, Any] = pickle.loads(zlib.decompress(held[1]))
         return body
 
     def __len__(self) -> int:
