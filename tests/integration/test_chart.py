@@ -558,6 +558,7 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
         "Role",
         "RoleBinding",
         "ServiceAccount",
+        "ConfigMap",
         "Service",
         "Job",
         "Deployment",

@@ -41,7 +41,7 @@ SEED = 1212
 RESOURCES = 200
 KILLS = 20
 RUNNING = 8  # FineTuneJobs with pods (2 GPUs each, of the cluster's 32); the rest suspended
-CHILD_KINDS = "serviceaccounts,roles,rolebindings,services,jobs"
+CHILD_KINDS = "serviceaccounts,roles,rolebindings,configmaps,services,jobs"
 # Bounds, not timings: a broken operator never converges, a working one does well within these.
 CONVERGE_LIMIT_SECONDS = 300
 WATCH_TIMEOUT_SECONDS = 10  # each watch ends after this: a live server answers at least as often
@@ -198,7 +198,7 @@ class Chaos:
         self.create(running=False)
         victim = rng.choice(sorted(self.wanted))
         self.cluster.kubectl(
-            "delete", "rolebinding", "-n", self.ns, "-l", f"{FTJ_LABEL}={victim}", "--wait=false"
+            "delete", "configmap", "-n", self.ns, "-l", f"{FTJ_LABEL}={victim}", "--wait=false"
         )
 
 

@@ -12,7 +12,6 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.v1alpha1.trainerconfig import TrainerConfig
-from kubetune.builders import training
 from kubetune.devcluster.cluster import (
     EXIT_CODE_ANNOTATION,
     OUTCOME_ANNOTATION,
@@ -93,13 +92,8 @@ def test_apply_creates_children_with_the_right_fields(
 
     svc = core.read_namespaced_service("shape-workers", namespace)
     assert svc.spec.cluster_ip == "None"
-    # The trainer's config rides in the pod template's annotation, which a downwardAPI volume
-    # mounts as the file the trainer reads.
-    parsed = TrainerConfig.model_validate(
-        training.config_of(api_client.sanitize_for_serialization(job))
-    )
-    (config_volume,) = [v for v in job.spec.template.spec.volumes if v.name == "config"]
-    assert config_volume.downward_api.items[0].path == "config.json"
+    config = core.read_namespaced_config_map("shape-config", namespace)
+    parsed = TrainerConfig.model_validate_json(config.data["config.json"])
     assert parsed.paths.dataset == "/kubetune/pvc/datasets/intents.jsonl"
     assert parsed.job is not None and parsed.job.name == "shape"
 
@@ -267,36 +261,25 @@ def test_deleted_and_edited_children_are_restored(
 ) -> None:
     resources.create(FTJ, finetunejob("heal", resources={"nodes": 1, "gpusPerNode": 1}))
     core = client.CoreV1Api(api_client)
-    # The trainer's credentials come through their own watch (handlers/children.py), filtered
-    # by the API server on kubetune's labels: a deletion, an edit, and a label taken away (the
-    # object leaves the watch's selection, which the server sends as a deletion) are restored.
     original = wait_for(
-        lambda: _read(core.read_namespaced_service_account, "heal-trainer", namespace),
-        what="the trainer's ServiceAccount",
+        lambda: _read(core.read_namespaced_config_map, "heal-config", namespace), what="config"
     )
-    core.delete_namespaced_service_account("heal-trainer", namespace)
+    core.delete_namespaced_config_map("heal-config", namespace)
     restored = wait_for(
-        lambda: (
-            (a := _read(core.read_namespaced_service_account, "heal-trainer", namespace))
-            and a.metadata.uid != original.metadata.uid
-            and a
-        ),
-        what="the ServiceAccount to be restored",
+        lambda: _read(core.read_namespaced_config_map, "heal-config", namespace), what="restore"
     )
-    assert restored.automount_service_account_token is False
-    rbac = client.RbacAuthorizationV1Api(api_client)
-    rbac.patch_namespaced_role(
-        "heal-trainer",
-        namespace,
-        {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}]},
-    )
+    assert restored.metadata.uid != original.metadata.uid
+    assert restored.data == original.data
+
+    core.patch_namespaced_config_map("heal-config", namespace, {"data": {"config.json": "{}"}})
     wait_for(
-        lambda: (
-            rbac.read_namespaced_role("heal-trainer", namespace).rules[0].resources
-            == ["finetunejobs/status"]
-        ),
-        what="the hand edit of the Role to be reverted",
+        lambda: core.read_namespaced_config_map("heal-config", namespace).data == original.data,
+        what="the hand edit to be reverted",
     )
+    # The trainer's credentials come through their own watch (handlers/children.py), filtered
+    # by the API server on kubetune's labels: a deletion, and a label taken away (the object
+    # leaves the watch's selection, which the server sends as a deletion), are both restored.
+    rbac = client.RbacAuthorizationV1Api(api_client)
     binding = rbac.read_namespaced_role_binding("heal-trainer", namespace)
     rbac.delete_namespaced_role_binding("heal-trainer", namespace)
     wait_for(
@@ -363,8 +346,8 @@ def test_deleting_the_resource_deletes_its_children(
         what="Job deletion",
     )
     wait_for(
-        lambda: _read(core.read_namespaced_service_account, "gone-trainer", namespace) is None,
-        what="ServiceAccount deletion",
+        lambda: _read(core.read_namespaced_config_map, "gone-config", namespace) is None,
+        what="CM deletion",
     )
     wait_for(
         lambda: _read(core.read_namespaced_service, "gone-workers", namespace) is None,
@@ -548,13 +531,13 @@ def test_operator_restart_loses_nothing_and_duplicates_nothing(
     operator.stop()
     try:
         resources.create(FTJ, finetunejob("during", resources={"nodes": 1, "gpusPerNode": 1}))
-        core.delete_namespaced_service_account("before-trainer", namespace)
+        core.delete_namespaced_config_map("before-config", namespace)
     finally:
         operator.start()
     resources.wait_phase(FTJ, "during", "Running")
     wait_for(
-        lambda: _read(core.read_namespaced_service_account, "before-trainer", namespace),
-        what="the restored ServiceAccount",
+        lambda: _read(core.read_namespaced_config_map, "before-config", namespace),
+        what="restored config",
     )
     jobs = sorted(j.metadata.name for j in batch.list_namespaced_job(namespace).items)
     assert jobs == ["before-train", "during-train"]

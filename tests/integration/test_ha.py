@@ -118,14 +118,12 @@ def test_one_replica_acts_and_the_standby_takes_over_after_kill_9(
         # Nothing reconciled twice into duplicates: one child of each kind per FineTuneJob.
         jobs = batch.list_namespaced_job(NS).items
         assert sorted(j.metadata.name for j in jobs) == ["one-train", "two-train"]
-        accounts = (
+        maps = (
             client.CoreV1Api(api)
-            .list_namespaced_service_account(
-                NS, label_selector="app.kubernetes.io/managed-by=kubetune"
-            )
+            .list_namespaced_config_map(NS, label_selector="app.kubernetes.io/managed-by=kubetune")
             .items
         )
-        assert sorted(a.metadata.name for a in accounts) == ["one-trainer", "two-trainer"]
+        assert sorted(m.metadata.name for m in maps) == ["one-config", "two-config"]
         # Neither replica was refused anything: a 403 names the ServiceAccount.
         for log in logs:
             lines = log.read_text(errors="replace").splitlines()

@@ -134,13 +134,12 @@ def test_an_edited_child_is_written_back_and_only_that_one(world: Any) -> None:
     kube, ctx = world
     kube.put(_ftj())
     _reconcile(kube, ctx)
-    role = kube.get("rbac.authorization.k8s.io/v1", "Role", "job-trainer", "ns")
-    role["rules"] = []
-    kube.put(role)
+    config = kube.get("v1", "ConfigMap", "job-config", "ns")
+    config["data"] = {"config.json": "{}"}
+    kube.put(config)
     before = dict(kube.writes)
     _reconcile(kube, ctx)
-    assert kube.writes["apply Role"] == before["apply Role"] + 1
-    assert kube.writes["apply ServiceAccount"] == before["apply ServiceAccount"]
+    assert kube.writes["apply ConfigMap"] == before["apply ConfigMap"] + 1
     assert kube.writes["apply Job"] == before.get("apply Job", 0)
     assert kube.writes["create Job"] == before["create Job"]
 

@@ -31,7 +31,7 @@ def test_every_child_kind_is_watched_through_a_label_selector() -> None:
 
 
 def test_the_setup_childrens_watch_is_filtered_too_and_not_kopfs() -> None:
-    """The ServiceAccount, Role, RoleBinding: handlers/children.py's streams, on
+    """The ConfigMap, ServiceAccount, Role, RoleBinding: handlers/children.py's streams, on
     kopf's watch function with the same kind of selector; kopf itself no longer watches them."""
     selectors = server_side_selectors(kopf.get_default_registry())
     settings = kopf.OperatorSettings()
@@ -41,7 +41,7 @@ def test_the_setup_childrens_watch_is_filtered_too_and_not_kopfs() -> None:
         children.stop()
         return count
 
-    assert asyncio.run(started()) == len(children.KINDS) == 3
+    assert asyncio.run(started()) == len(children.KINDS) == 4
     for resource in children.KINDS:
         assert (resource.group, resource.plural) not in selectors
         assert settings.watching.label_selectors.collect(resource) == [

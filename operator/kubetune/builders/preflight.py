@@ -1,11 +1,11 @@
 """FineTuneJob -> the pre-flight Job: one CPU pod that checks before any GPU is held.
 
-It runs `python -m kubetune.trainer preflight` on the same rendered config (the same annotation
-and downwardAPI file) and mounts as the training pods, so it sees the sources exactly as
-training will: config.json from the model source, the dataset, with the same credentials. It
-requests no GPU but may land wherever the job may (the user's placement and the GPU taint's
-toleration), so a zonal volume or a dedicated node pool work the same. Its verdict comes back
-as a PreflightResult JSON in the container's termination message (see kubetune.trainer.preflight).
+It runs `python -m kubetune.trainer preflight` on the same rendered config (the same ConfigMap)
+and mounts as the training pods, so it sees the sources exactly as training will: config.json
+from the model source, the dataset, with the same credentials. It requests no GPU but may land
+wherever the job may (the user's placement and the GPU taint's toleration), so a zonal volume or
+a dedicated node pool work the same. Its verdict comes back as a PreflightResult JSON in the
+container's termination message (see kubetune.trainer.preflight).
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from kubetune.builders.training import (
     TEMPLATE_HASH,
     _claims,
     _secret_env,
-    config_annotations,
-    config_volume,
+    names,
 )
 
 COMPONENT = "preflight"
@@ -74,6 +73,7 @@ def build_preflight_job(
     """The Job; `gpu_memory_*` from kubetune.planner.device_memory (None: not known)."""
     spec = ftj.spec
     res = spec.resources
+    n = names(owner.name)
     env: list[dict[str, Any]] = [
         {"name": TrainerEnv.CONFIG, "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": TrainerEnv.TERMINATION_LOG, "value": TERMINATION_LOG},
@@ -92,7 +92,7 @@ def build_preflight_job(
         {"name": "scratch", "mountPath": SCRATCH},
     ]
     volumes: list[dict[str, Any]] = [
-        config_volume(),
+        {"name": "config", "configMap": {"name": n["config"]}},
         {"name": "scratch", "emptyDir": {}},
     ]
     for index, claim in enumerate(_claims(spec)):
@@ -127,10 +127,7 @@ def build_preflight_job(
             # Not the FineTuneJob's pod label: the training status counts those pods, and
             # this one is read once, by its Job's name, when the Job has finished.
             "labels": {MANAGED_BY: "kubetune", PREFLIGHT_OF: owner.name},
-            "annotations": {
-                CHECKED_DIGEST: hashlib.sha256(checked).hexdigest()[:16],
-                **config_annotations(ftj, owner),
-            },
+            "annotations": {CHECKED_DIGEST: hashlib.sha256(checked).hexdigest()[:16]},
         },
         "spec": pod_spec,
     }

@@ -1,16 +1,13 @@
 """FineTuneJob -> the children that run it.
 
 - a ServiceAccount, Role and RoleBinding that let the trainer patch this one FineTuneJob's status;
+- a ConfigMap with the rendered trainer config (the same typed models the trainer parses);
 - for more than one node, a headless Service, so every training pod has a stable DNS name (a
   single-node job rendezvouses with itself on localhost and needs none: one write and one
   watched object fewer per job);
 - an Indexed Job with completions = parallelism = nodes running torchrun, whose settings come from
   `PET_*` environment variables (torchrun reads them): node rank = the completion index, master
-  address = the index-0 pod's DNS name (localhost for one node). The rendered trainer config (the
-  same typed models the trainer parses) rides in the pod template's annotation, which a
-  downwardAPI volume shows the trainer as a file: no ConfigMap to write, watch and keep per job
-  (one write fewer per FineTuneJob), and a config that changes changes the template, so the Job
-  is recreated and resumes with it, as for every other change of what the pods run.
+  address = the index-0 pod's DNS name (localhost for one node).
 """
 
 from __future__ import annotations
@@ -52,7 +49,6 @@ SCRATCH = "/kubetune/scratch"
 PVC_ROOT = "/kubetune/pvc"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TEMPLATE_HASH = "kubetune.io/template-hash"
-CONFIG_ANNOTATION = "kubetune.io/trainer-config"
 FORMAT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -81,6 +77,7 @@ def names(owner_name: str) -> dict[str, str]:
     return {
         "job": child_name(owner_name, "train", limit=52),  # pod hostnames add "-<index>"
         "service": child_name(owner_name, "workers"),
+        "config": child_name(owner_name, "config"),
         "account": child_name(owner_name, "trainer"),
     }
 
@@ -207,25 +204,14 @@ def build_rbac(owner: Owner) -> list[dict[str, Any]]:
     return [account, role, binding]
 
 
-def config_annotations(ftj: FineTuneJob, owner: Owner) -> dict[str, str]:
-    """The pod template's annotation that carries the trainer config (see `config_volume`)."""
-    wire = trainer_config(ftj, owner).to_wire()
-    return {CONFIG_ANNOTATION: json.dumps(wire, sort_keys=True, separators=(",", ":"))}
-
-
-def config_volume() -> dict[str, Any]:
-    """The trainer config as the file CONFIG_DIR/CONFIG_KEY, from the pod's own annotation."""
-    field = f"metadata.annotations['{CONFIG_ANNOTATION}']"
+def build_configmap(ftj: FineTuneJob, owner: Owner) -> dict[str, Any]:
+    config = trainer_config(ftj, owner)
     return {
-        "name": "config",
-        "downwardAPI": {"items": [{"path": CONFIG_KEY, "fieldRef": {"fieldPath": field}}]},
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner, names(owner.name)["config"], "trainer-config"),
+        "data": {CONFIG_KEY: json.dumps(config.to_wire(), indent=2, sort_keys=True)},
     }
-
-
-def config_of(job: dict[str, Any]) -> dict[str, Any]:
-    """The trainer config a Job's pods get (the inverse of `config_annotations`)."""
-    annotations = job["spec"]["template"]["metadata"].get("annotations") or {}
-    return dict(json.loads(annotations[CONFIG_ANNOTATION]))
 
 
 def build_service(owner: Owner) -> dict[str, Any]:
@@ -306,7 +292,7 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
         {"name": "scratch", "mountPath": SCRATCH},
     ]
     volumes: list[dict[str, Any]] = [
-        config_volume(),
+        {"name": "config", "configMap": {"name": n["config"]}},
         shm_volume(res.shm_size),
         {"name": "scratch", "emptyDir": {}},
     ]
@@ -349,8 +335,7 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
         "suspend": policy.suspend,
         "template": {
             "metadata": {
-                "labels": selector_labels(owner) | {"app.kubernetes.io/component": "trainer"},
-                "annotations": config_annotations(ftj, owner),
+                "labels": selector_labels(owner) | {"app.kubernetes.io/component": "trainer"}
             },
             "spec": pod_spec,
         },
@@ -391,6 +376,7 @@ def build_children(ftj: FineTuneJob, owner: Owner, settings: Settings) -> list[d
     service = [build_service(owner)] if ftj.spec.resources.nodes > 1 else []
     return [
         *build_rbac(owner),
+        build_configmap(ftj, owner),
         *service,
         build_job(ftj, owner, settings),
     ]

@@ -1,4 +1,4 @@
-"""The watch of a FineTuneJob's setup children: its ServiceAccount, Role and RoleBinding.
+"""The watch of a FineTuneJob's setup children: its ConfigMap, ServiceAccount, Role, RoleBinding.
 
 What these children send that matters is rare: an edit by someone else, or a deletion (their
 creation is the reconcile's own write). kopf, for every object of every kind it watches, keeps a
@@ -36,6 +36,7 @@ log = logging.getLogger("kubetune")
 
 SELECTOR = f"{MANAGED_BY}=kubetune,{FTJ_LABEL}"
 KINDS = (
+    references.Resource("", "v1", "configmaps", kind="ConfigMap", namespaced=True),
     references.Resource("", "v1", "serviceaccounts", kind="ServiceAccount", namespaced=True),
     references.Resource("rbac.authorization.k8s.io", "v1", "roles", kind="Role", namespaced=True),
     references.Resource(

@@ -219,7 +219,7 @@ def preflight_passed(
 ) -> bool:
     """True when the pre-flight Job's verdict lets the training Job be created.
 
-    Until then the Job runs (`setup` is applied with it, ready for the training Job) and the status
+    Until then the Job runs (with the ConfigMap and the rest of `setup` it needs) and the status
     says Validated=Unknown; a refusal is Validated=False and Stalled, and no training Job is
     made. A changed spec or GPU size is checked again (the Job's digest differs)."""
     res = ftj.spec.resources
@@ -757,7 +757,7 @@ def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
             work()
 
 
-# The ServiceAccount, Role and RoleBinding come through handlers/children.py, which
+# The ConfigMap, ServiceAccount, Role and RoleBinding come through handlers/children.py, which
 # keeps no per-object state for them; the Job, its pods and a multi-node job's Service through
 # kopf.
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_SELECTOR)

@@ -1,6 +1,5 @@
 """Where the trainer's config comes from: `--config PATH`, `$KUBETUNE_TRAINER_CONFIG`, or the
-file the operator's pods mount: their pod template's annotation, through a downwardAPI volume
-(builders/training.py config_volume).
+ConfigMap the operator mounts at /etc/kubetune/config.json.
 
 The file is parsed with the very models the operator rendered it from (TrainerConfig), so a field
 the operator writes and the trainer does not know is an error here, not a silent default.

@@ -1,4 +1,4 @@
-"""The trainer's configuration: what the operator renders into the training pods' annotation.
+"""The trainer's configuration: what the operator renders into a ConfigMap for the training pods.
 
 The trainer parses it with these same models, so the operator and the trainer cannot disagree on
 the shape of a FineTuneJob.
