@@ -20,7 +20,10 @@ Prints, for N = 100, 500 and 1,000 (or the counts given):
   webhook call a real install makes (in the peer's favour).
 
     PYTHONPATH=operator python bench/bench_scale.py [N ...] [--no-peer] [--controller-qps=N]
-        [--allocator=jemalloc,pymalloc]
+        [--allocator=jemalloc,pymalloc] [--baseline=WORKTREE]
+
+Also printed: each process's CPU seconds from the burst's start until every pod existed.
+BENCH_LOGS=DIR keeps the operators' logs; BENCH_PYSPY=DIR samples the operator with py-spy.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="info",
-        help="log level (default: info)",
+        help="log level (default: info; kopf's per-handler success lines only at debug)",
     )
     run.add_argument(
         "--liveness",
