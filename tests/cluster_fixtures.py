@@ -28,6 +28,9 @@ from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+# The trainer status policy (charts/kubetune/templates/trainer-status-policy.yaml), cluster-wide
+# like the CRDs: applied with the RBAC, so that every test cluster enforces it.
+POLICY_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 TOKEN_SECONDS = 24 * 3600  # longer than any test session
 
 
@@ -42,10 +45,11 @@ def chart_rbac_kubeconfig(
     """A kubeconfig that authenticates as the chart's ServiceAccount, and nothing more.
 
     `helm template` of charts/kubetune renders the ServiceAccount, the ClusterRole and its
-    binding (and, with replicas > 1, the leader-election Role in `namespace`); they are applied
-    to the cluster as rendered, and the API server mints a token for the ServiceAccount (the
-    TokenRequest API). An operator run with this kubeconfig holds the chart's RBAC only: a call
-    the chart does not allow is a 403 in its log, which the `operator` fixture fails on."""
+    binding (and, with replicas > 1, the leader-election Role in `namespace`) and the trainer
+    status policy; they are applied to the cluster as rendered, and the API server mints a token
+    for the ServiceAccount (the TokenRequest API). An operator run with this kubeconfig holds the
+    chart's RBAC only: a call the chart does not allow is a 403 in its log, which the `operator`
+    fixture fails on."""
     core = client.CoreV1Api(api_client)
     if not any(ns.metadata.name == namespace for ns in core.list_namespace().items):
         core.create_namespace({"metadata": {"name": namespace}})
@@ -54,7 +58,7 @@ def chart_rbac_kubeconfig(
     )
     kube = Kube(api_client)
     for doc in rendered:
-        if doc["kind"] in RBAC_KINDS:
+        if doc["kind"] in RBAC_KINDS + POLICY_KINDS:
             kube.apply(doc, field_manager="kubetune-tests")
     (account,) = [d["metadata"]["name"] for d in rendered if d["kind"] == "ServiceAccount"]
     token = core.create_namespaced_service_account_token(

@@ -92,10 +92,15 @@ class FakeKube:
         return copy.deepcopy(obj) if obj is not None else None
 
     def list(
-        self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        label_selector: str | None = None,
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
         wanted = dict(part.split("=", 1) for part in (label_selector or "").split(",") if part)
-        return [
+        found = [
             copy.deepcopy(obj)
             for (av, k, ns, _), obj in self.objects.items()
             if av == api_version
@@ -103,6 +108,7 @@ class FakeKube:
             and namespace in (None, ns)
             and all((obj["metadata"].get("labels") or {}).get(a) == b for a, b in wanted.items())
         ]
+        return found[:limit] if limit is not None else found
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None) -> bool:
         self.writes[f"delete {kind}"] += 1

@@ -182,10 +182,15 @@ class Kube:
         kind: str,
         namespace: str | None,
         label_selector: str | None = None,
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
+        """The objects (`limit`: at most that many, one page, for "is there any")."""
         resource = self._resource(api_version, kind)
+        page = {} if limit is None else {"limit": limit}
         with _translated():
-            items = resource.get(namespace=namespace, label_selector=label_selector, **PLAIN)
+            items = resource.get(
+                namespace=namespace, label_selector=label_selector, **page, **PLAIN
+            )
         result: list[dict[str, Any]] = items.get("items", [])
         return result
 

@@ -132,6 +132,8 @@ def test_defaults_render_the_operator_with_the_app_version_images(helm: Helm) ->
         "RoleBinding",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     container = operator_container(docs)
     assert container["image"] == f"ghcr.io/kubetune/operator:{APP_VERSION}"
@@ -519,7 +521,7 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
 ) -> None:
     """The builders' real children, applied as kube.py applies them, with the operator's token.
 
-    Creating the trainer's Role (finetunejobs/status get+patch on one name) succeeds without
+    Creating the namespace's trainer Role (finetunejobs/status get+patch) succeeds without
     `escalate` because the operator holds those permissions itself. The Job and the Deployment
     are dry-run only (authorization is the same; no pod takes simulated GPUs from other tests).
     """
@@ -553,7 +555,11 @@ def test_the_operator_can_make_every_call_of_a_reconcile(
     ms, ms_owner = ModelServer.model_validate(ms_body), Owner.from_body(ms_body)
     model = serving.ResolvedModel(uri="pvc://models/base/minilm", revision="r1")
     ms_children, _ = serving.build_children(ms, ms_owner, model, Settings(), 0)
-    children = [*training.build_children(ftj, ftj_owner, Settings()), *ms_children]
+    children = [
+        *training.build_trainer_identity(ns),
+        *training.build_children(ftj, ftj_owner, Settings()),
+        *ms_children,
+    ]
     assert {c["kind"] for c in children} >= {
         "Role",
         "RoleBinding",

@@ -4,8 +4,9 @@ hit every other test of the session, and the session's operator would be a secon
 
 What "converged" means is checked from the outside (`_problems`): every FineTuneJob has exactly
 the children the builders make for its spec (no more, none missing, none drifted, each owned by
-it), no object labelled for a FineTuneJob that is gone or owned by another uid, the training
-pods its spec asks for, and the status says what the spec and the Job say.
+it), the namespace's trainer identity as built, no object labelled for a FineTuneJob that is
+gone or owned by another uid, the training pods its spec asks for, and the status says what the
+spec and the Job say.
 """
 
 from __future__ import annotations
@@ -97,6 +98,14 @@ def _problems(cluster: LocalCluster, namespace: str, wanted: set[str]) -> list[s
             pods.setdefault(pod["metadata"]["labels"][FTJ_LABEL], []).append(pod)
     for orphan in sorted(set(children) - set(parents)):
         problems.append(f"{orphan}: children left of a FineTuneJob that is gone")
+    identity = {
+        (c["kind"], c["metadata"]["name"]): c
+        for c in _list(cluster, CHILD_KINDS, namespace, training.IDENTITY_SELECTOR)
+    }
+    for wanted_child in training.build_trainer_identity(namespace):
+        key = (wanted_child["kind"], wanted_child["metadata"]["name"])
+        if key not in identity or differs(wanted_child, identity[key]):
+            problems.append(f"the trainer identity's {key[0]} is missing or not as built")
     for name, parent in sorted(parents.items()):
         ftj = FineTuneJob.model_validate(parent)
         desired = {

@@ -97,9 +97,12 @@ def test_apply_creates_children_with_the_right_fields(
     assert parsed.paths.dataset == "/kubetune/pvc/datasets/intents.jsonl"
     assert parsed.job is not None and parsed.job.name == "shape"
 
-    role = rbac.read_namespaced_role("shape-trainer", namespace)
+    # The namespace's trainer identity, shared by its jobs (the chart's admission policy keeps
+    # each pod to its own job's status: test_impossible.py).
+    assert job.spec.template.spec.service_account_name == "kubetune-trainer"
+    role = rbac.read_namespaced_role("kubetune-trainer", namespace)
     assert [(r.resources, r.resource_names, sorted(r.verbs)) for r in role.rules] == [
-        (["finetunejobs/status"], ["shape"], ["get", "patch"])
+        (["finetunejobs/status"], None, ["get", "patch"])
     ]
     pods = wait_for(
         lambda: (p := _pods(core, namespace, "shape-train")) and len(p) == 2 and p, what="pods"
@@ -276,30 +279,45 @@ def test_deleted_and_edited_children_are_restored(
         lambda: core.read_namespaced_config_map("heal-config", namespace).data == original.data,
         what="the hand edit to be reverted",
     )
-    # The trainer's credentials come through their own watch (handlers/children.py), filtered
-    # by the API server on kubetune's labels: a deletion, and a label taken away (the object
-    # leaves the watch's selection, which the server sends as a deletion), are both restored.
+    # The namespace's trainer identity comes through its own watch (handlers/children.py),
+    # filtered by the API server on kubetune's labels: a deletion, an edit, and a label taken
+    # away (the object leaves the watch's selection, which the server sends as a deletion) are
+    # all restored while the namespace has a FineTuneJob.
     rbac = client.RbacAuthorizationV1Api(api_client)
-    binding = rbac.read_namespaced_role_binding("heal-trainer", namespace)
-    rbac.delete_namespaced_role_binding("heal-trainer", namespace)
+    binding = rbac.read_namespaced_role_binding("kubetune-trainer", namespace)
+    rbac.delete_namespaced_role_binding("kubetune-trainer", namespace)
     wait_for(
         lambda: (
-            (b := _read(rbac.read_namespaced_role_binding, "heal-trainer", namespace))
+            (b := _read(rbac.read_namespaced_role_binding, "kubetune-trainer", namespace))
             and b.metadata.uid != binding.metadata.uid
         ),
         what="the RoleBinding to be restored",
     )
     rbac.patch_namespaced_role(
-        "heal-trainer", namespace, {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}}
+        "kubetune-trainer",
+        namespace,
+        {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}},
     )
     wait_for(
         lambda: (
-            rbac.read_namespaced_role("heal-trainer", namespace).metadata.labels.get(
+            rbac.read_namespaced_role("kubetune-trainer", namespace).metadata.labels.get(
                 "app.kubernetes.io/managed-by"
             )
             == "kubetune"
         ),
         what="the Role's label to be restored",
+    )
+    rbac.patch_namespaced_role(
+        "kubetune-trainer",
+        namespace,
+        {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]},
+    )
+    wait_for(
+        lambda: (
+            [r.resources for r in rbac.read_namespaced_role("kubetune-trainer", namespace).rules]
+            == [["finetunejobs/status"]]
+        ),
+        what="the Role's rules to be restored",
     )
     batch = client.BatchV1Api(api_client)
     job = wait_for(lambda: _read(batch.read_namespaced_job, "heal-train", namespace), what="job")

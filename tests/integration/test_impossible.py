@@ -193,28 +193,47 @@ def test_the_trainers_token_patches_its_own_status_and_nothing_else(
     cluster: LocalCluster,
     volumes: dict[str, Path],
 ) -> None:
-    """The token of a training pod's ServiceAccount (the operator's child, minted here by the
-    TokenRequest API as the kubelet would for the pod): its own FineTuneJob's status, nothing
-    more. Suspended jobs: the children exist, no pod runs."""
+    """Training pods share the namespace's kubetune-trainer ServiceAccount; the chart's
+    ValidatingAdmissionPolicy lets a token bound to a pod of a job's Job (named as the Job
+    controller names them) patch that job's status, and nothing else. The tokens are minted here
+    by the TokenRequest API bound to pods, as the kubelet mints them for its pods; the pods are
+    held by a scheduling gate (suspended jobs: no training pod runs)."""
     suspended = {"runPolicy": {"suspend": True}, "resources": {"nodes": 1, "gpusPerNode": 1}}
     for name in ("own", "other"):
         resources.create(FTJ, finetunejob(name, **suspended))
     for name in ("own", "other"):
-        resources.wait_phase(FTJ, name, "Suspended")
+        job = resources.wait_phase(FTJ, name, "Suspended")
+        assert job["status"]["trainingJob"] == f"{name}-train"
     account = wait_for(
-        lambda: _read_account(api_client, namespace, "own-trainer"), what="the trainer's account"
+        lambda: _read_account(api_client, namespace, "kubetune-trainer"),
+        what="the trainer's account",
     )
-    trainer = _token_client(cluster, _token(api_client, namespace, account))
+    trainer = _token_client(
+        cluster, _pod_token(api_client, namespace, account, "own-train-0-x7k2p")
+    )
     api = client.CustomObjectsApi(trainer)
     progress = {"status": {"progress": {"step": 1, "totalSteps": 10, "percent": 10}}}
     patched = api.patch_namespaced_custom_object_status(
         "kubetune.io", "v1alpha1", namespace, FTJ, "own", progress
     )
     assert patched["status"]["progress"]["step"] == 1
+
+    def as_(token: str) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(_token_client(cluster, token))
+
+    unbound = as_(_token(api_client, namespace, account))
+    impostor = as_(_pod_token(api_client, namespace, account, "own-trainer-0-abcde"))
+
+    def patch(api: client.CustomObjectsApi, name: str, body: dict[str, Any]) -> Any:
+        return api.patch_namespaced_custom_object_status(
+            "kubetune.io", "v1alpha1", namespace, FTJ, name, body
+        )
+
     refused = {
-        "another job's status": lambda: api.patch_namespaced_custom_object_status(
-            "kubetune.io", "v1alpha1", namespace, FTJ, "other", progress
-        ),
+        "another job's status": lambda: patch(api, "other", progress),
+        "its own trainingJob": lambda: patch(api, "own", {"status": {"trainingJob": "x-train"}}),
+        "a token bound to no pod": lambda: patch(unbound, "own", progress),
+        "a pod not of its Job": lambda: patch(impostor, "own", progress),
         "its own spec": lambda: api.patch_namespaced_custom_object(
             "kubetune.io", "v1alpha1", namespace, FTJ, "own", {"spec": {"image": "evil:1"}}
         ),
@@ -224,7 +243,7 @@ def test_the_trainers_token_patches_its_own_status_and_nothing_else(
         "pods": lambda: client.CoreV1Api(trainer).list_namespaced_pod(namespace),
         "secrets": lambda: client.CoreV1Api(trainer).list_namespaced_secret(namespace),
         "its Role": lambda: client.RbacAuthorizationV1Api(trainer).patch_namespaced_role(
-            "own-trainer", namespace, {"rules": []}
+            "kubetune-trainer", namespace, {"rules": []}
         ),
     }
     answers = {}
@@ -235,6 +254,47 @@ def test_the_trainers_token_patches_its_own_status_and_nothing_else(
         except ApiException as err:
             answers[what] = err.status
     assert answers == dict.fromkeys(refused, 403)
+    status = resources.get(FTJ, "own")["status"]
+    assert status["trainingJob"] == "own-train"  # nothing refused got through
+    assert "progress" not in (resources.get(FTJ, "other").get("status") or {})
+
+
+def _pod_token(admin: client.ApiClient, namespace: str, account: str, pod: str) -> str:
+    """A token of `account` bound to a pod named `pod` (created here, held by a scheduling gate:
+    it never runs), as the kubelet's projected token of that pod would be."""
+    core = client.CoreV1Api(admin)
+    created = core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {"name": pod},
+            "spec": {
+                "serviceAccountName": account,
+                "automountServiceAccountToken": False,
+                "schedulingGates": [{"name": "kubetune.io/never"}],
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 1000,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "containers": [
+                    {
+                        "name": "held",
+                        "image": "kubetune/never:1",
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }
+                ],
+            },
+        },
+    )
+    bound = {"kind": "Pod", "apiVersion": "v1", "name": pod, "uid": created.metadata.uid}
+    request = core.create_namespaced_service_account_token(
+        account, namespace, {"spec": {"expirationSeconds": 600, "boundObjectRef": bound}}
+    )
+    token: str = request.status.token
+    return token
 
 
 def _read_account(api_client: client.ApiClient, namespace: str, name: str) -> str | None:

@@ -116,6 +116,46 @@ def test_a_second_reconcile_with_nothing_changed_writes_nothing(world: Any) -> N
     assert kube.total_writes() == before, kube.writes
 
 
+def test_the_trainer_identity_is_made_once_per_namespace_and_restored(world: Any) -> None:
+    """The first job of a namespace applies its ServiceAccount, Role and RoleBinding; the next
+    ones neither read nor write them. A deletion (from their watch) makes them again while the
+    namespace has a FineTuneJob, and only the one that went is written."""
+    kube, ctx = world
+    reads = _count_reads(kube)
+    for name in ("a", "b", "c"):
+        kube.put(_ftj(name))
+        before = len(reads)
+        assert _reconcile(kube, ctx, name)["status"]["trainingJob"] == f"{name}-train"
+        identity = [r for r in reads[before:] if r in ("ServiceAccount", "Role", "RoleBinding")]
+        assert identity == (["ServiceAccount", "Role", "RoleBinding"] if name == "a" else [])
+    assert [kube.writes[f"apply {k}"] for k in ("ServiceAccount", "Role", "RoleBinding")] == [1] * 3
+    job = kube.get("batch/v1", "Job", "b-train", "ns")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "kubetune-trainer"
+
+    binding = kube.get("rbac.authorization.k8s.io/v1", "RoleBinding", "kubetune-trainer", "ns")
+    kube.delete("rbac.authorization.k8s.io/v1", "RoleBinding", "kubetune-trainer", "ns")
+    restore = ftj_handlers.identity_event(ctx, {"type": "DELETED", "object": binding})
+    assert restore is not None
+    restore()
+    assert kube.get("rbac.authorization.k8s.io/v1", "RoleBinding", "kubetune-trainer", "ns")
+    assert [kube.writes[f"apply {k}"] for k in ("ServiceAccount", "Role", "RoleBinding")] == [
+        1,
+        1,
+        2,
+    ]
+    # Its own apply's echo (a MODIFIED that holds what kubetune applies) is nothing to do.
+    echo = kube.get("rbac.authorization.k8s.io/v1", "Role", "kubetune-trainer", "ns")
+    assert ftj_handlers.identity_event(ctx, {"type": "MODIFIED", "object": echo}) is None
+    for name in ("a", "b", "c"):
+        kube.delete(API_VERSION, "FineTuneJob", name, "ns")
+    kube.delete("v1", "ServiceAccount", "kubetune-trainer", "ns")
+    gone = {"kind": "ServiceAccount", "metadata": {"name": "kubetune-trainer", "namespace": "ns"}}
+    last = ftj_handlers.identity_event(ctx, {"type": "DELETED", "object": gone})
+    assert last is not None
+    last()  # no FineTuneJob is left: a person removed it for good
+    assert kube.get("v1", "ServiceAccount", "kubetune-trainer", "ns") is None
+
+
 def test_a_job_left_by_an_earlier_attempt_is_applied_over_not_created_twice(world: Any) -> None:
     kube, ctx = world
     kube.put(_ftj())
@@ -387,7 +427,9 @@ def test_a_job_its_watches_show_is_looked_at_without_reading_it_back(world: Any)
     reads = _count_reads(kube)
     stub = {"metadata": {"name": "job", "namespace": "ns"}}
     ftj_handlers._reconcile_event(ctx, stub, ftj_handlers._reconcile_if_behind)  # the ADDED's
-    assert reads == [], reads
+    # The namespace's trainer identity, read once per namespace (the first job there).
+    assert reads == ["ServiceAccount", "Role", "RoleBinding"], reads
+    reads.clear()
     assert get(API_VERSION, "FineTuneJob", "job", "ns")["status"]["phase"] == "Pending"
     job = get("batch/v1", "Job", "job-train", "ns")
     job["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}

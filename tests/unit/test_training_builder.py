@@ -289,3 +289,35 @@ def test_only_a_multi_node_job_gets_the_headless_service(nodes: int) -> None:
     else:
         assert kinds.count("Service") == 1 and job["subdomain"] == "x-workers"
         assert env["PET_MASTER_ADDR"] == "x-train-0.x-workers.ns.svc"
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_child_built_alone_is_the_one_built_with_the_others(nodes: int) -> None:
+    """A child's watch event is checked for drift against that child alone (build_child)."""
+    job = ftj(resources={"nodes": nodes, "gpusPerNode": 1})
+    children = training.build_children(job, _owner(), Settings())
+    for child in children:
+        assert training.build_child(job, _owner(), Settings(), child["kind"]) == child
+    kinds = {c["kind"] for c in children}
+    for kind in {"ConfigMap", "Service", "Job", "ServiceAccount", "Role"} - kinds:
+        assert training.build_child(job, _owner(), Settings(), kind) is None
+
+
+def test_the_trainer_identity_is_the_namespaces_and_owned_by_no_job() -> None:
+    """One ServiceAccount, Role and RoleBinding per namespace, which every Job's pods run as;
+    the Role names no job (the chart's admission policy keeps each pod to its own)."""
+    account, role, binding = training.build_trainer_identity("ns")
+    assert {c["metadata"]["name"] for c in (account, role, binding)} == {"kubetune-trainer"}
+    assert not any("ownerReferences" in c["metadata"] for c in (account, role, binding))
+    assert role["rules"] == [
+        {
+            "apiGroups": ["kubetune.io"],
+            "resources": ["finetunejobs/status"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubetune-trainer", "namespace": "ns"}
+    ]
+    pod = training.build_children(ftj(), _owner(), Settings())[-1]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "kubetune-trainer"

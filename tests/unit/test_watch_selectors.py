@@ -31,8 +31,9 @@ def test_every_child_kind_is_watched_through_a_label_selector() -> None:
 
 
 def test_the_setup_childrens_watch_is_filtered_too_and_not_kopfs() -> None:
-    """The ConfigMap, ServiceAccount, Role, RoleBinding: handlers/children.py's streams, on
-    kopf's watch function with the same kind of selector; kopf itself no longer watches them."""
+    """The ConfigMap (per job) and the trainer identity's ServiceAccount, Role, RoleBinding (per
+    namespace): handlers/children.py's streams, on kopf's watch function with the same kind of
+    selector; kopf itself no longer watches them."""
     selectors = server_side_selectors(kopf.get_default_registry())
     settings = kopf.OperatorSettings()
 
@@ -42,11 +43,16 @@ def test_the_setup_childrens_watch_is_filtered_too_and_not_kopfs() -> None:
         return count
 
     assert asyncio.run(started()) == len(children.KINDS) == 4
+    identity = f"{MANAGED},app.kubernetes.io/component=trainer-identity"
+    expected = {
+        "configmaps": f"{MANAGED},kubetune.io/finetunejob",
+        "serviceaccounts": identity,
+        "roles": identity,
+        "rolebindings": identity,
+    }
     for resource in children.KINDS:
         assert (resource.group, resource.plural) not in selectors
-        assert settings.watching.label_selectors.collect(resource) == [
-            f"{MANAGED},kubetune.io/finetunejob"
-        ]
+        assert settings.watching.label_selectors.collect(resource) == [expected[resource.plural]]
 
 
 def test_kinds_some_handler_wants_whole_are_not_filtered() -> None:

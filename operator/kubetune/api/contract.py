@@ -34,6 +34,11 @@ class TrainerExit(IntEnum):
 NON_RETRYABLE_EXITS = (TrainerExit.BAD_DATA, TrainerExit.MODEL_NOT_FOUND, TrainerExit.ACCESS_DENIED)
 
 
+# The ServiceAccount training pods run as, one per namespace (builders/training.py,
+# build_trainer_identity); the chart's ValidatingAdmissionPolicy names it too.
+TRAINER_ACCOUNT = "kubetune-trainer"
+
+
 class TrainerEnv(StrEnum):
     """Environment variables the operator sets in training pods."""
 

@@ -1,6 +1,9 @@
 """FineTuneJob -> the children that run it.
 
-- a ServiceAccount, Role and RoleBinding that let the trainer patch this one FineTuneJob's status;
+- once per namespace, the trainer's identity (`build_trainer_identity`): a ServiceAccount, Role and
+  RoleBinding shared by every training pod there, that may patch FineTuneJobs' status; the
+  chart's ValidatingAdmissionPolicy (charts/kubetune/templates/trainer-status-policy.yaml) lets
+  a pod's token patch only the job whose `status.trainingJob` runs that pod;
 - a ConfigMap with the rendered trainer config (the same typed models the trainer parses);
 - for more than one node, a headless Service, so every training pod has a stable DNS name (a
   single-node job rendezvouses with itself on localhost and needs none: one write and one
@@ -24,11 +27,15 @@ from kubetune.api.contract import (
     NON_RETRYABLE_EXITS,
     OUTPUT,
     SECRET_KEYS,
+    TRAINER_ACCOUNT,
     credential_env,
 )
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob, FineTuneJobSpec
 from kubetune.api.v1alpha1.trainerconfig import JobRef, ReportingSpec, TrainerConfig, TrainerPaths
 from kubetune.builders.common import (
+    COMPONENT_LABEL,
+    MANAGED_BY,
+    PART_OF,
     TERMINATION_LOG,
     Owner,
     Settings,
@@ -78,7 +85,6 @@ def names(owner_name: str) -> dict[str, str]:
         "job": child_name(owner_name, "train", limit=52),  # pod hostnames add "-<index>"
         "service": child_name(owner_name, "workers"),
         "config": child_name(owner_name, "config"),
-        "account": child_name(owner_name, "trainer"),
     }
 
 
@@ -170,24 +176,43 @@ def trainer_config(ftj: FineTuneJob, owner: Owner) -> TrainerConfig:
     )
 
 
-def build_rbac(owner: Owner) -> list[dict[str, Any]]:
-    """A credential that can read and patch this FineTuneJob's status, and nothing else."""
-    n = names(owner.name)
+TRAINER_IDENTITY = "trainer-identity"  # the component label of the shared identity
+IDENTITY_SELECTOR = f"{MANAGED_BY}=kubetune,{COMPONENT_LABEL}={TRAINER_IDENTITY}"
+
+
+def build_trainer_identity(namespace: str) -> list[dict[str, Any]]:
+    """The ServiceAccount every training pod in `namespace` runs as, and the Role and
+    RoleBinding that let it read and patch FineTuneJobs' status (nothing else).
+
+    Shared per namespace instead of one set per job: three writes, three watched objects and
+    three watch events fewer per FineTuneJob (docs/benchmarks-control-plane.md, session 13).
+    Which job a pod may patch is not RBAC's to say (a Role names resources, not the pod asking):
+    the chart's ValidatingAdmissionPolicy checks that the token is bound to a pod of the Job the
+    job's status names (`status.trainingJob`). No owner: the identity outlives any one job, and
+    goes with its namespace."""
+    meta = {
+        "name": TRAINER_ACCOUNT,
+        "namespace": namespace,
+        "labels": {
+            MANAGED_BY: "kubetune",
+            PART_OF: "kubetune",
+            COMPONENT_LABEL: TRAINER_IDENTITY,
+        },
+    }
     account = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": metadata(owner, n["account"], "trainer"),
+        "metadata": meta,
         "automountServiceAccountToken": False,
     }
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": metadata(owner, n["account"], "trainer"),
+        "metadata": meta,
         "rules": [
             {
                 "apiGroups": ["kubetune.io"],
                 "resources": ["finetunejobs/status"],
-                "resourceNames": [owner.name],
                 "verbs": ["get", "patch"],
             }
         ],
@@ -195,11 +220,13 @@ def build_rbac(owner: Owner) -> list[dict[str, Any]]:
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": metadata(owner, n["account"], "trainer"),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n["account"]},
-        "subjects": [
-            {"kind": "ServiceAccount", "name": n["account"], "namespace": owner.namespace}
-        ],
+        "metadata": meta,
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": TRAINER_ACCOUNT,
+        },
+        "subjects": [{"kind": "ServiceAccount", "name": TRAINER_ACCOUNT, "namespace": namespace}],
     }
     return [account, role, binding]
 
@@ -317,7 +344,7 @@ def build_job(ftj: FineTuneJob, owner: Owner, settings: Settings) -> dict[str, A
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         **({"subdomain": n["service"]} if distributed else {}),
-        "serviceAccountName": n["account"],
+        "serviceAccountName": TRAINER_ACCOUNT,
         "automountServiceAccountToken": True,
         "securityContext": pod_security_context(),
         "containers": [container],
@@ -370,12 +397,26 @@ def pod_failure_policy() -> dict[str, Any]:
     }
 
 
+def build_child(
+    ftj: FineTuneJob, owner: Owner, settings: Settings, kind: str
+) -> dict[str, Any] | None:
+    """The one child of `kind` that `build_children` makes (None: it makes none), without
+    building the others: a Job's status event asks only whether the Job drifted."""
+    if kind == "Job":
+        return build_job(ftj, owner, settings)
+    if kind == "ConfigMap":
+        return build_configmap(ftj, owner)
+    if kind == "Service" and ftj.spec.resources.nodes > 1:
+        return build_service(owner)
+    return None
+
+
 def build_children(ftj: FineTuneJob, owner: Owner, settings: Settings) -> list[dict[str, Any]]:
     """Every child, in the order they are applied (the Job last: it needs the others). The
-    headless Service only where there is a rendezvous across nodes."""
+    headless Service only where there is a rendezvous across nodes. The trainer's identity is
+    the namespace's, not the job's (`build_trainer_identity`)."""
     service = [build_service(owner)] if ftj.spec.resources.nodes > 1 else []
     return [
-        *build_rbac(owner),
         build_configmap(ftj, owner),
         *service,
         build_job(ftj, owner, settings),

@@ -1,16 +1,18 @@
-"""The watch of a FineTuneJob's setup children: its ConfigMap, ServiceAccount, Role, RoleBinding.
+"""The watch of a FineTuneJob's ConfigMap, and of each namespace's trainer identity (the
+ServiceAccount, Role and RoleBinding every training pod there shares).
 
 What these children send that matters is rare: an edit by someone else, or a deletion (their
 creation is the reconcile's own write). kopf, for every object of every kind it watches, keeps a
 per-object memory for as long as the object exists and, while its events come, a worker task and
-a queue; in a burst of new jobs these four kinds were four of the seven objects per job that kopf
+a queue; in a burst of new jobs these kinds were four of the seven objects per job that kopf
 kept, and their creation events, all dropped, went through all of that.
 
 Here the stream is kopf's own (`infinite_watch`: its listing, its resumption from the last
 resourceVersion, its relisting after 410 Gone, its backoff, the API server's label selector,
 and the liveness probe's view of every stream, handlers/liveness.py), and nothing is kept per
 object: a creation or a listed object is dropped on the event loop, an edit or a deletion goes
-to the FineTuneJob's child handling (finetunejob._child_event) as kopf's event handler sent it.
+to the FineTuneJob's child handling (finetunejob._child_event) as kopf's event handler sent it,
+or for the trainer identity to finetunejob.identity_event.
 `kopf._cogs.clients.watching` is private (the liveness probe hooks the same function); the kopf
 version is pinned by requirements.lock. tests/unit/test_children_watch.py checks which streams
 open; tests/integration/test_finetunejob.py::test_deleted_and_edited_children_are_restored runs
@@ -31,18 +33,23 @@ from kopf._cogs.clients import watching
 from kopf._cogs.structs import references
 
 from kubetune.builders.common import FTJ_LABEL, MANAGED_BY
+from kubetune.builders.training import IDENTITY_SELECTOR
 
 log = logging.getLogger("kubetune")
 
 SELECTOR = f"{MANAGED_BY}=kubetune,{FTJ_LABEL}"
-KINDS = (
-    references.Resource("", "v1", "configmaps", kind="ConfigMap", namespaced=True),
-    references.Resource("", "v1", "serviceaccounts", kind="ServiceAccount", namespaced=True),
-    references.Resource("rbac.authorization.k8s.io", "v1", "roles", kind="Role", namespaced=True),
+KINDS = {
+    references.Resource("", "v1", "configmaps", kind="ConfigMap", namespaced=True): SELECTOR,
+    references.Resource(
+        "", "v1", "serviceaccounts", kind="ServiceAccount", namespaced=True
+    ): IDENTITY_SELECTOR,
+    references.Resource(
+        "rbac.authorization.k8s.io", "v1", "roles", kind="Role", namespaced=True
+    ): IDENTITY_SELECTOR,
     references.Resource(
         "rbac.authorization.k8s.io", "v1", "rolebindings", kind="RoleBinding", namespaced=True
-    ),
-)
+    ): IDENTITY_SELECTOR,
+}
 
 # What `kubetune run` was given (operator_main sets it before kopf starts): every namespace, or
 # kopf's namespace patterns.
@@ -98,8 +105,8 @@ async def follow(
 
 def start(settings: kopf.OperatorSettings, handle: Callable[[dict[str, Any]], None]) -> int:
     """Open the streams (on the running loop); returns how many."""
-    for resource in KINDS:
-        settings.watching.label_selectors[resource.group, resource.plural] = SELECTOR
+    for resource, selector in KINDS.items():
+        settings.watching.label_selectors[resource.group, resource.plural] = selector
     namespaces, counts = streams(_SCOPE["namespaces"], _SCOPE["clusterwide"])
     loop = asyncio.get_running_loop()
     for resource in KINDS:

@@ -75,6 +75,9 @@ class Context:
     # only once Kueue's CRDs exist). Asking for an unserved kind costs a discovery refresh,
     # which the dynamic client does not do safely from several threads.
     kueue: bool = False
+    # Namespaces whose trainer identity (builders/training.py, build_trainer_identity) this
+    # process has applied or found as built: checked once per namespace, not per job.
+    identities: set[str] = field(default_factory=set)
 
     def relisted(self, kind: str, event: Mapping[str, Any]) -> bool:
         """True for a listing event (type None) of an object this process has seen before.

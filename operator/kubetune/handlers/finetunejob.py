@@ -23,7 +23,7 @@ from kubetune.api.v1alpha1.base import API_VERSION, Condition, ConditionStatus
 from kubetune.api.v1alpha1.finetunejob import KIND, PLURAL, FineTuneJob, Phase, RunPolicy
 from kubetune.api.v1alpha1.reasons import VALIDATED, ConditionType, Reason, ValidatedReason
 from kubetune.builders import preflight, training
-from kubetune.builders.common import FTJ_LABEL, MANAGED_BY, Owner
+from kubetune.builders.common import COMPONENT_LABEL, FTJ_LABEL, MANAGED_BY, Owner
 from kubetune.builders.drift import differs
 from kubetune.builders.training_status import (
     FINISHED,
@@ -149,6 +149,7 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
             )
             live_job = None
         if live_job is None:
+            ensure_trainer_identity(ctx, owner.namespace)
             _create_suspended_for_kueue(ctx, ftj, children[-1])
         applied = _apply_all(ctx, children, dry_run=False, fresh=fresh)
     except SpecRejected as err:
@@ -159,6 +160,47 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
     if job is not None:
         ctx.latest.answered("Job", job)
     refresh_status(ctx, body, ftj, job)
+
+
+def ensure_trainer_identity(ctx: Context, namespace: str) -> None:
+    """The namespace's trainer ServiceAccount, Role and RoleBinding, as built: read and (where
+    missing or changed) applied the first time this process needs them in `namespace`; after
+    that their own watch (handlers/children.py, `identity_event`) says when one went or
+    changed. Under a per-namespace lock: a burst's first reconciles do not all apply them."""
+    if namespace in ctx.identities:
+        return
+    with ctx.lock("TrainerIdentity", namespace, ""):
+        if namespace in ctx.identities:
+            return
+        _apply_all(ctx, training.build_trainer_identity(namespace), dry_run=False)
+        ctx.identities.add(namespace)
+
+
+def identity_event(ctx: Context, event: dict[str, Any]) -> Callable[[], None] | None:
+    """The trainer identity's edit or deletion (or a label taken away, which the selected watch
+    sends as a deletion): restore it while the namespace has a FineTuneJob (a job's retried pod
+    needs it). Once none is left, a person may remove it for good."""
+    obj = event.get("object") or {}
+    meta = obj.get("metadata") or {}
+    namespace = str(meta.get("namespace") or "")
+    if event.get("type") == "MODIFIED":
+        wanted = [
+            c
+            for c in training.build_trainer_identity(namespace)
+            if c["kind"] == obj.get("kind") and c["metadata"]["name"] == meta.get("name")
+        ]
+        if not wanted or not differs(wanted[0], obj):
+            return None  # the apply's own echo, or a change to a field kubetune does not set
+
+    def run() -> None:
+        ctx.identities.discard(namespace)
+        if ctx.kube.list(API_VERSION, KIND, namespace, limit=1):
+            try:
+                ensure_trainer_identity(ctx, namespace)
+            except (SpecRejected, kopf.TemporaryError) as err:
+                log.warning("%s: could not restore the trainer identity: %s", namespace, err)
+
+    return run
 
 
 def _behind(body: dict[str, Any]) -> bool:
@@ -523,6 +565,7 @@ def _status(
         "phase": phase.value,
         "conditions": _wire(with_conditions(conditions, owner.generation, updates)),
         "observedGeneration": owner.generation,
+        "trainingJob": training.names(owner.name)["job"],
         "active": seen.active,
         "succeeded": seen.succeeded,
         "failed": seen.failed,
@@ -587,7 +630,7 @@ def _owner_of(obj: dict[str, Any]) -> dict[str, Any] | None:
 
 def _child_drifted(ctx: Context, parent: dict[str, Any], obj: dict[str, Any]) -> bool:
     """Whether `obj` (a child the reconcile applies: not a pod) no longer holds what kubetune
-    would apply to it."""
+    would apply to it. Only that child is built (a burst brings several Job events per job)."""
     if obj.get("kind") == "Pod":
         return False
     try:
@@ -595,10 +638,12 @@ def _child_drifted(ctx: Context, parent: dict[str, Any], obj: dict[str, Any]) ->
     except ValidationError:
         return False
     meta = obj.get("metadata") or {}
-    for child in _children(ctx, ftj, Owner.from_body(parent)):
-        if child["kind"] == obj.get("kind") and child["metadata"]["name"] == meta.get("name"):
-            return differs(child, obj)
-    return False
+    child = training.build_child(ftj, Owner.from_body(parent), ctx.settings, str(obj.get("kind")))
+    if child is None or child["metadata"]["name"] != meta.get("name"):
+        return False
+    if child["kind"] == "Job" and _kueue_decides(ftj):
+        del child["spec"]["suspend"]  # as _children builds it
+    return differs(child, obj)
 
 
 def _child_event(ctx: Context, event: dict[str, Any]) -> Callable[[], None] | None:
@@ -757,9 +802,9 @@ def workload_event(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None
             work()
 
 
-# The ConfigMap, ServiceAccount, Role and RoleBinding come through handlers/children.py, which
-# keeps no per-object state for them; the Job, its pods and a multi-node job's Service through
-# kopf.
+# The ConfigMap and the namespace's trainer identity (ServiceAccount, Role, RoleBinding) come
+# through handlers/children.py, which keeps no per-object state for them; the Job, its pods and
+# a multi-node job's Service through kopf.
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
 @kopf.on.event("", "v1", "services", labels=CHILD_SELECTOR)
@@ -782,7 +827,9 @@ async def watch_setup_children(
 
     def handle(event: dict[str, Any]) -> None:
         ctx = context(memo, kwargs)  # configure (a later start-up handler) made it by now
-        if (work := _child_event(ctx, event)) is not None:
+        labels = ((event.get("object") or {}).get("metadata") or {}).get("labels") or {}
+        shared = labels.get(COMPONENT_LABEL) == training.TRAINER_IDENTITY
+        if (work := (identity_event if shared else _child_event)(ctx, event)) is not None:
             future = asyncio.ensure_future(blocking(ctx, work))
             _WORK.add(future)
             future.add_done_callback(_WORK.discard)

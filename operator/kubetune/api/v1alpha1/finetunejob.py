@@ -453,6 +453,13 @@ class FineTuneJobStatus(ApiModel):
     observed_generation: int | None = Field(
         default=None, description="The generation the status describes."
     )
+    training_job: str | None = Field(
+        default=None,
+        description=(
+            "The batch/v1 Job that runs the training pods. Only that Job's pods may patch this "
+            "status with the trainer's ServiceAccount (the chart's ValidatingAdmissionPolicy)."
+        ),
+    )
     progress: Progress | None = Field(default=None, description="Live progress.")
     progress_text: str | None = Field(
         default=None, description="Progress as shown by kubectl get, e.g. '42% 84/200'."
