@@ -156,6 +156,22 @@ def test_the_trainer_identity_is_made_once_per_namespace_and_restored(world: Any
     assert kube.get("v1", "ServiceAccount", "kubetune-trainer", "ns") is None
 
 
+def test_a_restarted_operator_restores_an_identity_that_went_while_it_was_down(
+    world: Any,
+) -> None:
+    """No watch event tells a new process what went while none ran: its first reconcile in the
+    namespace (the start-up listing's) reads the identity, also for a job whose Job exists."""
+    kube, ctx = world
+    kube.put(_ftj())
+    _reconcile(kube, ctx)
+    kube.delete("v1", "ServiceAccount", "kubetune-trainer", "ns")
+    restarted = Context(kube=kube, indexes=ctx.indexes)
+    _reconcile(kube, restarted)
+    assert kube.get("v1", "ServiceAccount", "kubetune-trainer", "ns") is not None
+    assert kube.writes["apply ServiceAccount"] == 2 and kube.writes["apply Role"] == 1
+    assert kube.writes["create Job"] == 1 and kube.writes["apply Job"] == 0
+
+
 def test_a_job_left_by_an_earlier_attempt_is_applied_over_not_created_twice(world: Any) -> None:
     kube, ctx = world
     kube.put(_ftj())

@@ -148,8 +148,10 @@ def _reconcile_locked(ctx: Context, body: dict[str, Any]) -> None:
                 body, False, "Recreating", f"pod template changed; recreating Job {stale_job}"
             )
             live_job = None
+        # Also for a Job that exists: its next pod (a retry, a replacement) needs the account,
+        # which may have gone while no operator watched (read once per namespace and process).
+        ensure_trainer_identity(ctx, owner.namespace)
         if live_job is None:
-            ensure_trainer_identity(ctx, owner.namespace)
             _create_suspended_for_kueue(ctx, ftj, children[-1])
         applied = _apply_all(ctx, children, dry_run=False, fresh=fresh)
     except SpecRejected as err:
