@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.v1alpha1.finetunejob import FineTuneJob
 from kubetune.builders.common import Owner, Settings
-from kubetune.builders.training import build_children
+from kubetune.builders.training import build_children, build_trainer_identity
 from kubetune.devcluster import node
 from kubetune.devcluster.cluster import LocalCluster, running_cluster
 from kubetune.devcluster.demo import PLACEMENT
@@ -368,7 +368,10 @@ def test_the_generated_training_pod_gives_the_trainer_what_it_needs_under_its_se
         }
     )
     owner = Owner("kubetune.io/v1alpha1", "FineTuneJob", "probe", ns, "0" * 8)
-    children = build_children(ftj, owner, Settings(trainer_image=base_image().ref))
+    children = [
+        *build_trainer_identity(ns),  # the namespace's, which the operator makes once
+        *build_children(ftj, owner, Settings(trainer_image=base_image().ref)),
+    ]
     job = children[-1]
     [container] = job["spec"]["template"]["spec"]["containers"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
